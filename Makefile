@@ -1,0 +1,40 @@
+# rnnserve: `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv when it is missing and install the project into it.
+# ORT=gpu installs onnxruntime-gpu instead of onnxruntime (never both).
+PYTHON ?= python3
+VENV   ?= .venv
+ORT    ?= cpu
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(ORT)
+EXTRAS := $(ORT),train,test
+
+.PHONY: install demo test protos bench quality clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ "$(ORT)" = gpu ]; then $(BIN)/pip uninstall -y -q onnxruntime || true; \
+	 else $(BIN)/pip uninstall -y -q onnxruntime-gpu || true; fi
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+bench: install
+	$(BIN)/python bench/bench_latency.py
+	$(BIN)/python bench/bench_server.py
+
+quality: install
+	$(BIN)/python bench/quality.py --corpus ../shared/data/tinyshakespeare.txt
+
+clean:
+	rm -rf runs .pytest_cache

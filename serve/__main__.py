@@ -1,0 +1,140 @@
+"""python -m serve --repository DIR [--host 127.0.0.1 --port 8001 --device auto|cpu|cuda ...]
+
+Every ServeSettings field is a flag (--max-seq-len, --grace, ...) and an
+environment variable with the prefix RNNSERVE_ (RNNSERVE_MAX_SEQ_LEN, ...);
+a flag beats the environment, which beats the default. `--threads` is short
+for --intra-op-threads.
+
+When the server is ready it logs `rnnserve listening on HOST:PORT` (and writes
+the port to --port-file, if given). SIGTERM or SIGINT drains: no new calls,
+in-flight calls get --grace seconds, then the process exits 0; a second
+signal cuts the drain short.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Mapping, Optional
+
+from .runtime import DEVICES
+from .server import create_server
+from .settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "RNNSERVE_"
+ALIASES = {"intra_op_threads": ["--threads"]}
+CHOICES = {"device": DEVICES}
+HELP = {
+    "repository": "model repository: DIR/<model>/<version>/model.onnx",
+    "port": "0 = a free port (see --port-file)",
+    "device": "cuda fails at start-up unless CUDA is really active; auto falls back to CPU",
+    "intra_op_threads": "onnxruntime threads per session (0 = onnxruntime's default)",
+    "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
+}
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """One flag per ServeSettings field; each default comes from RNNSERVE_<FIELD> when set."""
+    parser = argparse.ArgumentParser(
+        prog="python -m serve", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(ServeSettings):
+        flag = "--" + field.name.replace("_", "-")
+        env_name = _env_name(field.name)
+        required = field.default is dataclasses.MISSING
+        default = None if required else field.default
+        kind = type(default) if default is not None else str
+        parse = _parse_bool if kind is bool else kind
+        if env_name in env:
+            try:
+                default = parse(env[env_name])
+            except ValueError as exc:
+                parser.error(f"{env_name}={env[env_name]!r}: {exc}")
+            required = False
+        kwargs = dict(dest=field.name, default=default, required=required,
+                      help=f"{HELP.get(field.name, field.name.replace('_', ' '))} [env {env_name}]")
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = parse
+            if field.name in CHOICES:
+                kwargs["choices"] = CHOICES[field.name]
+        parser.add_argument(flag, *ALIASES.get(field.name, []), **kwargs)
+    parser.add_argument("--port-file", default=env.get(_env_name("port_file")),
+                        help=f"write the bound port here once listening [env {_env_name('port_file')}]")
+    parser.add_argument("--log-level", default=env.get(_env_name("log_level"), "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help=f"[env {_env_name('log_level')}]")
+    return parser
+
+
+def parse_settings(argv=None, env: Optional[Mapping[str, str]] = None
+                   ) -> tuple[ServeSettings, argparse.Namespace]:
+    args = build_parser(os.environ if env is None else env).parse_args(argv)
+    names = [f.name for f in dataclasses.fields(ServeSettings)]
+    return ServeSettings(**{n: getattr(args, n) for n in names}), args
+
+
+def _write_port_file(path: str, port: int) -> None:
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(target)   # readers never see a half-written file
+
+
+def main(argv=None) -> int:
+    settings, args = parse_settings(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server, port = create_server(settings)
+    except Exception as exc:  # noqa: BLE001 - start-up failure: say why, exit non-zero
+        logger.error("cannot start: %s", exc)
+        return 1
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop_requested.is_set():
+            logger.warning("%s again: stopping now", signal.Signals(signum).name)
+            server.grpc_server.stop(0)
+            return
+        logger.info("%s: draining", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    if args.port_file:
+        _write_port_file(args.port_file, port)
+    logger.info("%d models, providers: %s", len(server.dataplane.model_names()),
+                ", ".join(server.dataplane.providers()))
+    print(f"rnnserve listening on {server.address}", flush=True)   # scripts wait for this line
+    while not stop_requested.wait(1.0):
+        pass
+    server.stop(settings.grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

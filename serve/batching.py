@@ -1,0 +1,285 @@
+"""Dynamic batching for one model: concurrent work shares one onnxruntime run.
+
+A single scheduler thread per model takes what is queued, forms a batch of
+rows that can share a run *exactly*, runs it, and splits the outputs back.
+
+Exactness rules (the model is [batch, seq] in, [batch, seq, vocab] out):
+- Rows of the same seq_len always share a run: the recurrent ops treat batch
+  rows independently, so each row's logits and final state are its own.
+- Unidirectional models whose caller does not need the final state may be
+  right-padded to the longest row: position t only depends on positions
+  <= t, so the logits at the valid positions are unchanged; each row is
+  sliced back to its own length. The final state at the padded end would be
+  wrong, so work that needs hn/cn is only grouped by exact length.
+- Bidirectional models: exact length only (the backward pass sees padding).
+
+Latency: the scheduler never waits for a batch that cannot fill. It runs
+whatever is queued the moment it is free; it only waits up to
+`max_queue_delay_us` for more rows when the queue already shows concurrency
+(more than one item taken) and the batch is not full. At concurrency 1 a
+request runs as soon as it arrives.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import Cancelled, DeadlineExceeded, Unavailable
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]
+
+
+@dataclass(eq=False)  # identity: queued work is removed by identity
+class Work:
+    """Rows to run: tokens [b, T] and, for streamable models, states [L, b, H] each."""
+    tokens: np.ndarray
+    states: Tuple[np.ndarray, ...] = ()
+    need_state: bool = True
+    deadline: Optional[float] = None                 # time.monotonic()
+    is_cancelled: Optional[Callable[[], bool]] = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+@dataclass
+class ModelIO:
+    """The names the batcher needs to assemble feeds and split outputs."""
+    state_inputs: Sequence[str]      # ("h0",) / ("h0", "c0") / ()
+    state_outputs: Sequence[str]     # ("hn",) / ("hn", "cn") / ()
+    streamable: bool
+
+
+class BatchStats:
+    """Counters the data plane reports in ModelStatistics (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inference_count = 0      # rows served
+        self.execution_count = 0      # onnxruntime runs
+        self.queue_ns = 0
+        self.queue_count = 0
+        self.compute_ns = 0
+        self.batch_sizes: Dict[int, List[int]] = {}   # rows -> [count, compute ns]
+
+    def record(self, rows: int, queue_ns: Sequence[int], compute_ns: int) -> None:
+        with self.lock:
+            self.inference_count += rows
+            self.execution_count += 1
+            self.queue_ns += sum(queue_ns)
+            self.queue_count += len(queue_ns)
+            self.compute_ns += compute_ns
+            entry = self.batch_sizes.setdefault(rows, [0, 0])
+            entry[0] += 1
+            entry[1] += compute_ns
+
+
+class _Group:
+    """The batch being formed: its rows, lengths and whether any item needs hn/cn."""
+
+    def __init__(self, first: Work) -> None:
+        self.items: List[Work] = []
+        self.rows = self.real = 0
+        self.min_len = self.max_len = first.seq_len
+        self.need_state = False
+        self.add(first)
+
+    def add(self, w: Work) -> None:
+        self.items.append(w)
+        self.rows += w.rows
+        self.real += w.rows * w.seq_len
+        self.min_len = min(self.min_len, w.seq_len)
+        self.max_len = max(self.max_len, w.seq_len)
+        self.need_state = self.need_state or w.need_state
+
+
+class Batcher:
+    """One scheduler thread that merges queued Work into onnxruntime runs."""
+
+    def __init__(self, name: str, run: RunFn, io: ModelIO, *, max_batch_size: int = 32,
+                 max_queue_delay_us: int = 500, max_queue_size: int = 1024,
+                 max_padding_ratio: float = 2.0,
+                 on_batch: Optional[Callable[[int, Sequence[int], int], None]] = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.name = name
+        self._run = run
+        self._io = io
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay_us / 1e6
+        self.max_queue_size = max_queue_size
+        self.max_padding_ratio = max_padding_ratio
+        self.stats = BatchStats()
+        self._on_batch = on_batch
+        self._queue: Deque[Work] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- public -------------------------------------------------------------
+    def submit(self, work: Work) -> Future:
+        with self._cv:
+            if self._closed:
+                raise Unavailable(f"model '{self.name}' is shutting down")
+            if len(self._queue) >= self.max_queue_size:
+                raise Unavailable(f"model '{self.name}': queue full ({self.max_queue_size} requests waiting)")
+            work.enqueued = time.monotonic()
+            self._queue.append(work)
+            self._cv.notify()
+        return work.future
+
+    def cancel(self, work: Work) -> bool:
+        """Remove work that has not started; True when it was still queued."""
+        with self._cv:
+            try:
+                self._queue.remove(work)
+            except ValueError:
+                return False
+        work.future.set_exception(Cancelled("request cancelled by the client"))
+        return True
+
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    # ---- scheduling -----------------------------------------------------------
+    def _compatible(self, group: "_Group", w: Work) -> bool:
+        if group.rows + w.rows > self.max_batch_size:
+            return False
+        if group.min_len == group.max_len == w.seq_len:
+            return True  # equal lengths: always exact
+        # Right-padding is exact only for unidirectional logits, without final state.
+        if not self._io.streamable or group.need_state or w.need_state:
+            return False
+        padded = (group.rows + w.rows) * max(group.max_len, w.seq_len)
+        return padded <= self.max_padding_ratio * (group.real + w.rows * w.seq_len)
+
+    def _take(self) -> List[Work]:
+        """Pop the head and every queued item that can share its run (FIFO order)."""
+        first = self._queue.popleft()
+        group = _Group(first)
+        kept: Deque[Work] = collections.deque()
+        while self._queue and group.rows < self.max_batch_size:
+            w = self._queue.popleft()
+            if self._compatible(group, w):
+                group.add(w)
+            else:
+                kept.append(w)
+        kept.extend(self._queue)
+        self._queue = kept
+        return group.items
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue and self._closed:
+                    return
+                batch = self._take()
+                # Wait for more rows only when concurrency is evident and room is left.
+                if len(batch) > 1 and self.max_queue_delay > 0:
+                    until = time.monotonic() + self.max_queue_delay
+                    while sum(w.rows for w in batch) < self.max_batch_size and not self._closed:
+                        left = until - time.monotonic()
+                        if left <= 0:
+                            break
+                        if not self._queue:
+                            self._cv.wait(left)
+                            continue
+                        self._queue.extendleft(reversed(batch))
+                        batch = self._take()
+            self._execute(batch)
+
+    def _execute(self, batch: List[Work]) -> None:
+        now = time.monotonic()
+        live: List[Work] = []
+        for w in batch:
+            if w.future.done():
+                continue
+            if w.is_cancelled is not None and w.is_cancelled():
+                w.future.set_exception(Cancelled("request cancelled by the client"))
+            elif w.deadline is not None and now > w.deadline:
+                w.future.set_exception(DeadlineExceeded(
+                    f"deadline passed after {1e3 * (now - w.enqueued):.1f} ms in the queue, before it ran"))
+            else:
+                live.append(w)
+        if not live:
+            return
+        queue_ns = [int((now - w.enqueued) * 1e9) for w in live]
+        try:
+            feeds = self._assemble(live)
+            t0 = time.perf_counter_ns()
+            out = self._run(feeds)
+            compute_ns = time.perf_counter_ns() - t0
+            results = self._split(live, out)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+            log.exception("model %s: batch of %d failed", self.name, len(live))
+            for w in live:
+                if not w.future.done():
+                    w.future.set_exception(e)
+            return
+        rows = sum(w.rows for w in live)
+        self.stats.record(rows, queue_ns, compute_ns)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(rows, queue_ns, compute_ns)
+            except Exception:  # metrics must never break serving
+                log.exception("on_batch hook failed")
+        for w, r in zip(live, results):
+            if not w.future.done():
+                w.future.set_result(r)
+
+    def _assemble(self, batch: List[Work]) -> Dict[str, np.ndarray]:
+        if len(batch) == 1:
+            w = batch[0]
+            feeds = {"tokens": w.tokens}
+            feeds.update(zip(self._io.state_inputs, w.states))
+            return feeds
+        max_len = max(w.seq_len for w in batch)
+        tokens = np.zeros((sum(w.rows for w in batch), max_len), dtype=np.int64)
+        r = 0
+        for w in batch:
+            tokens[r:r + w.rows, :w.seq_len] = w.tokens
+            r += w.rows
+        feeds = {"tokens": tokens}
+        for i, name in enumerate(self._io.state_inputs):
+            feeds[name] = np.concatenate([w.states[i] for w in batch], axis=1)
+        return feeds
+
+    def _split(self, batch: List[Work], out: Dict[str, np.ndarray]) -> List[Dict[str, np.ndarray]]:
+        if len(batch) == 1:
+            return [out]
+        results = []
+        r = 0
+        for w in batch:
+            res = {"logits": out["logits"][r:r + w.rows, :w.seq_len]}
+            if w.need_state:  # exact: need_state work is only grouped by equal length
+                for name in self._io.state_outputs:
+                    res[name] = out[name][:, r:r + w.rows]
+            results.append(res)
+            r += w.rows
+        return results

@@ -1,0 +1,35 @@
+"""Errors the data plane raises. They know nothing of gRPC: the one mapping to
+status codes lives in serve/grpc_errors.py (see the error map in DESIGN.md)."""
+
+
+class ServeError(Exception):
+    """Base class. `code` names the gRPC status the front end answers with."""
+    code = "INTERNAL"
+
+
+class InvalidArgument(ServeError):
+    """The client's input is wrong (name, dtype, shape, bytes, ids, state, text)."""
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServeError):
+    """Unknown model or version."""
+    code = "NOT_FOUND"
+
+
+class Unavailable(ServeError):
+    """Model loading / failed to load, queue full, too many live sequences, shutting down."""
+    code = "UNAVAILABLE"
+
+
+class ResourceExhausted(ServeError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(ServeError):
+    """The request's deadline passed before it ran."""
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ServeError):
+    code = "CANCELLED"

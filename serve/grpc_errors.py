@@ -1,0 +1,63 @@
+"""The one place exceptions become gRPC status codes (DESIGN.md's error map).
+
+serve.errors.* carry the name of their status code and a message meant for the
+client. Anything else is a bug: the client gets INTERNAL with a generic message
+and a request id, and the traceback goes only to the log under that id. No
+exception ever takes the process down.
+
+Use `@handles_errors` on every servicer method (unary or streaming responses);
+ModelStreamInfer, which answers errors in-stream, uses `status_for` directly.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import uuid
+
+import grpc
+
+from .errors import ServeError
+
+logger = logging.getLogger(__name__)
+
+
+def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """-> (status code, message for the client). Logs what the client does not see."""
+    if isinstance(exc, ServeError):
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+        message = str(exc) or exc.__class__.__name__
+        logger.debug("%s -> %s: %s", method, code.name, message)
+        return code, message
+    request_id = uuid.uuid4().hex[:12]
+    logger.error("%s failed (request id %s)", method, request_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})"
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str):
+    code, message = status_for(exc, method)
+    context.abort(code, message)   # raises; grpc answers the call with this status
+
+
+def handles_errors(func):
+    """Decorate a servicer method: exceptions -> a gRPC status, never a crash."""
+    method = func.__qualname__
+    if inspect.isgeneratorfunction(func):
+        @functools.wraps(func)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from func(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
+                if not context.is_active():   # client gone: nobody to answer
+                    logger.debug("%s: client went away (%s)", method, exc.__class__.__name__)
+                    return
+                _abort(context, exc, method)
+        return stream_wrapper
+
+    @functools.wraps(func)
+    def unary_wrapper(self, request, context):
+        try:
+            return func(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
+            _abort(context, exc, method)
+    return unary_wrapper

@@ -1,0 +1,66 @@
+"""Per-model-version statistics (thread-safe counters behind ModelStatistics).
+
+One StatsRecorder lives on each ModelInstance. ModelInstance.run records every
+onnxruntime run (execution_count, compute_infer, batch_stats); the data plane
+records each request's outcome (inference_count, success/fail, queue,
+compute_input/compute_output). Issue 4's batcher records queue time and real
+batch sizes through the same methods.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+from .types import DurationStat, ModelStats
+
+
+def _add(stat: DurationStat, ns: int, count: int = 1) -> None:
+    stat.count += count
+    stat.ns += int(ns)
+
+
+class StatsRecorder:
+    def __init__(self, name: str, version: str):
+        self._lock = threading.Lock()
+        self._name = name
+        self._version = version
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._stats = ModelStats(name=self._name, version=self._version)
+
+    def record_execution(self, batch_size: int, infer_ns: int) -> None:
+        """One onnxruntime run over `batch_size` rows."""
+        with self._lock:
+            s = self._stats
+            s.execution_count += 1
+            _add(s.compute_infer, infer_ns)
+            _add(s.batch_stats.setdefault(batch_size, DurationStat()), infer_ns)
+
+    def record_request(self, ok: bool, total_ns: int, rows: int = 1, queue_ns: int = 0,
+                       input_ns: int = 0, output_ns: int = 0) -> None:
+        """One request's outcome (rows = batch rows it carried)."""
+        with self._lock:
+            s = self._stats
+            if ok:
+                s.inference_count += rows
+                _add(s.success, total_ns)
+                _add(s.queue, queue_ns)
+                _add(s.compute_input, input_ns)
+                _add(s.compute_output, output_ns)
+                s.last_inference_ms = int(time.time() * 1000)
+            else:
+                _add(s.fail, total_ns)
+
+    def snapshot(self) -> ModelStats:
+        with self._lock:
+            s = self._stats
+            return replace(
+                s,
+                success=replace(s.success), fail=replace(s.fail), queue=replace(s.queue),
+                compute_input=replace(s.compute_input), compute_infer=replace(s.compute_infer),
+                compute_output=replace(s.compute_output),
+                batch_stats={k: replace(v) for k, v in sorted(s.batch_stats.items())},
+            )

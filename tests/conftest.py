@@ -1,0 +1,53 @@
+"""Shared session-scoped fixtures: real trained/exported models in Triton-style repositories.
+
+- hello_repo: str path of REPO/<preset>/1/model.onnx for the five hello presets
+  (rnncell, rnn, emb-rnn, emb-lstm, emb-gru), trained here with train_hello.
+- hello_built: the same build with .checkpoints ("<preset>/1" -> checkpoint.pt) and
+  .predicted (preset -> the PyTorch model's answer for "hello").
+- charlm_repo / charlm_built: random-weight char models over tests.fixtures.CHARLM_VOCAB:
+  "charlm" (2-layer LSTM, versions 1 and 2), "chargru" (1-layer one-hot GRU),
+  "bigru" (bidirectional 2-layer GRU, no state inputs).
+- hello_dataplane / charlm_dataplane: loaded DataPlanes over those repositories.
+Treat the repositories as read-only; copy one (tests.fixtures.copy_repo) to change it.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures import BuiltRepo, build_charlm_repo, build_hello_repo, make_dataplane
+
+
+@pytest.fixture(scope="session")
+def hello_built(tmp_path_factory) -> BuiltRepo:
+    return build_hello_repo(str(tmp_path_factory.mktemp("hello")))
+
+
+@pytest.fixture(scope="session")
+def hello_repo(hello_built) -> str:
+    return hello_built.path
+
+
+@pytest.fixture(scope="session")
+def charlm_built(tmp_path_factory) -> BuiltRepo:
+    return build_charlm_repo(str(tmp_path_factory.mktemp("charlm")))
+
+
+@pytest.fixture(scope="session")
+def charlm_repo(charlm_built) -> str:
+    return charlm_built.path
+
+
+@pytest.fixture(scope="session")
+def hello_dataplane(hello_repo):
+    """A loaded DataPlane (CPU, 1 thread) over hello_repo. Do not unload its models."""
+    dp = make_dataplane(hello_repo)
+    yield dp
+    dp.close()
+
+
+@pytest.fixture(scope="session")
+def charlm_dataplane(charlm_repo):
+    """A loaded DataPlane (CPU, 1 thread, max_seq_len 64, max_generate_tokens 50) over charlm_repo."""
+    dp = make_dataplane(charlm_repo, max_seq_len=64, max_generate_tokens=50)
+    yield dp
+    dp.close()

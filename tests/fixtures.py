@@ -1,0 +1,82 @@
+"""Builders for the model repositories the tests serve (used by tests/conftest.py).
+
+Everything is real: the hello models are trained with train_hello, every model is
+exported with our export code, and the result is a Triton-style repository
+REPO/<model>/<version>/model.onnx.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+
+from export.onnx_export import export_checkpoint
+from serve.dataplane import DataPlane
+from serve.settings import ServeSettings
+from train.checkpoint import save_checkpoint
+from train.hello import train_hello
+from train.model import PRESET_NAMES, CharRNN, ModelConfig
+
+# A small alphabet for the random-weight char models (every character is one token).
+CHARLM_VOCAB = list(" abcdefghijklmnopqrstuvwxyz.,!?\n")
+CHARLM_MODELS = {
+    # name: (model config, {version: seed})
+    "charlm": (dict(arch="lstm", encoding="embedding", emb_size=8, hidden_size=16, num_layers=2), {1: 1, 2: 2}),
+    "chargru": (dict(arch="gru", encoding="onehot", hidden_size=12, num_layers=1), {1: 3}),
+    "bigru": (dict(arch="gru", encoding="embedding", emb_size=8, hidden_size=12, num_layers=2,
+                   bidirectional=True), {1: 4}),
+}
+
+
+@dataclass
+class BuiltRepo:
+    path: str
+    checkpoints: Dict[str, str] = field(default_factory=dict)   # "<model>/<version>" -> checkpoint.pt
+    predicted: Dict[str, str] = field(default_factory=dict)     # hello: preset -> PyTorch's answer for "hello"
+
+
+def _export_into(repo: str, name: str, version: int, ckpt_path: str) -> str:
+    out_dir = os.path.join(repo, name, str(version))
+    export_checkpoint(ckpt_path, out_dir, gate=False, threads=1)
+    return os.path.join(out_dir, "model.onnx")
+
+
+def build_hello_repo(root: str) -> BuiltRepo:
+    """Train the five presets on hello -> ohlol and export each as REPO/<preset>/1/model.onnx."""
+    built = BuiltRepo(path=os.path.join(root, "repo"))
+    for preset in PRESET_NAMES:
+        result = train_hello(preset, os.path.join(root, "ckpt", preset), verbose=False)
+        _export_into(built.path, preset, 1, result.ckpt_path)
+        built.checkpoints[f"{preset}/1"] = result.ckpt_path
+        built.predicted[preset] = result.predicted
+    return built
+
+
+def build_charlm_repo(root: str) -> BuiltRepo:
+    """Random-weight char models (a 2-layer LSTM in two versions, a GRU, a bidirectional GRU)."""
+    built = BuiltRepo(path=os.path.join(root, "repo"))
+    vocab = CHARLM_VOCAB
+    for name, (cfg_kwargs, versions) in CHARLM_MODELS.items():
+        for version, seed in versions.items():
+            torch.manual_seed(seed)
+            model = CharRNN(ModelConfig(vocab_size=len(vocab), **cfg_kwargs)).eval()
+            ckpt = os.path.join(root, "ckpt", name, str(version), "checkpoint.pt")
+            save_checkpoint(ckpt, model, vocab, {"task": "charlm", "seq_len": 16, "seed": seed}, {})
+            _export_into(built.path, name, version, ckpt)
+            built.checkpoints[f"{name}/{version}"] = ckpt
+    return built
+
+
+def copy_repo(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def make_dataplane(repo: str, **overrides) -> DataPlane:
+    """A loaded DataPlane on CPU with one onnxruntime thread (the test machine is shared)."""
+    dp = DataPlane(ServeSettings(repository=repo, device="cpu", intra_op_threads=1, **overrides))
+    dp.load()
+    return dp

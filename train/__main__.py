@@ -1,0 +1,121 @@
+"""python -m train --task hello --model <preset> [--out DIR]
+python -m train --task charlm --corpus FILE [--model char-lstm] [--out DIR] [...]
+
+The default output directory is runs/<task>/<model>/.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .charlm import CHAR_PRESET_NAMES, MODEL_OVERRIDES, TrainConfig, train_charlm
+from .checkpoint import CheckpointError
+from .data import CorpusError
+from .hello import DEFAULT_SEED, train_hello
+from .model import ARCHS, ENCODINGS, PRESET_NAMES
+
+log = logging.getLogger(__name__)
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig.__dataclass_fields__  # defaults live in one place: the dataclass
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("hello", "charlm"), required=True)
+    p.add_argument("--model", help=f"hello: one of {PRESET_NAMES}; charlm: one of {CHAR_PRESET_NAMES} "
+                                   "(default char-lstm)")
+    p.add_argument("--out", help="output directory (default runs/<task>/<model>/)")
+    p.add_argument("--seed", type=int, help=f"random seed (hello: {DEFAULT_SEED}; "
+                                            f"charlm: {d['seed'].default})")
+    p.add_argument("--lr", type=float, help=f"learning rate (hello: 0.1; charlm: {d['lr'].default})")
+    p.add_argument("--epochs", type=int, default=15, help="hello: epochs (default 15)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    c = p.add_argument_group("charlm")
+    c.add_argument("--corpus", help="UTF-8 text file")
+    c.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    c.add_argument("--time-budget", type=float, help="minutes; stop, evaluate and save when spent")
+    c.add_argument("--max-steps", type=int, help=f"step limit (default {d['max_steps'].default or 'none'}; "
+                                                 "3000 when no time budget is given)")
+    for name, typ in (("seq_len", int), ("batch_size", int), ("min_lr_ratio", float),
+                      ("weight_decay", float), ("beta2", float), ("warmup", int), ("grad_clip", float),
+                      ("eval_interval", int), ("eval_windows", int), ("eval_window", int),
+                      ("log_interval", int), ("threads", int)):
+        c.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name].default,
+                       help=f"default {d[name].default}")
+    c.add_argument("--bf16", type=_bool, default=d["bf16"].default,
+                   help="bfloat16 autocast for training (true/false, default %(default)s)")
+    c.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+    m = p.add_argument_group("charlm model overrides (on top of --model)")
+    m.add_argument("--arch", choices=ARCHS)
+    m.add_argument("--encoding", choices=ENCODINGS)
+    m.add_argument("--emb-size", type=int)
+    m.add_argument("--hidden-size", type=int)
+    m.add_argument("--num-layers", type=int)
+    m.add_argument("--dropout", type=float)
+    m.add_argument("--bidirectional", type=_bool, help="true/false")
+    return p
+
+
+def _run_hello(args, p: argparse.ArgumentParser) -> int:
+    if args.model not in PRESET_NAMES:
+        p.error(f"--task hello needs --model in {PRESET_NAMES}")
+    out = args.out or os.path.join("runs", "hello", args.model)
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    lr = 0.1 if args.lr is None else args.lr
+    res = train_hello(args.model, out, epochs=args.epochs, lr=lr, seed=seed, verbose=True)
+    log.info("%s: predicted %r -> %s", args.model, res.predicted, res.ckpt_path)
+    return 0
+
+
+def _run_charlm(args, p: argparse.ArgumentParser) -> int:
+    if not args.corpus:
+        p.error("--task charlm needs --corpus FILE")
+    model = args.model or "char-lstm"
+    if model not in CHAR_PRESET_NAMES:
+        p.error(f"--task charlm needs --model in {CHAR_PRESET_NAMES}")
+    overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
+    fields = {f: getattr(args, f) for f in ("seq_len", "batch_size", "min_lr_ratio", "weight_decay", "beta2",
+                                            "warmup", "grad_clip", "eval_interval", "eval_windows",
+                                            "eval_window", "log_interval", "threads", "bf16")}
+    if args.lr is not None:
+        fields["lr"] = args.lr
+    if args.seed is not None:
+        fields["seed"] = args.seed
+    try:
+        cfg = TrainConfig(corpus=args.corpus, out=args.out or os.path.join("runs", "charlm", model),
+                          model=model, model_overrides=overrides, max_steps=args.max_steps,
+                          time_budget=args.time_budget, resume=args.resume,
+                          progress=not args.no_progress, **fields)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        train_charlm(cfg)
+    except (CorpusError, CheckpointError) as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.task == "hello":
+        return _run_hello(args, p)
+    return _run_charlm(args, p)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

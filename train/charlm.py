@@ -1,0 +1,292 @@
+"""Task charlm: next-character prediction on a UTF-8 text file.
+
+Training reads random windows of seq_len + 1 chars from the first 90% of the
+text; validation is the last 10%, measured with train.evaluate.evaluate_windows
+(consecutive windows, state reset per window).  Periodic evaluations use the
+first `eval_windows` windows (cheap); the final one uses the whole split.
+
+Files in the output directory:
+    checkpoint.pt   the best model so far (by validation loss)
+    last.pt         the latest model + optimizer, schedule and RNG state (--resume)
+    metrics.jsonl   one JSON object per train-log / eval / final event
+    loss.png        train and validation curves
+
+The learning rate warms up linearly, then follows a cosine to lr * min_lr_ratio.
+Progress along the cosine is max(step / max_steps, elapsed / time_budget), so a
+time-budgeted run ends its decay when the budget is spent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .data import CharData, random_windows
+from .evaluate import evaluate_windows, to_bits
+from .model import CharRNN, ModelConfig
+from .plot import plot_losses
+
+log = logging.getLogger(__name__)
+
+# The char-LM presets (vocab_size comes from the corpus).  Sizes were picked by
+# pilot runs on tinyshakespeare within a 10-minute CPU budget (bench/quality.py).
+CHAR_PRESETS: Dict[str, Dict[str, Any]] = {
+    "char-lstm": dict(arch="lstm", encoding="embedding", emb_size=64, hidden_size=512, num_layers=2,
+                      dropout=0.0),
+    "char-gru": dict(arch="gru", encoding="embedding", emb_size=64, hidden_size=512, num_layers=2,
+                     dropout=0.0),
+    "char-rnn": dict(arch="rnn", encoding="embedding", emb_size=64, hidden_size=512, num_layers=2,
+                     dropout=0.0),
+}
+CHAR_PRESET_NAMES = tuple(CHAR_PRESETS)
+# Model fields that command-line flags may override.
+MODEL_OVERRIDES = ("arch", "encoding", "emb_size", "hidden_size", "num_layers", "dropout", "bidirectional")
+DEFAULT_MAX_STEPS = 3000  # used when neither max_steps nor time_budget is given
+
+
+@dataclass
+class TrainConfig:
+    corpus: str
+    out: str
+    model: str = "char-lstm"
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 128
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    beta2: float = 0.99
+    warmup: int = 100
+    grad_clip: float = 1.0
+    max_steps: Optional[int] = None
+    time_budget: Optional[float] = None  # minutes
+    eval_interval: int = 200
+    eval_windows: int = 64  # periodic evaluation on the first N windows of the split
+    eval_window: int = 256
+    log_interval: int = 20
+    seed: int = 1337
+    threads: int = 0  # 0: torch's default
+    bf16: bool = True  # bfloat16 autocast for the forward/backward (params stay float32)
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in CHAR_PRESETS:
+            raise ValueError(f"unknown charlm model {self.model!r}; choose from {CHAR_PRESET_NAMES}")
+        unknown = set(self.model_overrides) - set(MODEL_OVERRIDES)
+        if unknown:
+            raise ValueError(f"unknown model overrides: {sorted(unknown)}")
+        if self.max_steps is None and not self.time_budget:
+            self.max_steps = DEFAULT_MAX_STEPS
+        for name in ("seq_len", "batch_size", "eval_interval", "eval_window", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(dataclasses.asdict(self), task="charlm")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, **{**CHAR_PRESETS[self.model], **self.model_overrides})
+
+
+@dataclass
+class CharLMResult:
+    model: CharRNN
+    ckpt_path: str
+    step: int
+    best_val_nats: float
+    final_val_nats: float  # the best checkpoint over the whole validation split
+    elapsed_s: float
+
+
+class Schedule:
+    """Linear warm-up, then cosine decay by step or by elapsed time, whichever is further."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def progress(self, step: int, elapsed: float) -> float:
+        p = 0.0
+        if self.cfg.max_steps:
+            p = max(p, step / self.cfg.max_steps)
+        if self.cfg.time_budget:
+            p = max(p, elapsed / (self.cfg.time_budget * 60.0))
+        return min(p, 1.0)
+
+    def lr(self, step: int, elapsed: float) -> float:
+        c = self.cfg
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        cos = 0.5 * (1.0 + math.cos(math.pi * self.progress(step, elapsed)))
+        return c.lr * (c.min_lr_ratio + (1.0 - c.min_lr_ratio) * cos)
+
+    def done(self, step: int, elapsed: float) -> bool:
+        return self.progress(step, elapsed) >= 1.0
+
+
+def _optimizer(model: CharRNN, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Weight decay on weight matrices only, not on biases or the embedding.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.startswith("emb.") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+class MetricsLog:
+    """metrics.jsonl: appended one event per line; on resume, events past the resumed step are dropped."""
+
+    def __init__(self, path: str, resume_step: Optional[int]):
+        self.path = path
+        if resume_step is None:
+            open(path, "w").close()
+        else:
+            kept = [e for e in self.read() if e.get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in kept)
+
+    def read(self) -> List[Dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def write(self, event: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def _resume_state(cfg: TrainConfig, model: CharRNN, opt, gen: torch.Generator) -> Dict[str, Any]:
+    path = os.path.join(cfg.out, "last.pt")
+    ckpt = read_checkpoint(path)
+    if "train_state" not in ckpt or "optimizer" not in ckpt:
+        raise CheckpointError(f"{path} has no training state to resume from")
+    saved_cfg = ModelConfig.from_dict(ckpt["model_config"])
+    if saved_cfg != model.cfg:
+        raise CheckpointError(f"{path} was trained with a different model: {saved_cfg} != {model.cfg}")
+    model.load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["optimizer"])
+    st = ckpt["train_state"]
+    torch.set_rng_state(st["torch_rng"])
+    gen.set_state(st["data_rng"])
+    log.info("resumed from %s at step %d (%.0f s elapsed)", path, st["step"], st["elapsed"])
+    return st
+
+
+def _metrics(step: int, best: float, elapsed: float, train_loss: Optional[float]) -> Dict[str, Any]:
+    return {"step": step, "best_val_nats": best, "best_val_bits": to_bits(best),
+            "elapsed_s": elapsed, "train_loss": train_loss}
+
+
+def train_charlm(cfg: TrainConfig) -> CharLMResult:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = CharData.from_file(cfg.corpus, min_window=cfg.seq_len)
+    model = CharRNN(cfg.model_config(len(data.vocab)))
+    opt = _optimizer(model, cfg)
+    sched = Schedule(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    best_path, last_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "last.pt")
+
+    step, prior_elapsed, best = 0, 0.0, float("inf")
+    if cfg.resume:
+        st = _resume_state(cfg, model, opt, gen)
+        step, prior_elapsed, best = st["step"], st["elapsed"], st["best_val_nats"]
+    mlog = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if cfg.resume else None)
+    log.info("model %s: %s, %d params", cfg.model, model.cfg, model.num_params())
+
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        return prior_elapsed + time.perf_counter() - t0
+
+    def evaluate(n_windows: Optional[int], bf16: bool) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return evaluate_windows(model, data.val, window=cfg.eval_window, max_windows=n_windows)
+
+    def save(path: str, train_loss: Optional[float], with_state: bool) -> None:
+        extra = None
+        if with_state:
+            extra = {"optimizer": opt.state_dict(),
+                     "train_state": {"step": step, "elapsed": elapsed(), "best_val_nats": best,
+                                     "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()}}
+        save_checkpoint(path, model, data.vocab, cfg.to_dict(), _metrics(step, best, elapsed(), train_loss),
+                        extra=extra)
+
+    def eval_and_save(train_loss: Optional[float]) -> None:
+        nonlocal best
+        val = evaluate(cfg.eval_windows, cfg.bf16)
+        event = {"event": "eval", "step": step, "val_nats": val, "val_bits": to_bits(val),
+                 "elapsed_s": elapsed(), "eval_windows": cfg.eval_windows}
+        if val < best:
+            best = val
+            save(best_path, train_loss, with_state=False)
+            event["best"] = True
+        mlog.write(event)
+        save(last_path, train_loss, with_state=True)
+        log.info("step %d: val %.4f nats/char (%.4f bits), best %.4f", step, val, to_bits(val), best)
+
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    loss_sum, loss_n, last_loss, t_log = 0.0, 0, None, time.perf_counter()
+    while not sched.done(step, elapsed()):
+        lr = sched.lr(step, elapsed())
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = random_windows(data.train, cfg.seq_len, cfg.batch_size, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        bar.update(1)
+        if step % cfg.log_interval == 0:
+            last_loss = loss_sum / loss_n
+            now = time.perf_counter()
+            mlog.write({"event": "train", "step": step, "loss": last_loss, "lr": lr, "elapsed_s": elapsed(),
+                        "tokens_per_s": loss_n * cfg.batch_size * cfg.seq_len / (now - t_log)})
+            bar.set_postfix(loss=f"{last_loss:.3f}", best_val=f"{best:.3f}")
+            loss_sum, loss_n, t_log = 0.0, 0, now
+        if step % cfg.eval_interval == 0:
+            eval_and_save(last_loss)
+    bar.close()
+    if loss_n:
+        last_loss = loss_sum / loss_n
+    if step % cfg.eval_interval != 0 or not os.path.exists(best_path):
+        eval_and_save(last_loss)
+    train_elapsed = elapsed()
+
+    # The best checkpoint over the whole validation split, in float32 as it will be served.
+    ckpt = read_checkpoint(best_path)
+    model.load_state_dict(ckpt["state_dict"])
+    full = evaluate(None, bf16=False)
+    metrics = dict(ckpt["metrics"], val_full_nats=full, val_full_bits=to_bits(full),
+                   eval_window=cfg.eval_window, num_params=model.num_params())
+    save_checkpoint(best_path, model, data.vocab, cfg.to_dict(), metrics)
+    mlog.write({"event": "final", "step": step, "checkpoint_step": metrics["step"], "val_full_nats": full,
+                "val_full_bits": to_bits(full), "elapsed_s": train_elapsed})
+    plot_losses(mlog.read(), os.path.join(cfg.out, "loss.png"))
+    log.info("done: %d steps in %.0f s; best checkpoint (step %d) %.4f nats/char, %.4f bits/char over "
+             "the whole validation split -> %s", step, train_elapsed, metrics["step"], full, to_bits(full),
+             best_path)
+    model.eval()
+    return CharLMResult(model=model, ckpt_path=best_path, step=step, best_val_nats=best,
+                        final_val_nats=full, elapsed_s=train_elapsed)

@@ -1,0 +1,88 @@
+"""Checkpoints that rebuild their own model (the nanoGPT habit).
+
+A checkpoint is a dict saved with torch.save:
+    {"format": "rnnserve-checkpoint/1", "state_dict", "model_config", "vocab",
+     "train_config", "metrics", "torch_version"}
+so `load_checkpoint(path)` needs no other flags.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from .model import CharRNN, ModelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rnnserve-checkpoint/1"
+REQUIRED_KEYS = ("state_dict", "model_config", "vocab", "train_config", "metrics", "torch_version")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or not an rnnserve checkpoint."""
+
+
+def save_checkpoint(path: str, model: CharRNN, vocab: List[str], train_config: Dict[str, Any],
+                    metrics: Dict[str, Any], extra: Dict[str, Any] | None = None) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    ckpt = {
+        "format": FORMAT,
+        "state_dict": model.state_dict(),
+        "model_config": model.cfg.to_dict(),
+        "vocab": list(vocab),
+        "train_config": dict(train_config),
+        "metrics": dict(metrics),
+        "torch_version": str(torch.__version__),
+    }
+    if extra:
+        ckpt.update(extra)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """Load and validate the checkpoint dict, with clear errors."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"cannot read checkpoint {path}: not a valid torch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not an rnnserve checkpoint (got {type(ckpt).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not an rnnserve checkpoint: missing keys {missing}")
+    return ckpt
+
+
+def load_checkpoint(path: str) -> Tuple[CharRNN, Dict[str, Any]]:
+    """Rebuild the model from the checkpoint alone. Returns (model in eval mode, ckpt dict)."""
+    ckpt = read_checkpoint(path)
+    try:
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
+        model = CharRNN(cfg)
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from e
+    if len(ckpt["vocab"]) != cfg.vocab_size:
+        raise CheckpointError(f"{path}: vocab has {len(ckpt['vocab'])} entries, model expects {cfg.vocab_size}")
+    model.eval()
+    return model, ckpt
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
