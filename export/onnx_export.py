@@ -164,9 +164,20 @@ def export_model(model: CharRNN, ckpt_info: Mapping[str, Any], path: str, *,
 def _write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _guarded(what: str, fn, *args, **kwargs):
+    """Run fn; any unexpected exception becomes a one-line ExportError."""
+    try:
+        return fn(*args, **kwargs)
+    except ExportError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"{what} failed: {type(e).__name__}: {first}") from e
 
 
 def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSET, gate: bool = True,
@@ -188,14 +199,10 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
     tmp_path = os.path.join(out_dir, f".{MODEL_FILENAME}.tmp.{os.getpid()}")
     report, parity_path = None, None
     try:
-        try:
-            proto = export_model(model, info, tmp_path, opset=opset)
-        except ExportError:
-            raise
-        except Exception as e:  # exporter / checker failures: one clear message
-            raise ExportError(f"ONNX export of {ckpt_path} failed: {type(e).__name__}: {e}") from e
+        proto = _guarded(f"ONNX export of {ckpt_path}", export_model, model, info, tmp_path, opset=opset)
         if gate:
-            report = run_parity(model, tmp_path, train_seq_len=train_seq_len, atol=atol, threads=threads)
+            report = _guarded(f"parity gate for {ckpt_path}", run_parity, model, tmp_path,
+                              train_seq_len=train_seq_len, atol=atol, threads=threads)
             if not report["pass"]:
                 failed_path = os.path.join(out_dir, FAILED_PARITY_FILENAME)
                 _write_json(failed_path, report)
@@ -203,9 +210,10 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
                                   f"no {MODEL_FILENAME} written (report: {failed_path})")
             parity_path = os.path.join(out_dir, PARITY_FILENAME)
             _write_json(parity_path, report)
-            stale = os.path.join(out_dir, FAILED_PARITY_FILENAME)
-            if os.path.exists(stale):
-                os.remove(stale)
+        # Reports left by an earlier export into this folder no longer describe the model.
+        for stale in (FAILED_PARITY_FILENAME, *(() if gate else (PARITY_FILENAME,))):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
         os.replace(tmp_path, final_path)
     finally:
         if os.path.exists(tmp_path):

@@ -7,8 +7,8 @@ for --intra-op-threads.
 
 When the server is ready it logs `rnnserve listening on HOST:PORT` (and writes
 the port to --port-file, if given). SIGTERM or SIGINT drains: no new calls,
-in-flight calls get --grace seconds, then the process exits 0; a second
-signal cuts the drain short.
+in-flight calls get --grace seconds, then the process exits 0. Further
+signals during the drain are logged and change nothing.
 """
 from __future__ import annotations
 
@@ -115,9 +115,8 @@ def main(argv=None) -> int:
     stop_requested = threading.Event()
 
     def on_signal(signum, _frame):
-        if stop_requested.is_set():
-            logger.warning("%s again: stopping now", signal.Signals(signum).name)
-            server.grpc_server.stop(0)
+        if stop_requested.is_set():   # e.g. `timeout` signals the process and its group
+            logger.info("%s: already draining (at most --grace seconds)", signal.Signals(signum).name)
             return
         logger.info("%s: draining", signal.Signals(signum).name)
         stop_requested.set()

@@ -7,6 +7,7 @@ that call.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -195,4 +196,5 @@ class ModelInstance:
             "state_outputs": ",".join(self.state_outputs),
             "checkpoint_sha256": self.meta.checkpoint_sha256,
             "opset": str(self.meta.opset),
+            "vocab": json.dumps(self.vocab, ensure_ascii=False),
         }

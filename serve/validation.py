@@ -19,15 +19,16 @@ from .errors import InvalidArgument
 from .runtime import ModelInstance
 from .types import ParamValue
 
-# numpy dtype -> Open Inference Protocol datatype
-_DATATYPES = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "UINT8", np.dtype(np.uint16): "UINT16",
-              np.dtype(np.uint32): "UINT32", np.dtype(np.uint64): "UINT64", np.dtype(np.int8): "INT8",
-              np.dtype(np.int16): "INT16", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-              np.dtype(np.float16): "FP16", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64"}
+# numpy dtype (by its .str, e.g. "<i8") -> Open Inference Protocol datatype
+_DATATYPES = {np.dtype(t).str: name for t, name in (
+    (np.bool_, "BOOL"), (np.uint8, "UINT8"), (np.uint16, "UINT16"), (np.uint32, "UINT32"),
+    (np.uint64, "UINT64"), (np.int8, "INT8"), (np.int16, "INT16"), (np.int32, "INT32"), (np.int64, "INT64"),
+    (np.float16, "FP16"), (np.float32, "FP32"), (np.float64, "FP64"))}
 
 
 def datatype_of(arr: np.ndarray) -> str:
-    return _DATATYPES.get(arr.dtype, "BYTES" if arr.dtype.kind in "OSU" else str(arr.dtype))
+    dt = arr.dtype
+    return _DATATYPES.get(dt.str) or ("BYTES" if dt.kind in "OSU" else str(dt))
 
 
 # -- request parameters ------------------------------------------------------------------------
@@ -95,6 +96,8 @@ def check_outputs(inst: ModelInstance, requested: Optional[Sequence[str]]) -> Li
 
 
 def check_token_ids(inst: ModelInstance, tokens: np.ndarray) -> None:
+    if tokens.min() >= 0 and tokens.max() < inst.vocab_size:  # the fast path: no temporaries
+        return
     bad = (tokens < 0) | (tokens >= inst.vocab_size)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -1,0 +1,300 @@
+"""rnnserve's client: the RnnClient class and the `python -m serve.client` CLI
+(installed as `rnnserve-client`).
+
+    python -m serve.client [--address HOST:PORT] [--json] health
+    python -m serve.client models
+    python -m serve.client metadata [MODEL]
+    python -m serve.client predict MODEL TEXT [--top-k 3]
+    python -m serve.client generate MODEL PROMPT [--max-tokens 100 --temperature 1 --seed 0 ...]
+    python -m serve.client score MODEL TEXT
+    python -m serve.client infer MODEL --tokens 0,1,2;3,2,1
+
+--address defaults to $RNNSERVE_ADDRESS, else 127.0.0.1:8001. Output is readable
+by default; --json prints one JSON object for scripts. A failed call prints the
+gRPC status and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, Iterator, Optional
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import convert
+from .gen import grpc_service_pb2 as pb
+from .gen import grpc_service_pb2_grpc as pb_grpc
+from .gen import text_service_pb2 as tpb
+from .gen import text_service_pb2_grpc as tpb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:8001"
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+def _dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True,
+                                     unquote_int64_if_possible=True)
+
+
+class RnnClient:
+    """A blocking client for both services. Calls raise grpc.RpcError on failure."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: Optional[float] = None):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        self._infer = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._text = tpb_grpc.TextServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RnnClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    # -- health and metadata ---------------------------------------------------------------
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 status: "SERVING", "NOT_SERVING", ... ("" = the server)."""
+        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                   timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def live(self) -> bool:
+        return self._infer.ServerLive(pb.ServerLiveRequest(), timeout=self.timeout).live
+
+    def ready(self, model: str = "", version: str = "") -> bool:
+        if model:
+            return self._infer.ModelReady(pb.ModelReadyRequest(name=model, version=version),
+                                          timeout=self.timeout).ready
+        return self._infer.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout).ready
+
+    def models(self) -> list[dict]:
+        """Every model version in the repository: name, version, state, reason."""
+        reply = self._infer.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout)
+        return [_dict(m) for m in reply.models]
+
+    def metadata(self, model: str = "", version: str = "") -> dict:
+        """The server's metadata, or a model's (name, versions, platform, inputs, outputs)."""
+        if not model:
+            return _dict(self._infer.ServerMetadata(pb.ServerMetadataRequest(),
+                                                    timeout=self.timeout))
+        return _dict(self._infer.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version),
+                                               timeout=self.timeout))
+
+    def config(self, model: str, version: str = "") -> dict:
+        return _dict(self._infer.ModelConfig(pb.ModelConfigRequest(name=model, version=version),
+                                             timeout=self.timeout).config)
+
+    # -- text ------------------------------------------------------------------------------
+    def predict(self, model: str, text: str, top_k: int = 3, version: str = "") -> dict:
+        """{"decoded": "ohlol", "positions": [{index, input_char, char, prob, top: [...]}, ...]}"""
+        return _dict(self._text.Predict(tpb.PredictRequest(model=model, version=version,
+                                                           text=text, top_k=top_k),
+                                        timeout=self.timeout))
+
+    def generate(self, model: str, prompt: str, max_tokens: int = 100, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
+                 stop: tuple[str, ...] = (), version: str = "") -> Iterator[dict]:
+        """Yields {index, token_id, text, finish_reason} as the tokens stream in."""
+        request = tpb.GenerateRequest(model=model, version=version, prompt=prompt,
+                                      max_tokens=max_tokens, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, stop=list(stop))
+        if seed is not None:
+            request.seed = seed
+        for event in self._text.Generate(request, timeout=self.timeout):
+            yield _dict(event)
+
+    def score(self, model: str, text: str, version: str = "") -> dict:
+        """{log_likelihood, nats_per_char, bits_per_char, num_predicted}"""
+        return _dict(self._text.Score(tpb.ScoreRequest(model=model, version=version, text=text),
+                                      timeout=self.timeout))
+
+    # -- tensors ---------------------------------------------------------------------------
+    def infer(self, model: str, tokens: np.ndarray, h0: Optional[np.ndarray] = None,
+              c0: Optional[np.ndarray] = None, version: str = "",
+              outputs: Optional[list[str]] = None) -> Dict[str, np.ndarray]:
+        """tokens int64 [batch, seq] (+ optional h0/c0 float32) -> {"logits": ..., "hn": ...}."""
+        inputs = {"tokens": np.asarray(tokens, dtype=np.int64)}
+        for name, state in (("h0", h0), ("c0", c0)):
+            if state is not None:
+                inputs[name] = np.asarray(state, dtype=np.float32)
+        request = convert.infer_request_to_proto(model, inputs, version=version, outputs=outputs)
+        return convert.infer_outputs_from_proto(self._infer.ModelInfer(request,
+                                                                       timeout=self.timeout))
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+
+def _parse_tokens(text: str) -> np.ndarray:
+    """"0,1,2;3,2,1" -> int64 [[0,1,2],[3,2,1]] (rows split by ';')."""
+    try:
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
+        return np.array(rows, dtype=np.int64)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"tokens must look like 0,1,2;3,2,1: {exc}")
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _cmd_health(client: RnnClient, args) -> dict:
+    status = client.health(args.service)
+    result = {"service": args.service, "status": status}
+    if not args.json:
+        print(f"{args.service or 'server'}: {status}")
+    return result
+
+
+def _cmd_models(client: RnnClient, args) -> dict:
+    models = client.models()
+    if not args.json:
+        _print_table([["MODEL", "VERSION", "STATE", "REASON"]] +
+                     [[m["name"], m["version"], m["state"], m["reason"]] for m in models])
+    return {"models": models}
+
+
+def _cmd_metadata(client: RnnClient, args) -> dict:
+    meta = client.metadata(args.model, args.version)
+    if not args.json:
+        if not args.model:
+            print(f"{meta['name']} {meta['version']}\nextensions: {', '.join(meta['extensions'])}")
+        else:
+            print(f"{meta['name']} versions {', '.join(meta['versions'])} ({meta['platform']})")
+            for kind in ("inputs", "outputs"):
+                for t in meta[kind]:
+                    print(f"  {kind[:-1]:6} {t['name']:8} {t['datatype']:6} {t['shape']}")
+    return meta
+
+
+def _cmd_predict(client: RnnClient, args) -> dict:
+    result = client.predict(args.model, args.text, args.top_k, args.version)
+    if not args.json:
+        print(result["decoded"])
+        for p in result["positions"]:
+            top = "  ".join(f"{c['char']!r}:{c['prob']:.3f}" for c in p["top"])
+            print(f"  {p['index']:3} {p['input_char']!r} -> {p['char']!r} {p['prob']:.3f}   {top}")
+    return result
+
+
+def _cmd_generate(client: RnnClient, args) -> dict:
+    events = []
+    if not args.json:
+        print(args.prompt, end="", flush=True)
+    for event in client.generate(args.model, args.prompt, args.max_tokens, args.temperature,
+                                 args.top_k, args.top_p, args.seed, tuple(args.stop),
+                                 args.version):
+        events.append(event)
+        if not args.json:
+            print(event["text"], end="", flush=True)
+    finish = events[-1]["finish_reason"] if events else ""
+    if not args.json:
+        print(f"\n[{len(events)} tokens, finish: {finish}]")
+    return {"prompt": args.prompt, "text": "".join(e["text"] for e in events),
+            "tokens": [e["token_id"] for e in events], "finish_reason": finish}
+
+
+def _cmd_score(client: RnnClient, args) -> dict:
+    result = client.score(args.model, args.text, args.version)
+    if not args.json:
+        print(f"log-likelihood {result['log_likelihood']:.4f} nats over "
+              f"{result['num_predicted']} chars: {result['nats_per_char']:.4f} nats/char, "
+              f"{result['bits_per_char']:.4f} bits/char")
+    return result
+
+
+def _cmd_infer(client: RnnClient, args) -> dict:
+    outputs = client.infer(args.model, args.tokens, version=args.version,
+                           outputs=args.output or None)
+    result = {name: {"datatype": convert.tensor_to_raw(a)[0], "shape": list(a.shape),
+                     "data": a.tolist()} for name, a in outputs.items()}
+    if not args.json:
+        for name, array in outputs.items():
+            print(f"{name}: {array.dtype} {list(array.shape)}")
+        if "logits" in outputs:
+            print(f"argmax ids: {outputs['logits'].argmax(-1).tolist()}")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serve.client", description="rnnserve client")
+    parser.add_argument("--address", default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
+                        help="server HOST:PORT [env RNNSERVE_ADDRESS] (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)   # the same flags after the subcommand
+    common.add_argument("--address", default=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS)
+
+    def command(name, func, help_text, model=False):
+        p = sub.add_parser(name, help=help_text, parents=[common])
+        p.set_defaults(func=func)
+        if model:
+            p.add_argument("model")
+            p.add_argument("--version", default="", help="model version ('' = newest)")
+        return p
+
+    command("health", _cmd_health, "grpc.health.v1 status").add_argument(
+        "--service", default="", help="a model name ('' = the server)")
+    command("models", _cmd_models, "list the repository's models")
+    p = command("metadata", _cmd_metadata, "server or model metadata")
+    p.add_argument("model", nargs="?", default="")
+    p.add_argument("--version", default="")
+    p = command("predict", _cmd_predict, "next-character predictions for TEXT", model=True)
+    p.add_argument("text")
+    p.add_argument("--top-k", type=int, default=3)
+    p = command("generate", _cmd_generate, "stream generated text", model=True)
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p = command("score", _cmd_score, "log-likelihood of TEXT", model=True)
+    p.add_argument("text")
+    p = command("infer", _cmd_infer, "raw tensor inference (Open Inference Protocol)", model=True)
+    p.add_argument("--tokens", type=_parse_tokens, required=True, help="e.g. 0,1,2;3,2,1")
+    p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with RnnClient(args.address, timeout=args.timeout) as client:
+        try:
+            result = args.func(client, args)
+        except grpc.RpcError as err:
+            error = {"code": err.code().name, "message": err.details()}
+            if args.json:
+                print(json.dumps({"error": error}))
+            else:
+                print(f"error: {error['code']}: {error['message']}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
