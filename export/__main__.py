@@ -1,6 +1,8 @@
 """`python -m export CHECKPOINT --out DIR`: export one checkpoint to DIR/model.onnx behind the parity gate.
+`python -m export batch --checkpoints DIR_OR_GLOB --repository REPO [...]`: export every checkpoint
+found into a versioned model repository (export/batch.py).
 
-Subcommands are dispatched on argv[0] (issue 5 adds `batch`); a plain path is the single export.
+Subcommands are dispatched on argv[0]; a plain path is the single export.
 """
 from __future__ import annotations
 
@@ -9,10 +11,15 @@ import logging
 import sys
 from typing import List, Optional
 
+import torch
+
 from train.checkpoint import CheckpointError
 
+from .batch import BatchOptions, format_report, run_batch
 from .onnx_export import DEFAULT_OPSET, ExportError, export_checkpoint
 from .parity import ATOL, format_summary
+from .tritonconfig import DEFAULT_MAX_BATCH_SIZE
+from .variants import DEFAULT_MIN_AGREEMENT, VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +39,82 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _variant_list(text: str) -> List[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
+
+def _percent(text: str) -> float:
+    value = float(text.rstrip("%"))
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError("give a percentage, e.g. 99 or 99.5%")
+    return value / 100.0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _batch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export batch",
+                                description="Export every checkpoint found into REPO/<model>/<version>/ "
+                                            "(parity gate, atomic publish, config.pbtxt, manifest.json).")
+    p.add_argument("--checkpoints", required=True, action="append",
+                   help="a directory (every **/checkpoint.pt under it), a checkpoint file, or a glob; repeatable")
+    p.add_argument("--repository", required=True, help="model repository to publish into (created if missing)")
+    p.add_argument("--keep", type=_positive, default=None, help="keep only the newest N versions of each model")
+    p.add_argument("--variants", type=_variant_list, default=[],
+                   help=f"comma-separated extra models per checkpoint: {','.join(VARIANTS)} "
+                        f"(published as REPO/<model>-<variant>/)")
+    p.add_argument("--name-from", choices=("dir", "file"), default="dir",
+                   help="model name from the checkpoint's folder (default) or its file name")
+    p.add_argument("--eval-text", default=None,
+                   help="text file for the variants' top-1 agreement (default: the tail of the training "
+                        "corpus named in the checkpoint, else random tokens)")
+    p.add_argument("--min-agreement", type=_percent, default=DEFAULT_MIN_AGREEMENT,
+                   help=f"refuse a variant below this top-1 agreement with fp32, in percent "
+                        f"(default {DEFAULT_MIN_AGREEMENT * 100:g})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
+    p.add_argument("--threads", type=int, default=None, help="threads for onnxruntime (gate, variants, latency) and PyTorch")
+    p.add_argument("--max-batch-size", type=_positive, default=DEFAULT_MAX_BATCH_SIZE,
+                   help="config.pbtxt max_batch_size for stateless (bidirectional) models")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="info logging (-vv: debug)")
+    return p
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def batch_main(argv: List[str]) -> int:
+    args = _batch_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    if args.threads:
+        # The gate alternates PyTorch and onnxruntime; PyTorch's own pool on an oversubscribed
+        # CPU makes its step-by-step RNN loops orders of magnitude slower, so cap it too.
+        torch.set_num_threads(args.threads)
+    opts = BatchOptions(checkpoints=args.checkpoints, repository=args.repository, keep=args.keep,
+                        variants=args.variants, name_from=args.name_from, eval_text=args.eval_text,
+                        min_agreement=args.min_agreement, threads=args.threads, atol=args.atol,
+                        opset=args.opset, max_batch_size=args.max_batch_size, progress=not args.no_progress)
+    outcome = run_batch(opts)
+    print(format_report(outcome))
+    return 0 if outcome.ok else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        print(f"error: `python -m export {argv[0]}` is not implemented yet", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "batch":
+        return batch_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -228,26 +228,32 @@ def _config_type(datatype: str) -> int:
 
 
 def model_config_to_proto(cfg: ModelConfigInfo) -> pb.ModelConfigResponse:
+    """Triton's scheduling_choice is a oneof: a model with sequence_batching carries its
+    dynamic batching inside it, as the `oldest` strategy (Triton's equivalent)."""
     config = mc.ModelConfig(
         name=cfg.name, platform=cfg.platform, max_batch_size=cfg.max_batch_size,
         backend="onnxruntime" if cfg.platform == "onnxruntime_onnx" else "",
-        input=[mc.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape)
-               for s in cfg.inputs],
+        input=[mc.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape,
+                             optional=s.optional) for s in cfg.inputs],
         output=[mc.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape)
                 for s in cfg.outputs])
+    dyn = cfg.dynamic_batching
     if cfg.sequence_batching is not None:
-        seq = cfg.sequence_batching
-        config.sequence_batching.max_sequence_idle_microseconds = int(
-            seq.get("max_sequence_idle_microseconds", 0))
-        for state in seq.get("states", []):
-            config.sequence_batching.state.add(
+        seq = config.sequence_batching
+        seq.max_sequence_idle_microseconds = int(
+            cfg.sequence_batching.get("max_sequence_idle_microseconds", 0))
+        for state in cfg.sequence_batching.get("states", []):
+            seq.state.add(
                 input_name=state.input_name, output_name=state.output_name,
                 data_type=_config_type(state.datatype), dims=state.dims,
                 initial_state=[mc.ModelSequenceBatching.InitialState(
                     name=f"{state.input_name}_zero", data_type=_config_type(state.datatype),
                     dims=state.dims, zero_data=True)])
-    elif cfg.dynamic_batching is not None:
-        dyn = cfg.dynamic_batching
+        if dyn is not None:
+            seq.oldest.preferred_batch_size.extend(dyn.get("preferred_batch_size", []))
+            seq.oldest.max_queue_delay_microseconds = int(
+                dyn.get("max_queue_delay_microseconds", 0))
+    elif dyn is not None:
         config.dynamic_batching.preferred_batch_size.extend(dyn.get("preferred_batch_size", []))
         config.dynamic_batching.max_queue_delay_microseconds = int(
             dyn.get("max_queue_delay_microseconds", 0))

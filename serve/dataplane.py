@@ -2,29 +2,38 @@
 
 The gRPC servicers convert protobuf to the plain types of serve/types.py, call
 these methods, and map the serve.errors.* they raise to status codes. All model
-execution goes through ModelInstance.run (serve/runtime.py).
+execution of requests goes through each loaded version's ModelEngine
+(serve/engine.py): a dynamic Batcher, plus a SequenceManager for streamable
+models, in front of ModelInstance.run. Concurrent requests of one model share
+onnxruntime runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from importlib import metadata as pkg_metadata
 from typing import Iterator, List, Optional, Sequence
 
-from . import textgen, validation
-from .errors import Cancelled, DeadlineExceeded, InvalidArgument, ServeError, Unavailable
+from . import inference, textgen, validation
+from .engine import wait
+from .errors import InvalidArgument, ServeError, Unavailable
 from .repository import READY, Repository
 from .runtime import ModelInstance, choose_providers
 from .settings import ServeSettings
-from .types import (GenerateEvent, InferRequest, InferResponse, ModelConfigInfo, ModelMetadata, ModelStats,
-                    PredictResult, RepositoryEntry, ScoreResult, ServerMetadata)
+from .stats import RequestTimer
+from .textstream import TextStream
+from .types import (DurationStat, GenerateEvent, InferRequest, InferResponse, ModelConfigInfo, ModelMetadata,
+                    ModelStats, PredictResult, RepositoryEntry, ScoreResult, ServerMetadata, StateSpec)
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
 # What this server implements, in Triton's extension names, plus our own.
-EXTENSIONS = ("model_configuration", "model_repository", "statistics", "parameters", "rnnserve_text")
+EXTENSIONS = ("model_configuration", "model_repository", "statistics", "parameters", "sequence",
+              "rnnserve_text")
 
 
 def _package_version() -> str:
@@ -110,45 +119,58 @@ class DataPlane:
 
     def model_config(self, name: str, version: str = "") -> ModelConfigInfo:
         """max_batch_size 0 and full shapes: our state is layers-first [L, batch, H], which Triton's
-        batch-first dims cannot describe, so the batch axis stays explicit (-1) in every shape."""
+        batch-first dims cannot describe, so the batch axis stays explicit (-1) in every shape.
+
+        dynamic_batching describes the batcher every model has; streamable models also report
+        sequence_batching with their state pairs (h0 <- hn, c0 <- cn), which makes perf_analyzer
+        run its sequence mode. State inputs are `optional`: omitted = the zero state (stateless
+        requests) or the server-kept state (sequence requests after START)."""
         inst = self.instance(name, version)
-        return ModelConfigInfo(name=name, platform=PLATFORM, max_batch_size=0,
-                               inputs=list(inst.inputs), outputs=list(inst.outputs))
+        s = self.settings
+        inputs = [dataclasses.replace(t, optional=t.name in inst.state_inputs) for t in inst.inputs]
+        dims = {t.name: list(t.shape) for t in inst.inputs}
+        sequence = None
+        if inst.streamable:
+            sequence = {"max_sequence_idle_microseconds": int(s.sequence_idle_timeout_s * 1e6),
+                        "states": [StateSpec(i, o, "FP32", dims[i]) for i, o in inst.state_pairs()]}
+        return ModelConfigInfo(name=name, platform=PLATFORM, max_batch_size=0, inputs=inputs,
+                               outputs=list(inst.outputs),
+                               dynamic_batching={"preferred_batch_size": [s.max_batch_size],
+                                                 "max_queue_delay_microseconds": s.max_queue_delay_us},
+                               sequence_batching=sequence)
 
     # -- tensors ---------------------------------------------------------------------------------
     def infer(self, req: InferRequest) -> InferResponse:
-        t0 = time.perf_counter_ns()
+        """Run one request (stateless, or a step of a sequence: parameters sequence_id /
+        sequence_start / sequence_end, Triton's semantics). Waits with cancellation polling:
+        a cancelled call leaves the queue (Cancelled), a queued request past its deadline
+        is dropped (DeadlineExceeded)."""
         inst = self.instance(req.model_name, req.model_version)
+        pending = inference.submit(inst, req, self.settings.max_seq_len)
         try:
-            params = validation.check_parameters(req.parameters)
-            if params.in_sequence:
-                raise InvalidArgument("sequence batching is not enabled yet: send requests without "
-                                      "'sequence_id' and pass h0/c0 explicitly to carry the state")
-            outputs = validation.check_outputs(inst, req.requested_outputs)
-            feeds = validation.check_infer_inputs(inst, req.inputs, req.input_datatypes, self.settings.max_seq_len)
-            self._check_runnable(req, params.timeout_us, t0)
-            t1 = time.perf_counter_ns()
-            result = inst.run(feeds, outputs)
-            t2 = time.perf_counter_ns()
+            out = wait(pending.raw, pending.cancel, req.is_cancelled, pending.deadline)
         except ServeError:
-            inst.stats.record_request(False, time.perf_counter_ns() - t0)
+            pending.failed()
             raise
-        response = InferResponse(model_name=inst.name, model_version=inst.version, id=req.id,
-                                 outputs=[(n, result[n]) for n in outputs])
-        t3 = time.perf_counter_ns()
-        inst.stats.record_request(True, t3 - t0, rows=int(feeds["tokens"].shape[0]),
-                                  input_ns=t1 - t0, output_ns=t3 - t2)
-        return response
+        return pending.respond(out)
 
-    @staticmethod
-    def _check_runnable(req: InferRequest, timeout_us: int, arrived_ns: int) -> None:
-        """Drop a request whose deadline (gRPC deadline or `timeout` parameter) passed, or that was cancelled."""
-        if req.is_cancelled is not None and req.is_cancelled():
-            raise Cancelled("the request was cancelled before it ran")
-        if req.deadline is not None and time.monotonic() > req.deadline:
-            raise DeadlineExceeded("the request's deadline passed before it ran")
-        if timeout_us and time.perf_counter_ns() - arrived_ns > timeout_us * 1000:
-            raise DeadlineExceeded(f"the request's timeout of {timeout_us} us passed before it ran")
+    def infer_async(self, req: InferRequest) -> "Future[InferResponse]":
+        """Queue one request and return at once, for pipelined streams (ModelStreamInfer).
+
+        Never raises: every error (unknown model, invalid input, queue full, too many
+        sequences, START required, deadline, cancellation) comes through the future as a
+        serve.errors.* exception. Validation and queueing happen before it returns, so
+        requests submitted in arrival order keep that order, and the steps of one sequence
+        run in it. The future completes; the caller decides how long to wait (serve.engine.wait
+        polls cancellation the way infer() does).
+        """
+        try:
+            inst = self.instance(req.model_name, req.model_version)
+            return inference.submit(inst, req, self.settings.max_seq_len).response_future()
+        except ServeError as e:
+            failed: Future = Future()
+            failed.set_exception(e)
+            return failed
 
     # -- text --------------------------------------------------------------------------------------
     def predict_text(self, model: str, text: str, top_k: int = 3, version: str = "") -> PredictResult:
@@ -157,7 +179,7 @@ class DataPlane:
         with self._request(inst):
             k = validation.check_top_k(top_k, self.settings.max_top_k)
             ids = validation.encode_text(inst, text, self.settings.max_seq_len)
-            decoded, positions = textgen.predict(inst, ids, k)
+            decoded, positions = textgen.predict(inst.engine, ids, k)
         return PredictResult(model_name=inst.name, model_version=inst.version, decoded=decoded, positions=positions)
 
     def generate(self, model: str, prompt: str, max_tokens: int, temperature: float = 1.0,
@@ -176,8 +198,8 @@ class DataPlane:
                                      seed, list(stop))
 
     def _generate_stream(self, inst, ids, *args) -> Iterator[GenerateEvent]:
-        with self._request(inst):
-            yield from textgen.generate(inst, ids, *args)
+        with self._request(inst), inst.engine.hold():
+            yield from textgen.generate(inst.engine, ids, *args)
 
     def score(self, model: str, text: str, version: str = "") -> ScoreResult:
         inst = self.instance(model, version)
@@ -189,22 +211,38 @@ class DataPlane:
             if len(ids) < 2:
                 raise InvalidArgument("text to score needs at least 2 characters "
                                       "(each character is scored given the ones before it)")
-            n, ll = textgen.score(inst, ids)
+            n, ll = textgen.score(inst.engine, ids)
         nats, bits = textgen.per_char(n, ll)
         return ScoreResult(model_name=inst.name, model_version=inst.version, num_predicted=n,
                            log_likelihood=ll, nats_per_char=nats, bits_per_char=bits)
 
-    def _request(self, inst: ModelInstance, count: bool = True):
-        return _RequestStats(inst, count)
+    def open_text_stream(self, model: str, version: str = "", top_k: int = 3) -> TextStream:
+        """A stream for TextService.Stream: feed(chunk) -> that chunk's PredictResult, the state kept
+        between chunks; close() when done. Counts as a live sequence (Unavailable past
+        max_sequences); bidirectional models refuse (InvalidArgument)."""
+        inst = self.instance(model, version)
+        k = validation.check_top_k(top_k, self.settings.max_top_k)
+        return TextStream(inst.engine, k, self.settings.max_seq_len)
+
+    @staticmethod
+    def _request(inst: ModelInstance, count: bool = True) -> RequestTimer:
+        return RequestTimer(inst.stats, count)
 
     # -- statistics and repository -----------------------------------------------------------------
     def model_statistics(self, name: str = "", version: str = "") -> List[ModelStats]:
+        """Per version: requests (inference_count = rows served) vs onnxruntime runs
+        (execution_count), batch_stats by real batch size, and the batcher's queue time."""
         repo = self.repo
         if name:
             entries = [repo.entry(name, version)] if version else repo.entry_list(name)
         else:
             entries = repo.entries()
-        return [e.instance.stats.snapshot() for e in entries if e.instance is not None]
+        return [_stats(e.instance) for e in entries if e.instance is not None]
+
+    def live_sequences(self, name: str, version: str = "") -> int:
+        """Live server-side sequences of a model version, text streams included (0 if not loaded)."""
+        inst = self.repo.entry(name, version).instance
+        return inst.engine.live_sequences() if inst is not None and inst.engine is not None else 0
 
     def repository_index(self) -> List[RepositoryEntry]:
         return [RepositoryEntry(e.name, e.version, e.state, e.reason) for e in self.repo.entries()]
@@ -216,18 +254,11 @@ class DataPlane:
         self.repo.unload_model(name)
 
 
-class _RequestStats:
-    """Context manager recording one text request's outcome in the model's statistics."""
-
-    def __init__(self, inst: ModelInstance, count: bool):
-        self.inst, self.count = inst, count
-
-    def __enter__(self):
-        self.t0 = time.perf_counter_ns()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        failed = exc_type is not None and issubclass(exc_type, ServeError)
-        if failed or (self.count and exc_type is None):
-            self.inst.stats.record_request(not failed, time.perf_counter_ns() - self.t0)
-        return False
+def _stats(inst: ModelInstance) -> ModelStats:
+    """The instance's counters, with queue time taken from its batcher (every queued run item)."""
+    stats = inst.stats.snapshot()
+    if inst.engine is not None:
+        b = inst.engine.batcher.stats
+        with b.lock:
+            stats.queue = DurationStat(count=b.queue_count, ns=b.queue_ns)
+    return stats

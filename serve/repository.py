@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from export.metadata import parse_metadata
 
+from .engine import ModelEngine
 from .errors import NotFound, Unavailable
 from .runtime import DeviceError, ModelInstance, create_session
 from .settings import ServeSettings
@@ -52,6 +53,10 @@ def scan_model(root: str, name: str) -> List[ModelEntry]:
     return [ModelEntry(name, str(v), os.path.join(model_dir, str(v), MODEL_FILE)) for v in versions]
 
 
+def _engines(entries: Sequence[ModelEntry]) -> List[ModelEngine]:
+    return [e.instance.engine for e in entries if e.instance is not None and e.instance.engine is not None]
+
+
 def scan_names(root: str) -> List[str]:
     if not os.path.isdir(root):
         raise Unavailable(f"model repository {root!r} is not a directory")
@@ -73,6 +78,7 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
         instance = ModelInstance(entry.name, entry.version, entry.path, session, meta)
         if settings.warmup:
             instance.warmup(settings.max_seq_len)
+        instance.engine = ModelEngine(instance, settings)
     except DeviceError:
         raise
     except Exception as e:
@@ -107,23 +113,33 @@ class Repository:
         for entry in entries:
             load_entry(entry, self.settings, self.providers)
         with self._lock:
+            old = _engines(self._models.get(name, []))
             self._models[name] = entries
+        for engine in old:  # the old versions close once their in-flight work has finished
+            engine.retire()
 
     def unload_model(self, name: str) -> None:
         with self._lock:
             entries = self._models.get(name)
             if entries is None:
                 raise NotFound(f"unknown model '{name}'")
+            old = _engines(entries)
             for e in entries:
-                # In-flight requests keep their own reference to the instance and finish.
                 e.instance, e.state, e.reason = None, UNLOADED, "unloaded by request"
+        # In-flight requests keep their own reference to the instance and finish first.
+        for engine in old:
+            engine.retire()
         log.info("model %s unloaded", name)
 
     def close(self) -> None:
+        """Unload everything; queued work runs first, then the engines' threads stop."""
         with self._lock:
-            for name in list(self._models):
+            engines = [x for name in self._models for x in _engines(self._models[name])]
+            for name in self._models:
                 for e in self._models[name]:
                     e.instance, e.state = None, UNLOADED
+        for engine in engines:
+            engine.close()
 
     # -- lookups -------------------------------------------------------------------------------
     def names(self) -> List[str]:

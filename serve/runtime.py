@@ -113,6 +113,8 @@ class ModelInstance:
         self.stats = StatsRecorder(name, version)
         self.run_count = 0
         self._count_lock = threading.Lock()
+        # The batcher and sequences in front of run() (serve/engine.py); set by the repository at load.
+        self.engine = None
         self._check_graph()
 
     # -- facts -------------------------------------------------------------------------------

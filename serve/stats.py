@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import replace
 
+from .errors import ServeError
 from .types import DurationStat, ModelStats
 
 
@@ -64,3 +65,25 @@ class StatsRecorder:
                 compute_output=replace(s.compute_output),
                 batch_stats={k: replace(v) for k, v in sorted(s.batch_stats.items())},
             )
+
+
+class RequestTimer:
+    """Context manager recording one request's outcome in a StatsRecorder.
+
+    A serve.errors.* exception counts as a failure; success counts only when
+    `count` (a generate call records once, at its end); other exceptions are
+    internal errors and are left to the log.
+    """
+
+    def __init__(self, stats: StatsRecorder, count: bool = True):
+        self.stats, self.count = stats, count
+
+    def __enter__(self) -> "RequestTimer":
+        self.t0 = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        failed = exc_type is not None and issubclass(exc_type, ServeError)
+        if failed or (self.count and exc_type is None):
+            self.stats.record_request(not failed, time.perf_counter_ns() - self.t0)
+        return False

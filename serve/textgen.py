@@ -1,6 +1,8 @@
-"""Text on top of a ModelInstance: per-position predictions, sampling, streaming
+"""Text on top of a model's engine: per-position predictions, sampling, streaming
 generation that carries the recurrent state, and scoring.
 
+Every run goes through ModelEngine.run (serve/engine.py), so concurrent text
+requests share onnxruntime runs with each other and with tensor requests.
 Inputs arrive validated (serve/validation.py). Probabilities are computed in
 float64 from the float32 logits.
 """
@@ -11,8 +13,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from export.metadata import INPUT_TOKENS, OUTPUT_LOGITS
+from export.metadata import OUTPUT_LOGITS
 
+from .engine import ModelEngine, States
 from .runtime import ModelInstance
 from .types import CharProb, GenerateEvent, PositionPrediction
 
@@ -50,41 +53,50 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int, top_p: float
     return int(order[min(i, len(order) - 1)])
 
 
-def predict(inst: ModelInstance, ids: np.ndarray, top_k: int) -> Tuple[str, List[PositionPrediction]]:
-    """One run over the text; per position the argmax char, its probability and the top_k chars."""
-    logits = inst.run({INPUT_TOKENS: ids[None, :]}, [OUTPUT_LOGITS])[OUTPUT_LOGITS][0]
+def positions(inst: ModelInstance, ids: np.ndarray, logits: np.ndarray, top_k: int,
+              offset: int = 0) -> List[PositionPrediction]:
+    """Per position (numbered from `offset`): the argmax char, its probability and the top_k chars."""
     probs = softmax(logits)
-    positions = []
+    out = []
     for t, row in enumerate(probs):
         order = ranked(row)
         best = int(order[0])
         top = [CharProb(inst.vocab[int(i)], float(row[i])) for i in order[:top_k]]
-        positions.append(PositionPrediction(index=t, input_char=inst.vocab[int(ids[t])],
-                                            char=inst.vocab[best], prob=float(row[best]), top=top))
-    return "".join(p.char for p in positions), positions
+        out.append(PositionPrediction(index=offset + t, input_char=inst.vocab[int(ids[t])],
+                                      char=inst.vocab[best], prob=float(row[best]), top=top))
+    return out
 
 
-def _step(inst: ModelInstance, tokens: np.ndarray, state: dict):
-    """One run carrying the state: returns (last-position logits, new state feeds)."""
-    out = inst.run({INPUT_TOKENS: tokens, **state})
-    new_state = {i: out[o] for i, o in inst.state_pairs()}
-    return out[OUTPUT_LOGITS][0, -1], new_state
+def predict(engine: ModelEngine, ids: np.ndarray, top_k: int) -> Tuple[str, List[PositionPrediction]]:
+    """One run over the text; no final state is needed, so it may share a padded run."""
+    logits = engine.run(ids[None, :], engine.zero_states(1), need_state=False)[OUTPUT_LOGITS][0]
+    found = positions(engine.inst, ids, logits, top_k)
+    return "".join(p.char for p in found), found
 
 
-def generate(inst: ModelInstance, prompt_ids: np.ndarray, max_tokens: int, temperature: float,
+def step(engine: ModelEngine, tokens: np.ndarray, state: States) -> Tuple[np.ndarray, States]:
+    """One run carrying the state: returns (logits [batch, T, vocab], the new state)."""
+    out = engine.run(tokens, state, need_state=True)
+    # Copies: a batched run's outputs are views shared by every row of that run.
+    return out[OUTPUT_LOGITS], tuple(np.ascontiguousarray(out[n]) for n in engine.io.state_outputs)
+
+
+def generate(engine: ModelEngine, prompt_ids: np.ndarray, max_tokens: int, temperature: float,
              top_k: int, top_p: float, seed: Optional[int], stop: Sequence[str]) -> Iterator[GenerateEvent]:
     """Run the prompt once, then one run per new token (state carried): O(1) per token.
 
+    Each run is one batcher item, so the steps of concurrent generates share runs.
     Yields one event per generated character; the last has finish_reason "stop" (the
     text so far ends with a stop string, which is included) or "length".
     """
+    vocab = engine.inst.vocab
     rng = np.random.default_rng(seed)
     keep = max((len(s) for s in stop), default=0)
-    logits, state = _step(inst, prompt_ids[None, :], {})
+    logits, state = step(engine, prompt_ids[None, :], engine.zero_states(1))
     tail = ""
     for i in range(max_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, rng)
-        ch = inst.vocab[tok]
+        tok = sample_next(logits[0, -1], temperature, top_k, top_p, rng)
+        ch = vocab[tok]
         tail = (tail + ch)[-keep:] if keep else ""
         if any(tail.endswith(s) for s in stop):
             yield GenerateEvent(index=i, token_id=tok, text=ch, finish_reason="stop")
@@ -93,12 +105,12 @@ def generate(inst: ModelInstance, prompt_ids: np.ndarray, max_tokens: int, tempe
             yield GenerateEvent(index=i, token_id=tok, text=ch, finish_reason="length")
             return
         yield GenerateEvent(index=i, token_id=tok, text=ch)
-        logits, state = _step(inst, np.array([[tok]], np.int64), state)
+        logits, state = step(engine, np.array([[tok]], np.int64), state)
 
 
-def score(inst: ModelInstance, ids: np.ndarray) -> Tuple[int, float]:
+def score(engine: ModelEngine, ids: np.ndarray) -> Tuple[int, float]:
     """(characters scored, total log-likelihood in nats) of ids[1:] given each prefix; one run."""
-    logits = inst.run({INPUT_TOKENS: ids[None, :]}, [OUTPUT_LOGITS])[OUTPUT_LOGITS][0]
+    logits = engine.run(ids[None, :], engine.zero_states(1), need_state=False)[OUTPUT_LOGITS][0]
     logp = log_softmax(logits[:-1])
     n = len(ids) - 1
     ll = float(logp[np.arange(n), ids[1:]].sum())

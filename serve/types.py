@@ -18,6 +18,7 @@ class TensorSpec:
     name: str
     datatype: str            # Open Inference Protocol datatype string, e.g. "INT64", "FP32"
     shape: List[int]         # -1 = variable
+    optional: bool = False   # ModelConfig only: the input may be omitted (state inputs: zeros / server-kept)
 
 
 @dataclass

@@ -217,6 +217,8 @@ INVALID_CASES = {
     "wrong datatype": (_raw_request("emb-lstm", _tokens([[0, 1]], "INT32")), ["INT64", "INT32"]),
     "unknown datatype": (_raw_request("emb-lstm", ("tokens", "INT65", [1, 1], b"\0" * 8)),
                          ["unknown datatype 'INT65'"]),
+    "BYTES datatype": (_raw_request("emb-lstm", ("tokens", "BYTES", [1, 1], b"\1\0\0\0a")),
+                       ["BYTES", "not supported"]),
     "negative dim": (_raw_request("emb-lstm", ("tokens", "INT64", [1, -2], b"")), ["negative"]),
     "negative id": (_raw_request("emb-lstm", _tokens([[0, -1, 2]])), ["-1", "out of range"]),
     "id >= vocab": (_raw_request("emb-lstm", _tokens([[0, 4]])), ["4", "out of range"]),
@@ -245,6 +247,13 @@ def test_invalid_infer_is_invalid_argument(infer_stub, case):
     assert code == INVALID, message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+def test_timeout_parameter_is_deadline_exceeded(infer_stub):
+    """Triton's `timeout` parameter (µs): 1 µs has passed by the time the request could run."""
+    request = _raw_request("emb-lstm", _tokens([[0, 1]]), params={"timeout": ("int64_param", 1)})
+    code, message = _code(infer_stub.ModelInfer, request)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in message
 
 
 def test_invalid_text_requests(text_stub):

@@ -16,14 +16,14 @@ from tests.test_grpc_server import HELLO_MODELS, serving
 
 
 @pytest.fixture(scope="module")
-def address(hello_repo):
-    with serving(hello_repo) as (_, addr):
-        yield addr
+def served(hello_repo):
+    with serving(hello_repo) as (server, addr):
+        yield server, addr
 
 
 @pytest.fixture(scope="module")
-def client(address):
-    c = tc.InferenceServerClient(address)
+def client(served):
+    c = tc.InferenceServerClient(served[1])
     yield c
     c.close()
 
@@ -72,6 +72,27 @@ def test_health_and_metadata(client):
         assert tc.model_config_pb2.DataType.Name(config.input[0].data_type) == "TYPE_INT64"
     as_json = client.get_model_metadata("rnn", as_json=True)
     assert as_json["name"] == "rnn" and as_json["versions"] == ["1"]
+
+
+@pytest.mark.parametrize("model", HELLO_MODELS)
+def test_model_config_as_the_data_plane_reports_it(served, client, model):
+    """Everything the data plane says about scheduling reaches tritonclient's ModelConfig."""
+    info = served[0].dataplane.model_config(model)
+    config = client.get_model_config(model).config
+    assert [(i.name, list(i.dims), i.optional) for i in config.input] == \
+        [(t.name, t.shape, t.optional) for t in info.inputs]
+    if info.sequence_batching is not None:
+        seq = config.sequence_batching
+        assert config.WhichOneof("scheduling_choice") == "sequence_batching"
+        assert [(s.input_name, s.output_name, list(s.dims)) for s in seq.state] == \
+            [(s.input_name, s.output_name, s.dims) for s in info.sequence_batching["states"]]
+        assert all(s.initial_state[0].zero_data for s in seq.state)
+        if info.dynamic_batching is not None:
+            assert seq.oldest.max_queue_delay_microseconds == \
+                info.dynamic_batching["max_queue_delay_microseconds"]
+    elif info.dynamic_batching is not None:
+        assert list(config.dynamic_batching.preferred_batch_size) == \
+            info.dynamic_batching["preferred_batch_size"]
 
 
 def test_not_ready_and_errors(client):
@@ -123,6 +144,15 @@ def test_infer_with_state_bit_identical(client, sessions, model):
     second = client.infer(model, [_input("tokens", tokens[:, 2:].copy(), "INT64"), *state_inputs])
     np.testing.assert_allclose(second.as_numpy("logits"), whole.as_numpy("logits")[:, 2:],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_messages_over_4_mib(client, sessions):
+    """grpc's default limit is 4 MiB each way; the server raises it (tritonclient sends up to 2 GiB)."""
+    tokens = np.random.default_rng(2).integers(0, 4, size=(70_000, 8), dtype=np.int64)  # 4.5 MB
+    result = client.infer("emb-gru", [_input("tokens", tokens, "INT64")],
+                          outputs=[tc.InferRequestedOutput("logits")])                # 9 MB back
+    want = _reference(sessions["emb-gru"], tokens, outputs=["logits"])[0]
+    assert result.as_numpy("logits").tobytes() == want.tobytes()
 
 
 def test_stream_infer(client, sessions):

@@ -2,8 +2,9 @@
 
 Training reads random windows of seq_len + 1 chars from the first 90% of the
 text; validation is the last 10%, measured with train.evaluate.evaluate_windows
-(consecutive windows, state reset per window).  Periodic evaluations use the
-first `eval_windows` windows (cheap); the final one uses the whole split.
+(consecutive windows, state reset per window).  Periodic evaluations use
+`eval_windows` windows spread over the split (cheap); the final one uses the
+whole split.
 
 Files in the output directory:
     checkpoint.pt   the best model so far (by validation loss)
@@ -71,7 +72,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     time_budget: Optional[float] = None  # minutes
     eval_interval: int = 200
-    eval_windows: int = 64  # periodic evaluation on the first N windows of the split
+    eval_windows: int = 64  # periodic evaluation on N windows spread over the split
     eval_window: int = 256
     log_interval: int = 20
     seed: int = 1337

@@ -38,8 +38,9 @@ def evaluate_windows(model, ids: torch.Tensor, window: int = 256, batch_size: in
                      max_windows: Optional[int] = None) -> float:
     """Mean nats/char over `ids` in consecutive windows, state reset for each window.
 
-    `max_windows` limits the evaluation to the first windows (a cheaper estimate
-    for periodic evaluation during training); None means the whole split.
+    `max_windows` limits the evaluation to that many full windows spread evenly
+    over the split (a cheaper estimate for periodic evaluation during training);
+    None means the whole split.
     """
     if window < 1:
         raise ValueError("window must be >= 1")
@@ -50,16 +51,17 @@ def evaluate_windows(model, ids: torch.Tensor, window: int = 256, batch_size: in
     model.eval()
     n_full = n_pred // window
     tail = n_pred - n_full * window
-    if max_windows is not None and max_windows < n_full + (tail > 0):
-        n_full, tail = min(n_full, max_windows), 0
+    # x windows: ids[kW : kW+W], y windows: ids[kW+1 : kW+W+1]
+    xs = ids[: n_full * window].view(n_full, window)
+    ys = ids[1: n_full * window + 1].view(n_full, window)
+    if max_windows is not None and n_full > 0 and max_windows < n_full + (tail > 0):
+        # An estimate: full windows spread evenly over the split, no tail.
+        pick = torch.linspace(0, n_full - 1, max(1, min(max_windows, n_full))).round().long().unique()
+        xs, ys, tail = xs[pick], ys[pick], 0
     total, count = 0.0, 0
-    if n_full:
-        # x windows: ids[kW : kW+W], y windows: ids[kW+1 : kW+W+1]
-        xs = ids[: n_full * window].view(n_full, window)
-        ys = ids[1: n_full * window + 1].view(n_full, window)
-        for i in range(0, n_full, batch_size):
-            total += _sum_loss(model, xs[i:i + batch_size], ys[i:i + batch_size])
-        count += n_full * window
+    for i in range(0, len(xs), batch_size):
+        total += _sum_loss(model, xs[i:i + batch_size], ys[i:i + batch_size])
+    count += xs.numel()
     if tail:
         start = n_full * window
         total += _sum_loss(model, ids[start:start + tail][None], ids[start + 1:start + tail + 1][None])

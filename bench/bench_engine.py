@@ -1,0 +1,226 @@
+"""Issue 4, in process (no gRPC): streaming sequences with batched steps, and O(1) state carrying.
+
+    python -m bench.bench_engine [--threads 1] [--sequences 64] [--steps 256]   (from the repo root)
+
+Model: the LSTM char model (vocab 65, embedding 64, hidden 256 x 2 layers), random weights,
+exported with export/ into a model repository and loaded by serve.DataPlane on CPU.
+
+Table 1 (streaming): N sequences, each sending S single-token steps.
+  - unbatched: the same N sequences served one step per onnxruntime call, state carried by
+    the caller (one loop, the fastest way to do it without batching);
+  - engine, max_batch_size 1: the same threads and machinery as below, with batching off;
+  - engine: N client threads, each submitting its next step to the model's SequenceManager
+    when the previous one is answered; steps of different sequences share runs (Batcher);
+  - dataplane: the same through DataPlane.infer with sequence_id/start/end parameters
+    (validation and responses included; what a gRPC handler calls);
+  - pipelined: one thread submitting every sequence's next step with DataPlane.infer_async
+    (as ModelStreamInfer does), then collecting the answers.
+  Aggregate steps/s, and the ratio to unbatched (goal of issue 4: >= 5x).
+Table 2 (prefix): one sequence of n tokens, predicted one token at a time: the naive client
+  resends the whole prefix each step (n runs of 1..n tokens, O(n^2)) vs state carrying
+  (n runs of 1 token, O(n)). Total onnxruntime time and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import threading
+import time
+from typing import Callable, List, Optional
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.onnx_export import export_checkpoint
+from serve.batching import Batcher
+from serve.dataplane import DataPlane
+from serve.sequences import SequenceManager
+from serve.settings import ServeSettings
+from serve.types import InferRequest
+from train.checkpoint import save_checkpoint
+from train.model import CharRNN, ModelConfig
+
+CONFIG = ModelConfig(arch="lstm", vocab_size=65, encoding="embedding", emb_size=64, hidden_size=256, num_layers=2)
+MODEL = "charlstm"
+
+
+def build_repo(root: str, seed: int) -> str:
+    torch.manual_seed(seed)
+    ckpt = os.path.join(root, "checkpoint.pt")
+    vocab = [chr(32 + i) for i in range(CONFIG.vocab_size)]
+    save_checkpoint(ckpt, CharRNN(CONFIG).eval(), vocab, {"task": "bench", "seq_len": 64}, {})
+    repo = os.path.join(root, "repo")
+    export_checkpoint(ckpt, os.path.join(repo, MODEL, "1"), gate=False)
+    return repo
+
+
+# -- table 1: streaming ---------------------------------------------------------------------------
+def unbatched(sess: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
+    """One onnxruntime call per step per sequence; returns the last logits [N, V]."""
+    n, steps = tokens.shape
+    zeros = np.zeros(CONFIG.state_shape(1), np.float32)
+    state = [(zeros, zeros) for _ in range(n)]
+    last = [None] * n
+    for t in range(steps):
+        for i in range(n):
+            logits, hn, cn = sess.run(None, {"tokens": tokens[i:i + 1, t:t + 1], "h0": state[i][0],
+                                             "c0": state[i][1]})
+            state[i] = (hn, cn)
+            last[i] = logits[0, -1]
+    return np.stack(last)
+
+
+def threaded(n: int, client: Callable[[int], np.ndarray]) -> np.ndarray:
+    """n client threads released together; returns each one's last logits."""
+    last: List[Optional[np.ndarray]] = [None] * n
+    gate = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        gate.wait()
+        last[i] = client(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return np.stack(last)
+
+
+def engine_client(sequences: SequenceManager, tokens: np.ndarray, tag: str) -> Callable[[int], np.ndarray]:
+    steps = tokens.shape[1]
+
+    def client(i: int) -> np.ndarray:
+        for t in range(steps):
+            out = sequences.submit((tag, i), tokens[i:i + 1, t:t + 1], start=t == 0,
+                                          end=t == steps - 1).result(timeout=600)
+        return out["logits"][0, -1]
+    return client
+
+
+def dataplane_client(dp: DataPlane, tokens: np.ndarray, tag: str) -> Callable[[int], np.ndarray]:
+    steps = tokens.shape[1]
+
+    def client(i: int) -> np.ndarray:
+        for t in range(steps):
+            req = InferRequest(model_name=MODEL, inputs={"tokens": tokens[i:i + 1, t:t + 1]},
+                               requested_outputs=["logits"],
+                               parameters={"sequence_id": f"{tag}{i}", "sequence_start": t == 0,
+                                           "sequence_end": t == steps - 1})
+            out = dp.infer(req)
+        return out.outputs[0][1][0, -1]
+    return client
+
+
+def pipelined(dp: DataPlane, tokens: np.ndarray) -> np.ndarray:
+    n, steps = tokens.shape
+    last = None
+    for t in range(steps):
+        futs = [dp.infer_async(InferRequest(
+            model_name=MODEL, inputs={"tokens": tokens[i:i + 1, t:t + 1]}, requested_outputs=["logits"],
+            parameters={"sequence_id": 1000 + i, "sequence_start": t == 0, "sequence_end": t == steps - 1}))
+            for i in range(n)]
+        last = np.stack([f.result(timeout=600).outputs[0][1][0, -1] for f in futs])
+    return last
+
+
+def timed(fn: Callable[[], np.ndarray]):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+# -- table 2: prefix resend vs state carry ----------------------------------------------------------
+def prefix_vs_state(sess: ort.InferenceSession, tokens: np.ndarray):
+    """(naive seconds, carried seconds, max |logit diff|) over len(tokens) steps."""
+    n = tokens.shape[1]
+    zeros = np.zeros(CONFIG.state_shape(1), np.float32)
+    naive_s = carry_s = 0.0
+    naive_last = carry_last = None
+    for t in range(1, n + 1):
+        t0 = time.perf_counter()
+        logits, _, _ = sess.run(None, {"tokens": tokens[:, :t], "h0": zeros, "c0": zeros})
+        naive_s += time.perf_counter() - t0
+        naive_last = logits[0, -1]
+    h, c = zeros, zeros
+    for t in range(n):
+        t0 = time.perf_counter()
+        logits, h, c = sess.run(None, {"tokens": tokens[:, t:t + 1], "h0": h, "c0": c})
+        carry_s += time.perf_counter() - t0
+        carry_last = logits[0, -1]
+    return naive_s, carry_s, float(np.abs(naive_last - carry_last).max())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--sequences", type=int, default=64)
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-queue-delay-us", type=int, default=500)
+    p.add_argument("--prefix-lengths", default="64,128,256")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, args.threads))
+
+    rng = np.random.default_rng(args.seed)
+    n, steps = args.sequences, args.steps
+    tokens = rng.integers(0, CONFIG.vocab_size, (n, steps), dtype=np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = ServeSettings(repository=build_repo(tmp, args.seed), device="cpu",
+                                 intra_op_threads=args.threads, max_batch_size=args.max_batch_size,
+                                 max_queue_delay_us=args.max_queue_delay_us, max_sequences=4 * n)
+        dp = DataPlane(settings)
+        dp.load()
+        try:
+            inst = dp.instance(MODEL)
+            engine = inst.engine
+            rows = []
+            base_s, ref = timed(lambda: unbatched(inst.session, tokens))
+            rows.append(("unbatched (1 step per ort call)", base_s, n * steps, 0.0))
+            single = Batcher("unbatched", inst.run, engine.io, max_batch_size=1)
+            single_seqs = SequenceManager("unbatched", single, engine.io, engine.zero_states, max_sequences=n)
+            for label, fn in (
+                    ("engine, max_batch_size 1", lambda: threaded(n, engine_client(single_seqs, tokens, "u"))),
+                    ("engine (SequenceManager+Batcher)",
+                     lambda: threaded(n, engine_client(engine.sequences, tokens, "e"))),
+                    ("dataplane (DataPlane.infer)", lambda: threaded(n, dataplane_client(dp, tokens, "d"))),
+                    ("pipelined (DataPlane.infer_async)", lambda: pipelined(dp, tokens))):
+                runs0 = inst.run_count
+                secs, last = timed(fn)
+                rows.append((label, secs, inst.run_count - runs0, float(np.abs(last - ref).max())))
+            single_seqs.close()
+            single.close()
+
+            prefix_rows = []
+            for length in (int(x) for x in args.prefix_lengths.split(",")):
+                seq = rng.integers(0, CONFIG.vocab_size, (1, length), dtype=np.int64)
+                prefix_rows.append((length, *prefix_vs_state(inst.session, seq)))
+        finally:
+            dp.close()
+
+    total = n * steps
+    print(f"LSTM char model (vocab 65, emb 64, hidden 256 x 2), CPU, onnxruntime {ort.__version__}, "
+          f"intra-op threads {args.threads}, max_batch_size {args.max_batch_size}, "
+          f"max_queue_delay_us {args.max_queue_delay_us}; {os.cpu_count()} CPUs (shared: numbers are noisy)")
+    print(f"\nStreaming: {n} sequences x {steps} single-token steps = {total} steps")
+    print(f"| {'mode':<34} | {'seconds':>8} | {'steps/s':>9} | {'ort runs':>8} | {'rows/run':>8} "
+          f"| {'vs unbatched':>12} | {'max |dlogit|':>12} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 14}|")
+    for label, secs, runs, diff in rows:
+        print(f"| {label:<34} | {secs:>8.2f} | {total / secs:>9.0f} | {runs:>8} | {total / runs:>8.1f} "
+              f"| {base_s / secs:>11.2f}x | {diff:>12.2e} |")
+    print("\nNaive client (resend the whole prefix each step) vs server-side state (one new token per step)")
+    print(f"| {'n':>5} | {'naive ort s':>11} | {'carried ort s':>13} | {'ratio':>8} | {'max |dlogit|':>12} |")
+    print(f"|{'-' * 7}|{'-' * 13}|{'-' * 15}|{'-' * 10}|{'-' * 14}|")
+    for length, naive_s, carry_s, diff in prefix_rows:
+        print(f"| {length:>5} | {naive_s:>11.3f} | {carry_s:>13.3f} | {naive_s / carry_s:>7.1f}x | {diff:>12.2e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

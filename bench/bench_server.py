@@ -1,0 +1,170 @@
+"""Server vs in-process onnxruntime, side by side in one run.
+
+    python -m bench.bench_server [--seconds 5] [--concurrency 1 8] [--threads 1]   # from the repo root
+
+The model is the 2-layer LSTM char model (vocab 65, emb 64, hidden 256) with random
+weights, exported by our export code into a temporary repository. The load is batch
+1, seq 64. For each concurrency C it measures, for the same duration:
+  * in-process: C threads calling one onnxruntime session (made by
+    serve.runtime.create_session, so the options equal the server's) in a loop;
+  * server: `python -m serve` as a subprocess on 127.0.0.1 and C threads, each with
+    its own tritonclient.grpc client, calling infer() in a loop.
+It prints p50/p99 latency, throughput, and the server/in-process throughput ratio.
+
+Triton's own load tool works against the same server (it calls ModelMetadata,
+ModelConfig, ServerMetadata, ModelStatistics, then ModelInfer). It needs Debian's
+libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel:
+
+    apt-get install -y libb64-0d
+    pip download --no-deps nvidia-cuda-runtime-cu12 -d /tmp/w && unzip -q -d /tmp/cudart /tmp/w/*.whl
+    export LD_LIBRARY_PATH=/tmp/cudart/nvidia/cuda_runtime/lib:$LD_LIBRARY_PATH
+    python -m serve --repository REPO --port 8001 --threads 1 &
+    python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [0] * 64, "shape": [1, 64]}}]}))' > tokens.json
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data tokens.json \
+        --concurrency-range 8
+
+Streamable models report sequence_batching in ModelConfig, so perf_analyzer runs its
+sequence mode; their state inputs are `optional` and must be left out (the server
+keeps the state), which only a JSON data file can say: with `--input-data zero
+--shape tokens:1,64` it stops with "input c0 contains dynamic shape", and with
+--shape h0/c0 too it sends states on every step, which the server refuses after
+START. Models without state (bidirectional) take the plain
+`--input-data zero --shape tokens:1,64`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as tc
+
+from export.onnx_export import export_checkpoint
+from serve.runtime import CPU, create_session
+from train.checkpoint import save_checkpoint
+from train.model import CharRNN, ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "charlm"
+VOCAB = [chr(c) for c in range(32, 97)]          # 65 characters
+BATCH, SEQ = 1, 64
+
+
+def build_repository(root: str) -> str:
+    """Random-weight 2-layer LSTM (vocab 65, emb 64, hidden 256) -> root/repo/charlm/1/model.onnx."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(arch="lstm", vocab_size=len(VOCAB), encoding="embedding",
+                                emb_size=64, hidden_size=256, num_layers=2)).eval()
+    ckpt = os.path.join(root, "ckpt", "checkpoint.pt")
+    save_checkpoint(ckpt, model, VOCAB, {"task": "charlm", "seq_len": SEQ}, {})
+    repo = os.path.join(root, "repo")
+    export_checkpoint(ckpt, os.path.join(repo, MODEL, "1"), gate=False, threads=1)
+    return repo
+
+
+def start_server(repo: str, threads: int, port_file: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", repo, "--port", "0",
+                             "--device", "cpu", "--threads", str(threads), "--port-file",
+                             str(port_file), "--log-level", "WARNING"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("rnnserve listening on"):
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return proc, f"127.0.0.1:{int(port_file.read_text())}"
+
+
+def run_load(make_call, concurrency: int, seconds: float) -> dict:
+    """C threads, each calling its own `make_call()` result in a loop for `seconds`."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    calls = [make_call() for _ in range(concurrency)]
+    for call in calls:                       # warm every connection / thread
+        for _ in range(5):
+            call()
+    start = threading.Barrier(concurrency + 1)
+    stop_at = [0.0]
+
+    def worker(i: int) -> None:
+        start.wait()
+        own, call = latencies[i], calls[i]
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at[0]:
+                return
+            call()
+            own.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    t_begin = time.perf_counter()
+    start.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_begin
+    flat = np.array([x for own in latencies for x in own]) * 1e3
+    return {"n": len(flat), "p50": float(np.percentile(flat, 50)),
+            "p99": float(np.percentile(flat, 99)), "rps": len(flat) / elapsed}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime intra-op threads, both sides (0 = its default, whose "
+                             "spinning pool starves everything else on a small machine)")
+    args = parser.parse_args(argv)
+
+    tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(BATCH, SEQ), dtype=np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = build_repository(tmp)
+        path = os.path.join(repo, MODEL, "1", "model.onnx")
+        session = create_session(path, [CPU], "cpu", intra_op_threads=args.threads)
+        feeds = {i.name: (tokens if i.name == "tokens" else
+                          np.zeros((i.shape[0], BATCH, i.shape[2]), np.float32))
+                 for i in session.get_inputs()}
+        proc, address = start_server(repo, args.threads, Path(tmp) / "port")
+        try:
+            def server_call():
+                client = tc.InferenceServerClient(address)
+                tensor = tc.InferInput("tokens", [BATCH, SEQ], "INT64")
+                tensor.set_data_from_numpy(tokens)
+                return lambda: client.infer(MODEL, [tensor])
+
+            def local_call():
+                return lambda: session.run(None, feeds)
+
+            check = server_call()().as_numpy("logits")
+            assert np.array_equal(check, session.run(["logits"], feeds)[0]), "outputs differ"
+            rows = []
+            for concurrency in args.concurrency:
+                local = run_load(local_call, concurrency, args.seconds)
+                served = run_load(server_call, concurrency, args.seconds)
+                rows.append((concurrency, local, served))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; batch {BATCH}, "
+          f"seq {SEQ}; {args.seconds:.0f} s each; cpu cores {os.cpu_count()}; "
+          f"intra-op threads {args.threads or 'default'}\n")
+    print(f"{'conc':>4}  {'mode':<10} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'ratio':>6}")
+    for concurrency, local, served in rows:
+        for mode, r in (("in-process", local), ("server", served)):
+            ratio = r["rps"] / local["rps"]
+            print(f"{concurrency:>4}  {mode:<10} {r['p50']:>8.3f} {r['p99']:>8.3f} "
+                  f"{r['rps']:>9.1f} {ratio:>5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

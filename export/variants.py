@@ -1,0 +1,294 @@
+"""Derived models of a gated fp32 model.onnx: int8, ORT-optimized, fp16.
+
+Each variant is published as its own model, REPO/<model>-<variant>/<version>/model.onnx,
+with the same I/O contract and the fp32 model's metadata_props plus `rnnserve.variant`
+(so parse_metadata and the server read it like any model). A variant is accepted only
+if its top-1 (argmax) agreement with the fp32 model on real text is >= min_agreement.
+
+Why 99% by default: in a char LM the argmax flips only where the fp32 top-2 logits are
+nearly tied, so a sound int8/fp16 model flips well under 1% of positions on real text;
+more than 1% means the numbers moved enough to change greedy generation about once per
+line, which we do not want to ship silently. Random-weight models have nearly tied
+logits everywhere and may be refused: that is the check working, not noise.
+
+  int8       ORT's quant_pre_process (shape inference + ORT basic optimization) then
+             quantize_dynamic (int8 weights, uint8 activations quantized at run time).
+             LSTM becomes com.microsoft DynamicQuantizeLSTM (checked: an LSTM model whose
+             LSTM nodes stay float32 is refused). ORT has no quantized GRU/RNN kernel:
+             for those only the output MatMul is quantized (reported); a model with no
+             quantizable op (the notes' head-less rnn/rnncell) is refused.
+  optimized  ORT offline optimization at ORT_ENABLE_EXTENDED (fusions for the CPU EP),
+             not ORT_ENABLE_ALL, whose layout transforms are tied to the exporting CPU.
+             It must also pass the full parity gate against PyTorch (run_parity).
+  fp16       float16 initializers and compute, with Cast nodes at the interface so tokens
+             stay int64 and logits/states float32. Meant for CUDA; measured here on the CPU
+             EP (where ORT computes ops lacking fp16 kernels in float32 via inserted casts).
+             onnxruntime 1.32's CPU NchwcTransformer (part of ORT_ENABLE_ALL) segfaults on
+             these graphs, so fp16 sessions here disable that one optimizer.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from train.data import VAL_FRACTION
+
+from .metadata import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from .onnx_export import PARITY_FILENAME, ExportError, check_io
+from .onnx_export import _write_json as write_json
+from .parity import ATOL, default_threads, format_summary, make_session, run_parity
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("int8", "optimized", "fp16")
+KEY_VARIANT = "rnnserve.variant"
+KEY_VARIANT_BASE = "rnnserve.variant_base"
+DEFAULT_MIN_AGREEMENT = 0.99
+EVAL_TOKENS = 4096
+EVAL_WINDOW = 128
+MIN_EVAL_TOKENS = 64
+VARIANT_REPORT = "variant.json"
+FP16_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
+FP16_WARNING = ("onnxruntime 1.32 on CPU segfaults creating a session for an fp16 graph at ORT_ENABLE_ALL "
+                "(NchwcTransformer): serve fp16 models on CUDA, or with that optimizer disabled")
+_QUANT_OP_PREFIXES = ("DynamicQuantize", "QLinear", "QGemm", "QAttention")
+_QUANT_OP_SUFFIXES = ("Integer",)
+
+
+@dataclass
+class EvalText:
+    tokens: np.ndarray   # 1-D int64 ids
+    source: str
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    accepted: bool
+    reason: str
+    report: Dict[str, Any] = field(default_factory=dict)
+    parity: Optional[Dict[str, Any]] = None  # the full gate report (optimized only)
+
+
+def load_eval_text(meta: ModelMeta, train_config: Mapping[str, Any], text_path: Optional[str] = None,
+                   max_tokens: int = EVAL_TOKENS) -> EvalText:
+    """Token ids of real text: --eval-text, else the tail (validation split) of the training corpus.
+
+    Characters outside the vocabulary are dropped. Without usable text (e.g. the hello
+    task), seeded uniform random tokens are used and the source says so.
+    """
+    index = {t: i for i, t in enumerate(meta.vocab)} if all(len(t) == 1 for t in meta.vocab) else {}
+    candidates = []
+    if text_path:
+        candidates.append(("eval-text", text_path, False))
+    corpus = train_config.get("corpus")
+    if isinstance(corpus, str) and os.path.isfile(corpus):
+        candidates.append(("corpus validation split", corpus, True))
+    for label, path, tail in candidates if index else []:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if tail:
+            text = text[len(text) - int(len(text) * VAL_FRACTION):]
+        ids = [index[c] for c in text if c in index][:max_tokens]
+        if len(ids) >= MIN_EVAL_TOKENS:
+            return EvalText(np.asarray(ids, dtype=np.int64), f"{label} {path} ({len(ids)} tokens)")
+        log.warning("%s: only %d in-vocabulary tokens in %s; trying the next source", label, len(ids), path)
+    rng = np.random.default_rng(0)
+    return EvalText(rng.integers(0, meta.vocab_size, size=max_tokens, dtype=np.int64),
+                    f"synthetic: {max_tokens} uniform random tokens (no text for this vocabulary)")
+
+
+def variant_session(path: str, variant: str = "", threads: Optional[int] = None) -> ort.InferenceSession:
+    if variant != "fp16":
+        return make_session(path, threads)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=FP16_DISABLED_OPTIMIZERS)
+
+
+def _zero_states(meta: ModelMeta, batch: int) -> Dict[str, np.ndarray]:
+    return {n: np.zeros(meta.state_shape(batch), dtype=np.float32) for n in meta.state_inputs}
+
+
+def compare_on_text(ref: ort.InferenceSession, got: ort.InferenceSession, meta: ModelMeta,
+                    text: EvalText, window: int = EVAL_WINDOW) -> Dict[str, Any]:
+    """Top-1 agreement and max |logit diff| of two sessions on the text, in windows from zero state."""
+    ids = text.tokens
+    window = min(window, len(ids))
+    rows = ids[: (len(ids) // window) * window].reshape(-1, window)
+    feeds = {INPUT_TOKENS: rows, **_zero_states(meta, rows.shape[0])}
+    a = ref.run([OUTPUT_LOGITS], feeds)[0]
+    b = got.run([OUTPUT_LOGITS], feeds)[0]
+    agree = a.argmax(-1) == b.argmax(-1)
+    return {"top1_agreement": float(agree.mean()), "positions": int(agree.size),
+            "top1_disagreements": int((~agree).sum()),
+            "max_logit_diff": float(np.max(np.abs(a.astype(np.float64) - b))),
+            "eval_text": text.source, "window": window}
+
+
+def op_counts(proto: onnx.ModelProto) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for n in proto.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def quantized_ops(counts: Mapping[str, int]) -> Dict[str, int]:
+    return {op: c for op, c in counts.items()
+            if op.startswith(_QUANT_OP_PREFIXES) or op.endswith(_QUANT_OP_SUFFIXES)}
+
+
+# -- builders: src (gated fp32 model.onnx) -> dst; return facts for the report -----------------
+def _build_int8(src: str, dst: str, work_dir: str, meta: ModelMeta) -> Dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    pre = os.path.join(work_dir, "int8.pre.onnx")
+    quant_pre_process(src, pre)
+    quantize_dynamic(pre, dst, weight_type=QuantType.QInt8)
+    counts = op_counts(onnx.load(dst))
+    quant = quantized_ops(counts)
+    fp32_recurrent = {op: counts[op] for op in ("LSTM", "GRU", "RNN") if op in counts}
+    info = {"ops": counts, "quantized_ops": quant, "float32_recurrent_ops": fp32_recurrent,
+            "method": "quant_pre_process + quantize_dynamic(weight_type=QInt8)"}
+    if meta.arch == "lstm" and ("LSTM" in counts or "DynamicQuantizeLSTM" not in counts):
+        info["refuse"] = "the LSTM was not quantized (no DynamicQuantizeLSTM)"
+    elif not quant:
+        info["refuse"] = (f"nothing was quantized ({', '.join(fp32_recurrent) or 'no'} recurrent op stays "
+                          f"float32: onnxruntime has no int8 kernel for it, and the model has no MatMul)")
+    return info
+
+
+def _build_optimized(src: str, dst: str, work_dir: str, meta: ModelMeta) -> Dict[str, Any]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = dst
+    opts.intra_op_num_threads = 1
+    ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    return {"ops": op_counts(onnx.load(dst)), "method": "onnxruntime offline, ORT_ENABLE_EXTENDED, CPU EP",
+            "onnxruntime_version": ort.__version__}
+
+
+def _f16_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name)
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """float32 -> float16 inside the graph; float32 graph inputs/outputs keep their type via Casts."""
+    g = proto.graph
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    for init in g.initializer:
+        if init.data_type == f32:
+            init.CopyFrom(_f16_tensor(init))
+    for node in g.node:
+        for a in node.attribute:
+            if a.name in ("value_float", "value_floats"):
+                raise ExportError(f"fp16: {node.op_type} node {node.name!r} has a float attribute {a.name}")
+            if node.op_type in ("Constant", "ConstantOfShape") and a.name == "value" and a.t.data_type == f32:
+                a.t.CopyFrom(_f16_tensor(a.t))
+            if node.op_type == "Cast" and a.name == "to" and a.i == f32:
+                a.i = f16
+    inputs = {i.name for i in g.input if i.type.tensor_type.elem_type == f32}
+    outputs = {o.name for o in g.output if o.type.tensor_type.elem_type == f32}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in inputs or name in outputs:
+                node.input[k] = f"{name}__fp16"
+        for k, name in enumerate(node.output):
+            if name in outputs:
+                node.output[k] = f"{name}__fp16"
+    head = [helper.make_node("Cast", [n], [f"{n}__fp16"], to=f16, name=f"{n}__to_fp16") for n in sorted(inputs)]
+    tail = [helper.make_node("Cast", [f"{n}__fp16"], [n], to=f32, name=f"{n}__to_fp32") for n in sorted(outputs)]
+    nodes = head + list(g.node) + tail
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]  # float32 annotations of intermediates are stale; re-inferred below
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+
+
+def _build_fp16(src: str, dst: str, work_dir: str, meta: ModelMeta) -> Dict[str, Any]:
+    proto = to_fp16(onnx.load(src))
+    onnx.save(proto, dst)
+    return {"ops": op_counts(proto), "method": "float16 initializers/compute, float32 Cast at the interface",
+            "measured_on": "CPUExecutionProvider (target: CUDA)",
+            "warning": FP16_WARNING,
+            "ort_disabled_optimizers": FP16_DISABLED_OPTIMIZERS}
+
+
+_BUILDERS = {"int8": _build_int8, "optimized": _build_optimized, "fp16": _build_fp16}
+
+
+def _finish_proto(path: str, base_props: Mapping[str, str], variant: str, base_ref: str) -> ModelMeta:
+    """Copy the fp32 metadata (+ variant keys) onto the built file and check the I/O contract."""
+    proto = onnx.load(path)
+    props = {**base_props, KEY_VARIANT: variant, KEY_VARIANT_BASE: base_ref}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    meta = parse_metadata(props)
+    check_io(proto, meta)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+    return meta
+
+
+def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, model, train_seq_len: int,
+                 base_ref: str, text: EvalText, min_agreement: float = DEFAULT_MIN_AGREEMENT,
+                 threads: Optional[int] = None, atol: float = ATOL) -> VariantResult:
+    """Build `variant` of base_onnx into out_dir/model.onnx and measure it. Raises ExportError if it breaks."""
+    if variant not in _BUILDERS:
+        raise ExportError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(work_dir, exist_ok=True)
+    dst = os.path.join(out_dir, "model.onnx")
+    base_props = {p.key: p.value for p in onnx.load(base_onnx, load_external_data=False).metadata_props}
+    try:
+        info = _BUILDERS[variant](base_onnx, dst, work_dir, parse_metadata(base_props))
+        meta = _finish_proto(dst, base_props, variant, base_ref)
+        cmp = compare_on_text(make_session(base_onnx, threads), variant_session(dst, variant, threads),
+                              meta, text)
+    except ExportError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"{variant} variant of {base_onnx} failed: {type(e).__name__}: {first}") from e
+    refuse = info.pop("refuse", "")
+    parity = None
+    if variant == "optimized":
+        parity = run_parity(model, dst, train_seq_len=train_seq_len, atol=atol, threads=threads)
+        info["parity_gate"] = format_summary(parity)
+        if not parity["pass"] and not refuse:
+            refuse = f"parity gate failed: {format_summary(parity)}"
+    elif variant == "int8":
+        # The gate's cases measure it against PyTorch (random tokens and states); informational:
+        # int8 is not expected to meet atol, acceptance is the agreement on text.
+        measured = run_parity(model, dst, train_seq_len=train_seq_len, atol=atol, threads=threads)
+        info["vs_pytorch"] = {"max_abs_diff": measured["max_abs_diff"],
+                              "argmax_mismatches": sum(c.get("argmax_mismatches", 0) for c in measured["cases"]),
+                              "cases": len(measured["cases"])}
+    if not refuse and cmp["top1_agreement"] < min_agreement:
+        refuse = (f"top-1 agreement {cmp['top1_agreement']:.2%} < threshold {min_agreement:.2%} "
+                  f"({cmp['top1_disagreements']} of {cmp['positions']} positions differ)")
+    report = {"variant": variant, "base": base_ref, "accepted": not refuse, "reason": refuse,
+              "threshold": min_agreement, **cmp, **info, "seconds": round(time.perf_counter() - t0, 3)}
+    write_json(os.path.join(out_dir, VARIANT_REPORT), report)
+    if parity is not None:
+        write_json(os.path.join(out_dir, PARITY_FILENAME), parity)
+    log.info("%s of %s: agreement %.4f, max logit diff %.3g%s", variant, base_ref, cmp["top1_agreement"],
+             cmp["max_logit_diff"], f"; refused: {refuse}" if refuse else "")
+    return VariantResult(variant, not refuse, refuse, report, parity)
+
+
+def variant_names(name: str, variants: List[str]) -> Dict[str, str]:
+    """variant -> published model name (REPO/<name>-<variant>/...)."""
+    return {v: f"{name}-{v}" for v in variants}
