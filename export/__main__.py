@@ -82,7 +82,8 @@ def _batch_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_MIN_AGREEMENT * 100:g})")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
-    p.add_argument("--threads", type=int, default=None, help="threads for onnxruntime (gate, variants, latency) and PyTorch")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for onnxruntime (gate, variants, latency) and PyTorch")
     p.add_argument("--max-batch-size", type=_positive, default=DEFAULT_MAX_BATCH_SIZE,
                    help="config.pbtxt max_batch_size for stateless (bidirectional) models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -113,7 +114,7 @@ def batch_main(argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "batch":
+    if argv and argv[0] in SUBCOMMANDS:  # only "batch" so far
         return batch_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

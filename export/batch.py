@@ -29,7 +29,7 @@ from train.checkpoint import file_sha256, load_checkpoint
 from .metadata import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, parse_metadata
 from .onnx_export import DEFAULT_OPSET, export_checkpoint
 from .parity import ATOL, DEFAULT_TRAIN_SEQ_LEN
-from .publish import Repository, sanitize_name
+from .publish import RepoWriter, sanitize_name
 from .tritonconfig import DEFAULT_MAX_BATCH_SIZE, triton_config
 from .variants import DEFAULT_MIN_AGREEMENT, FP16_WARNING, load_eval_text, make_variant, variant_session
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_BATCH, LATENCY_SEQ, LATENCY_WARMUP, LATENCY_RUNS = 1, 64, 5, 30
 CHECKPOINT_FILENAME = "checkpoint.pt"
+Failure = Tuple[str, str, str]  # (model, checkpoint, why)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Row:
 @dataclass
 class BatchOutcome:
     rows: List[Row]
-    failures: List[Tuple[str, str, str]]   # (model, checkpoint, why)
+    failures: List[Failure]
     pruned: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
@@ -97,7 +98,7 @@ def discover(specs: List[str]) -> List[str]:
     return sorted(set(found))
 
 
-def plan(paths: List[str], name_from: str, variants: List[str]) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str, str]]]:
+def plan(paths: List[str], name_from: str, variants: List[str]) -> Tuple[List[Tuple[str, str]], List[Failure]]:
     """[(model name, checkpoint)] and the failures: names that collide are refused, never guessed."""
     named = [(sanitize_name(os.path.basename(os.path.dirname(p)) if name_from == "dir"
                             else os.path.splitext(os.path.basename(p))[0]), p) for p in paths]
@@ -140,7 +141,7 @@ def _meta_of(path: str) -> ModelMeta:
     return parse_metadata({p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props})
 
 
-def _skipped_row(repo: Repository, name: str) -> Row:
+def _skipped_row(repo: RepoWriter, name: str) -> Row:
     version = repo.newest(name)
     rec = repo.record(name, version)
     files, vrep = rec.get("files", {}), rec.get("variant_report")
@@ -153,12 +154,12 @@ def _skipped_row(repo: Repository, name: str) -> Row:
 class _Job:
     """One checkpoint: base model, then its variants, then pruning."""
 
-    def __init__(self, repo: Repository, opts: BatchOptions, name: str, ckpt: str):
+    def __init__(self, repo: RepoWriter, opts: BatchOptions, name: str, ckpt: str):
         self.repo, self.opts, self.name, self.ckpt = repo, opts, name, ckpt
         self.sha = file_sha256(ckpt)
         self._loaded: Optional[Tuple[Any, Dict[str, Any]]] = None
         self.rows: List[Row] = []
-        self.failures: List[Tuple[str, str, str]] = []
+        self.failures: List[Failure] = []
 
     def loaded(self):
         if self._loaded is None:
@@ -273,7 +274,7 @@ def run_batch(opts: BatchOptions) -> BatchOutcome:
     if not paths:
         failures.append(("-", ", ".join(opts.checkpoints), "no checkpoint found"))
         return BatchOutcome(rows, failures)
-    with Repository(opts.repository) as repo:
+    with RepoWriter(opts.repository) as repo:
         bar = tqdm(todo, desc="export batch", unit="model", disable=not opts.progress, file=sys.stderr)
         for name, ckpt in bar:
             bar.set_postfix_str(name)

@@ -71,7 +71,7 @@ def _atomic_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-class Repository:
+class RepoWriter:
     """A model repository opened for publishing (use as a context manager: holds the lock)."""
 
     def __init__(self, root: str):
@@ -81,7 +81,7 @@ class Repository:
         self._lock_fd: Optional[int] = None
 
     # -- lifetime -------------------------------------------------------------------------------
-    def __enter__(self) -> "Repository":
+    def __enter__(self) -> "RepoWriter":
         os.makedirs(self.root, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.root, LOCK_FILENAME), os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.batch import export_batch
+from export.batch import BatchOptions, format_report, run_batch
 from export.metadata import parse_metadata
 from train.hello import INPUT_TEXT, TARGET_TEXT, train_hello
 from train.model import PRESET_NAMES
@@ -85,9 +85,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"{preset} ended on {result.predicted!r}, not {TARGET_TEXT!r}")
 
     banner("2. export to ONNX (parity gate) into the model repository")
-    report = export_batch(str(ckpts), str(repo))
-    if report.failed:
-        raise SystemExit(f"export failed: {report.failed}")
+    outcome = run_batch(BatchOptions(checkpoints=[str(ckpts)], repository=str(repo), threads=1))
+    print(format_report(outcome), flush=True)
+    if not outcome.ok:
+        raise SystemExit(f"export failed: {outcome.failures}")
     for preset in PRESET_NAMES:
         onnx_path = max((repo / preset).glob("*/model.onnx"), key=lambda p: int(p.parent.name))
         print(f"onnxruntime {preset:9s} {INPUT_TEXT!r} -> {onnx_predict(onnx_path, INPUT_TEXT)!r}"

@@ -7,6 +7,7 @@
     python -m serve.client predict MODEL TEXT [--top-k 3]
     python -m serve.client generate MODEL PROMPT [--max-tokens 100 --temperature 1 --seed 0 ...]
     python -m serve.client score MODEL TEXT
+    python -m serve.client stream MODEL [CHUNK ...]   (no CHUNK: one chunk per stdin line)
     python -m serve.client infer MODEL --tokens 0,1,2;3,2,1
 
 --address defaults to $RNNSERVE_ADDRESS, else 127.0.0.1:8001. Output is readable
@@ -19,7 +20,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 import grpc
 import numpy as np
@@ -124,6 +125,26 @@ class RnnClient:
         return _dict(self._text.Score(tpb.ScoreRequest(model=model, version=version, text=text),
                                       timeout=self.timeout))
 
+    def stream(self, model: str, chunks: Iterable[str], top_k: int = 3,
+               version: str = "") -> Iterator[dict]:
+        """TextService.Stream: yields one {chunk, decoded, positions: [...]} per chunk, in order,
+        as they come back; the server keeps the state, so each chunk costs only its own
+        characters. `chunks` is read lazily (a generator can feed it as text arrives)."""
+        def requests():
+            first = tpb.StreamRequest(model=model, version=version, top_k=top_k)
+            for text in chunks:
+                if first is not None:
+                    first.text = text
+                    yield first
+                    first = None
+                else:
+                    yield tpb.StreamRequest(text=text)
+            if first is not None:   # no chunks at all: just open (and close) the stream
+                yield first
+
+        for reply in self._text.Stream(requests(), timeout=self.timeout):
+            yield _dict(reply)
+
     # -- tensors ---------------------------------------------------------------------------
     def infer(self, model: str, tokens: np.ndarray, h0: Optional[np.ndarray] = None,
               c0: Optional[np.ndarray] = None, version: str = "",
@@ -220,6 +241,25 @@ def _cmd_score(client: RnnClient, args) -> dict:
     return result
 
 
+def _stdin_chunks(keep_newlines: bool) -> Iterator[str]:
+    for line in sys.stdin:
+        text = line if keep_newlines else line.rstrip("\r\n")
+        if text:
+            yield text
+
+
+def _cmd_stream(client: RnnClient, args) -> dict:
+    chunks = args.chunks or _stdin_chunks(args.keep_newlines)
+    replies = []
+    for reply in client.stream(args.model, chunks, args.top_k, args.version):
+        replies.append(reply)
+        if not args.json:
+            text = "".join(p["input_char"] for p in reply["positions"])
+            print(f"{reply['chunk']:3} {text!r} -> {reply['decoded']!r}", flush=True)
+    return {"model": args.model, "chunks": replies,
+            "decoded": "".join(r["decoded"] for r in replies)}
+
+
 def _cmd_infer(client: RnnClient, args) -> dict:
     outputs = client.infer(args.model, args.tokens, version=args.version,
                            outputs=args.output or None)
@@ -273,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p = command("score", _cmd_score, "log-likelihood of TEXT", model=True)
     p.add_argument("text")
+    p = command("stream", _cmd_stream, "stream text chunks, state kept on the server",
+                model=True)
+    p.add_argument("chunks", nargs="*", help="text chunks (none: one per stdin line)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--keep-newlines", action="store_true",
+                   help="stdin lines keep their newline character")
     p = command("infer", _cmd_infer, "raw tensor inference (Open Inference Protocol)", model=True)
     p.add_argument("--tokens", type=_parse_tokens, required=True, help="e.g. 0,1,2;3,2,1")
     p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")

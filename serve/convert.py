@@ -291,13 +291,41 @@ def repository_index_to_proto(entries: list[RepositoryEntry], ready_only: bool
 
 # ---- text API ---------------------------------------------------------------
 
+def _positions_to_proto(result: PredictResult) -> list:
+    return [tpb.PositionPrediction(index=p.index, input_char=p.input_char, char=p.char,
+                                   prob=p.prob,
+                                   top=[tpb.CharProb(char=c.char, prob=c.prob) for c in p.top])
+            for p in result.positions]
+
+
 def predict_to_proto(result: PredictResult) -> tpb.PredictResponse:
-    return tpb.PredictResponse(
-        model=result.model_name, version=result.model_version, decoded=result.decoded,
-        positions=[tpb.PositionPrediction(
-            index=p.index, input_char=p.input_char, char=p.char, prob=p.prob,
-            top=[tpb.CharProb(char=c.char, prob=c.prob) for c in p.top])
-            for p in result.positions])
+    return tpb.PredictResponse(model=result.model_name, version=result.model_version,
+                               decoded=result.decoded, positions=_positions_to_proto(result))
+
+
+def stream_response_to_proto(result: PredictResult, chunk: int) -> tpb.StreamResponse:
+    """One TextService.Stream answer: chunk `chunk`'s predictions (the Predict per-position message)."""
+    return tpb.StreamResponse(model=result.model_name, version=result.model_version, chunk=chunk,
+                              decoded=result.decoded, positions=_positions_to_proto(result))
+
+
+def stream_open_args(req: tpb.StreamRequest, default_top_k: int) -> dict:
+    """Keyword arguments for DataPlane.open_text_stream from the first StreamRequest."""
+    if not req.model:
+        raise InvalidArgument("the first StreamRequest must name the model")
+    return dict(model=req.model, version=req.version, top_k=req.top_k or default_top_k)
+
+
+def check_stream_followup(req: tpb.StreamRequest, first: tpb.StreamRequest) -> None:
+    """A later StreamRequest may repeat the first one's model/version/top_k, never change them."""
+    for name in ("model", "version", "top_k"):
+        value = getattr(req, name)
+        if value and value != getattr(first, name):
+            raise InvalidArgument(f"StreamRequest.{name} is set by the first message of a stream "
+                                  f"({getattr(first, name)!r}); a later message cannot change it "
+                                  f"to {value!r}")
+    if not req.text:
+        raise InvalidArgument("an empty text chunk: only the first StreamRequest may omit text")
 
 
 def generate_event_to_proto(event: GenerateEvent) -> tpb.GenerateResponse:

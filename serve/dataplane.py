@@ -25,7 +25,7 @@ from .runtime import ModelInstance, choose_providers
 from .settings import ServeSettings
 from .stats import RequestTimer
 from .textstream import TextStream
-from .types import (DurationStat, GenerateEvent, InferRequest, InferResponse, ModelConfigInfo, ModelMetadata,
+from .types import (GenerateEvent, InferRequest, InferResponse, ModelConfigInfo, ModelMetadata,
                     ModelStats, PredictResult, RepositoryEntry, ScoreResult, ServerMetadata, StateSpec)
 
 log = logging.getLogger(__name__)
@@ -231,13 +231,13 @@ class DataPlane:
     # -- statistics and repository -----------------------------------------------------------------
     def model_statistics(self, name: str = "", version: str = "") -> List[ModelStats]:
         """Per version: requests (inference_count = rows served) vs onnxruntime runs
-        (execution_count), batch_stats by real batch size, and the batcher's queue time."""
+        (execution_count), batch_stats by real batch size, queue and compute time (serve/stats.py)."""
         repo = self.repo
         if name:
             entries = [repo.entry(name, version)] if version else repo.entry_list(name)
         else:
             entries = repo.entries()
-        return [_stats(e.instance) for e in entries if e.instance is not None]
+        return [e.instance.stats.snapshot() for e in entries if e.instance is not None]
 
     def live_sequences(self, name: str, version: str = "") -> int:
         """Live server-side sequences of a model version, text streams included (0 if not loaded)."""
@@ -252,13 +252,3 @@ class DataPlane:
 
     def unload_model(self, name: str) -> None:
         self.repo.unload_model(name)
-
-
-def _stats(inst: ModelInstance) -> ModelStats:
-    """The instance's counters, with queue time taken from its batcher (every queued run item)."""
-    stats = inst.stats.snapshot()
-    if inst.engine is not None:
-        b = inst.engine.batcher.stats
-        with b.lock:
-            stats.queue = DurationStat(count=b.queue_count, ns=b.queue_ns)
-    return stats

@@ -47,7 +47,7 @@ class ModelEngine:
         label = f"{inst.name}:{inst.version}" if inst.version else inst.name
         self.batcher = Batcher(label, inst.run, self.io, max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
-                               max_queue_size=settings.max_queue_size)
+                               max_queue_size=settings.max_queue_size, on_batch=self._on_batch)
         self.sequences: Optional[SequenceManager] = None
         if inst.streamable:
             self.sequences = SequenceManager(label, self.batcher, self.io, self.zero_states,
@@ -60,6 +60,11 @@ class ModelEngine:
         self._text_streams = 0
         self._retired = False
         self._closed = False
+
+    def _on_batch(self, rows: int, queue_ns, compute_ns: int) -> None:
+        """Per batch, on the scheduler thread: queue and compute time into ModelStatistics
+        (the place to add Prometheus histograms too)."""
+        self.inst.stats.record_batch(queue_ns, compute_ns)
 
     # -- states ------------------------------------------------------------------------------
     def zero_states(self, batch: int) -> States:

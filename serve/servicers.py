@@ -8,6 +8,10 @@ as Triton does, and the stream goes on.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from typing import Callable, Optional
 
 import grpc
@@ -26,6 +30,80 @@ DEFAULT_TOP_K = 3   # PredictRequest.top_k == 0
 def _infer_request(request: pb.ModelInferRequest, context: grpc.ServicerContext):
     return convert.infer_request_from_proto(request, context.time_remaining(),
                                             lambda: not context.is_active())
+
+
+def _failed(exc: BaseException) -> Future:
+    fut: Future = Future()
+    fut.set_exception(exc)
+    return fut
+
+
+class _PipelinedStream:
+    """One ModelStreamInfer call. A reader thread submits each request the moment it arrives
+    (DataPlane.infer_async, in arrival order, so one sequence's steps keep their order and
+    different sequences' steps share runs); the handler thread answers in request order, as
+    Triton does for non-decoupled models, each answer as soon as it and those before it are done."""
+
+    _READ_DONE = object()   # the client half-closed (or the read failed)
+    _CALL_DONE = object()   # the RPC ended (client cancelled, deadline, server stop)
+    POLL_S = 0.5
+
+    def __init__(self, dataplane, request_iterator, context: grpc.ServicerContext):
+        self._dp, self._requests, self._context = dataplane, request_iterator, context
+        self._submitted: "queue.Queue" = queue.Queue()
+        self._ended = threading.Event()
+        context.add_callback(self._on_call_done)
+
+    def _on_call_done(self) -> None:
+        self._ended.set()
+        self._submitted.put(self._CALL_DONE)
+
+    def _read(self) -> None:
+        try:
+            for request in self._requests:
+                try:
+                    fut = self._dp.infer_async(_infer_request(request, self._context))
+                except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
+                    fut = _failed(exc)
+                self._submitted.put((request, fut))
+        except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
+            logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
+        finally:
+            self._submitted.put(self._READ_DONE)
+
+    def _wait(self, fut: Future) -> bool:
+        """True once fut is done; False if the call ended first."""
+        while not self._ended.is_set():
+            done, _ = futures_wait([fut], timeout=self.POLL_S)
+            if done:
+                return True
+        return False
+
+    def responses(self):
+        threading.Thread(target=self._read, name="rnnserve-stream-reader", daemon=True).start()
+        while True:
+            item = self._submitted.get()
+            if item is self._READ_DONE or item is self._CALL_DONE:
+                return
+            request, fut = item
+            if not self._wait(fut):
+                return
+            yield _stream_answer(request, fut)
+
+
+def _stream_answer(request: pb.ModelInferRequest, fut: Future) -> pb.ModelStreamInferResponse:
+    exc = fut.exception()
+    if exc is None:
+        return pb.ModelStreamInferResponse(
+            infer_response=convert.infer_response_to_proto(fut.result()))
+    _, message = status_for(exc, "ModelStreamInfer")
+    if request.id:
+        message = f"request '{request.id}': {message}"
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                             model_version=request.model_version,
+                                             id=request.id))
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -71,15 +149,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handles_errors
     def ModelStreamInfer(self, request_iterator, context):
-        for request in request_iterator:
-            try:
-                response = convert.infer_response_to_proto(
-                    self._dp.infer(_infer_request(request, context)))
-            except Exception as exc:  # noqa: BLE001 - answered in-stream; the stream goes on
-                _, message = status_for(exc, "ModelStreamInfer")
-                yield pb.ModelStreamInferResponse(error_message=message)
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+        """Pipelined: each request is queued (DataPlane.infer_async) the moment it arrives, in
+        arrival order, without waiting for earlier answers; answers go out as they complete.
+        An error is answered in-stream (error_message, plus the request's id in infer_response)
+        and the stream goes on."""
+        yield from _PipelinedStream(self._dp, request_iterator, context).responses()
 
     @handles_errors
     def RepositoryIndex(self, request, context):
@@ -127,3 +201,24 @@ class TextServicer(tpb_grpc.TextServiceServicer):
     def Score(self, request, context):
         return convert.score_to_proto(self._dp.score(request.model, request.text,
                                                      version=request.version))
+
+    @handles_errors
+    def Stream(self, request_iterator, context):
+        """Text chunks in, each chunk's predictions out; the state stays in a DataPlane TextStream.
+        The first message opens it (model/version/top_k); every message with text is answered."""
+        first, stream, chunk = None, None, 0
+        try:
+            for request in request_iterator:
+                if first is None:
+                    first = request
+                    stream = self._dp.open_text_stream(
+                        **convert.stream_open_args(request, DEFAULT_TOP_K))
+                    if not request.text:
+                        continue
+                else:
+                    convert.check_stream_followup(request, first)
+                yield convert.stream_response_to_proto(stream.feed(request.text), chunk)
+                chunk += 1
+        finally:
+            if stream is not None:
+                stream.close()

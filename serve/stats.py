@@ -1,16 +1,24 @@
 """Per-model-version statistics (thread-safe counters behind ModelStatistics).
 
-One StatsRecorder lives on each ModelInstance. ModelInstance.run records every
-onnxruntime run (execution_count, compute_infer, batch_stats); the data plane
-records each request's outcome (inference_count, success/fail, queue,
-compute_input/compute_output). Issue 4's batcher records queue time and real
-batch sizes through the same methods.
+One StatsRecorder lives on each ModelInstance:
+- ModelInstance.run records every onnxruntime run: execution_count, and batch_stats
+  (real batch size -> runs, compute ns);
+- the model's Batcher records, per batch, every work item it ran (record_batch):
+  queue time, and compute_infer as Triton counts it (each item is charged its whole
+  batch's compute time). compute_input/compute_output are counted per item there
+  too, so queue, compute_input, compute_infer and compute_output always have the
+  same count (perf_analyzer refuses statistics where they differ). An item is a
+  tensor request, a text request, a text-stream chunk or one generate step;
+- the data plane records each request's outcome: inference_count (rows),
+  success/fail, and the nanoseconds of compute_input (validation, queueing) and
+  compute_output (building the response).
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import replace
+from typing import Sequence
 
 from .errors import ServeError
 from .types import DurationStat, ModelStats
@@ -37,20 +45,29 @@ class StatsRecorder:
         with self._lock:
             s = self._stats
             s.execution_count += 1
-            _add(s.compute_infer, infer_ns)
             _add(s.batch_stats.setdefault(batch_size, DurationStat()), infer_ns)
 
-    def record_request(self, ok: bool, total_ns: int, rows: int = 1, queue_ns: int = 0,
-                       input_ns: int = 0, output_ns: int = 0) -> None:
+    def record_batch(self, queue_ns: Sequence[int], infer_ns: int) -> None:
+        """One batch of work items (the Batcher's on_batch hook): each item's queue time, and
+        the batch's compute time charged to every item."""
+        items = len(queue_ns)
+        with self._lock:
+            s = self._stats
+            _add(s.queue, sum(queue_ns), items)
+            _add(s.compute_infer, infer_ns * items, items)
+            s.compute_input.count += items
+            s.compute_output.count += items
+
+    def record_request(self, ok: bool, total_ns: int, rows: int = 1, input_ns: int = 0,
+                       output_ns: int = 0) -> None:
         """One request's outcome (rows = batch rows it carried)."""
         with self._lock:
             s = self._stats
             if ok:
                 s.inference_count += rows
                 _add(s.success, total_ns)
-                _add(s.queue, queue_ns)
-                _add(s.compute_input, input_ns)
-                _add(s.compute_output, output_ns)
+                _add(s.compute_input, input_ns, 0)     # counted per item in record_batch
+                _add(s.compute_output, output_ns, 0)
                 s.last_inference_ms = int(time.time() * 1000)
             else:
                 _add(s.fail, total_ns)

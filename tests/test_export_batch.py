@@ -181,6 +181,14 @@ def test_plan_refuses_colliding_names(tmp_path, hello_built, capsys):
     assert rc == 1 and out.count("also comes from") == 2, out
     assert scan_names(str(tmp_path / "repo")) == []
     assert sanitize_name("..hidden") == "__hidden" and sanitize_name("a b/c") == "a_b_c"
+    # --name-from file: the same checkpoint under two file names gives two models.
+    flat = tmp_path / "flat"
+    os.makedirs(flat)
+    for stem in ("alpha", "beta"):
+        shutil.copy(os.path.join(src, "checkpoint.pt"), flat / f"{stem}.pt")
+    rc, out = batch(capsys, "--checkpoints", str(flat / "*.pt"), "--repository", str(tmp_path / "repo"),
+                    "--name-from", "file")
+    assert rc == 0 and status_of(out) == {"alpha": "new", "beta": "new"}, out
 
 
 @pytest.fixture()

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("hello", "charlm"), required=True)
-    p.add_argument("--model", help=f"hello: one of {PRESET_NAMES}; charlm: one of {CHAR_PRESET_NAMES} "
+    p.add_argument("--model", help=f"hello: one of {PRESET_NAMES} or all; charlm: one of {CHAR_PRESET_NAMES} "
                                    "(default char-lstm)")
     p.add_argument("--out", help="output directory (default runs/<task>/<model>/)")
     p.add_argument("--seed", type=int, help=f"random seed (hello: {DEFAULT_SEED}; "
@@ -68,13 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_hello(args, p: argparse.ArgumentParser) -> int:
-    if args.model not in PRESET_NAMES:
-        p.error(f"--task hello needs --model in {PRESET_NAMES}")
-    out = args.out or os.path.join("runs", "hello", args.model)
+    """One preset into --out (default runs/hello/<preset>), or `--model all`:
+    every preset into <out>/<preset> (default runs/hello/<preset>)."""
+    if args.model != "all" and args.model not in PRESET_NAMES:
+        p.error(f"--task hello needs --model in {PRESET_NAMES} or 'all'")
     seed = DEFAULT_SEED if args.seed is None else args.seed
     lr = 0.1 if args.lr is None else args.lr
-    res = train_hello(args.model, out, epochs=args.epochs, lr=lr, seed=seed, verbose=True)
-    log.info("%s: predicted %r -> %s", args.model, res.predicted, res.ckpt_path)
+    if args.model == "all":
+        jobs = [(m, os.path.join(args.out or os.path.join("runs", "hello"), m)) for m in PRESET_NAMES]
+    else:
+        jobs = [(args.model, args.out or os.path.join("runs", "hello", args.model))]
+    for model, out in jobs:
+        res = train_hello(model, out, epochs=args.epochs, lr=lr, seed=seed, verbose=True)
     return 0
 
 

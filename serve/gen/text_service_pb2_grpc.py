@@ -49,6 +49,11 @@ class TextServiceStub:
                 request_serializer=serve_dot_gen_dot_text__service__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=serve_dot_gen_dot_text__service__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/rnnserve.v1.TextService/Stream',
+                request_serializer=serve_dot_gen_dot_text__service__pb2.StreamRequest.SerializeToString,
+                response_deserializer=serve_dot_gen_dot_text__service__pb2.StreamResponse.FromString,
+                _registered_method=True)
 
 
 class TextServiceServicer:
@@ -75,6 +80,16 @@ class TextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """Text chunks in, each chunk's predictions out; the recurrent state stays on the
+        server between chunks, so each chunk costs only its own characters. The first
+        message names the model (and version, top_k); every message carrying text gets
+        exactly one StreamResponse, in order. Errors end the call with a status code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +107,11 @@ def add_TextServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=serve_dot_gen_dot_text__service__pb2.ScoreRequest.FromString,
                     response_serializer=serve_dot_gen_dot_text__service__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=serve_dot_gen_dot_text__service__pb2.StreamRequest.FromString,
+                    response_serializer=serve_dot_gen_dot_text__service__pb2.StreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +195,33 @@ class TextService:
             '/rnnserve.v1.TextService/Score',
             serve_dot_gen_dot_text__service__pb2.ScoreRequest.SerializeToString,
             serve_dot_gen_dot_text__service__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rnnserve.v1.TextService/Stream',
+            serve_dot_gen_dot_text__service__pb2.StreamRequest.SerializeToString,
+            serve_dot_gen_dot_text__service__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

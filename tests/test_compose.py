@@ -1,0 +1,142 @@
+"""The docker-compose deployment, without a Docker engine.
+
+1. `docker-compose config -q` validates the file (skipped, with the reason,
+   where the tool is absent; .ci/run installs Debian's docker-compose).
+2. The commands the `train`, `export` and `server` services run are run here as
+   plain processes, with the compose file's own environment, the named volumes
+   mapped to temp folders and the server bound to loopback. The server must
+   answer health (with the service's own healthcheck command), predictions and,
+   when the compose file sets a metrics port, Prometheus metrics.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def load_compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_config_is_valid():
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose; .ci/run does)")
+    res = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+
+
+def test_compose_declares_the_deployment():
+    services = load_compose()["services"]
+    assert {"server", "server-gpu", "train", "export", "prometheus", "lb"} <= set(services)
+    assert services["server-gpu"]["profiles"] == ["gpu"]
+    assert services["server-gpu"]["environment"]["RNNSERVE_DEVICE"] == "cuda"
+    gpu = services["server-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["train"]["profiles"] == services["export"]["profiles"] == ["tools"]
+    assert "models:/models:ro" in services["server"]["volumes"]
+    for name in ("deploy/prometheus.yml", "deploy/envoy.yaml", "docker/server.Dockerfile",
+                 "docker/server-gpu.Dockerfile", "docker/tools.Dockerfile"):
+        assert (ROOT / name).is_file(), name
+    # The server image must not carry torch.
+    server_image = (ROOT / "docker/server.Dockerfile").read_text()
+    assert "torch" not in server_image.replace("no torch", "")
+
+
+def _volume_map(service: dict, tmp: Path) -> dict:
+    """container path -> host temp folder, for the service's named volumes."""
+    out = {}
+    for spec in service.get("volumes", []):
+        name, target = spec.split(":")[:2]
+        out[target] = str(tmp / name)
+        (tmp / name).mkdir(exist_ok=True)
+    return out
+
+
+def _localize(value: str, volumes: dict) -> str:
+    for target, host in volumes.items():
+        if value == target or value.startswith(target + "/"):
+            return host + value[len(target):]
+    return value
+
+
+def _process(service: dict, tmp: Path, overrides: dict | None = None):
+    """(argv, env) that run a compose service's command as a local process."""
+    volumes = _volume_map(service, tmp)
+    command = service["command"]
+    assert command[0] == "python", "compose commands start with python"
+    argv = [sys.executable] + [_localize(a, volumes) for a in command[1:]]
+    env = dict(os.environ)
+    for key, value in (service.get("environment") or {}).items():
+        env[key] = _localize(str(value), volumes)
+    env.update(overrides or {})
+    return argv, env
+
+
+def test_compose_commands_run_as_plain_processes(tmp_path):
+    services = load_compose()["services"]
+    for job in ("train", "export"):
+        argv, env = _process(services[job], tmp_path)
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert res.returncode == 0, f"{job}: {res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")) == \
+        sorted(["rnncell", "rnn", "emb-rnn", "emb-lstm", "emb-gru"])
+
+    server = services["server"]
+    wants_metrics = "RNNSERVE_METRICS_PORT" in (server.get("environment") or {})
+    port_file = tmp_path / "port"
+    argv, env = _process(server, tmp_path, {
+        "RNNSERVE_HOST": "127.0.0.1", "RNNSERVE_PORT": "0", "RNNSERVE_PORT_FILE": str(port_file),
+        **({"RNNSERVE_METRICS_PORT": "0"} if wants_metrics else {}),
+    })
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        address = f"127.0.0.1:{int(port_file.read_text())}"
+        # The service's own healthcheck command, pointed at this server.
+        check = [a.replace("127.0.0.1:8001", address) for a in server["healthcheck"]["test"][1:]]
+        assert check[0] == "python"
+        res = subprocess.run([sys.executable] + check[1:], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = subprocess.run([sys.executable, "-m", "serve.client", "--address", address, "--json",
+                              "predict", "emb-lstm", "hello"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "ohlol" in res.stdout, res.stdout + res.stderr
+        if wants_metrics:
+            metrics_port = _metrics_port(proc, tmp_path)
+            if metrics_port is not None:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+                assert b"rnnserve_" in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
+
+
+def _metrics_port(proc, tmp_path):
+    """The metrics port the server wrote beside its gRPC port file, if it did."""
+    path = tmp_path / "port.metrics"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.1)
+    return None
