@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -69,10 +70,12 @@ def build_repository(root: str) -> str:
     return repo
 
 
-def start_server(repo: str, threads: int, port_file: Path) -> tuple[subprocess.Popen, str]:
+def start_server(repo: str, threads: int, port_file: Path,
+                 extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`python -m serve` on a free port (extra_args: more flags); -> (process, "127.0.0.1:PORT")."""
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", repo, "--port", "0",
                              "--device", "cpu", "--threads", str(threads), "--port-file",
-                             str(port_file), "--log-level", "WARNING"],
+                             str(port_file), "--log-level", "WARNING", *extra_args],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("rnnserve listening on"):

@@ -54,7 +54,6 @@ class ModelEngine:
                                              max_sequences=settings.max_sequences,
                                              idle_timeout_s=settings.sequence_idle_timeout_s)
         self.max_sequences = settings.max_sequences
-        self.idle_timeout_s = settings.sequence_idle_timeout_s
         self._lock = threading.Lock()
         self._inflight = 0
         self._text_streams = 0

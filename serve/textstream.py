@@ -13,6 +13,7 @@ its model version loaded until close(), even across a reload.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from . import textgen, validation
@@ -54,6 +55,8 @@ class TextStream:
         with self._lock, RequestTimer(inst.stats):
             if self._closed:
                 raise InvalidArgument("the text stream is closed")
+            if text == "":  # nothing to predict; no run
+                return PredictResult(model_name=inst.name, model_version=inst.version, decoded="", positions=[])
             ids = validation.encode_text(inst, text, self.max_seq_len, what="text chunk")
             logits, state = textgen.step(self.engine, ids[None, :], self._state)
             found = textgen.positions(inst, ids, logits[0], self.top_k, offset=self.position)
@@ -77,4 +80,5 @@ class TextStream:
 
     def __del__(self) -> None:  # a stream nobody closed must not hold its slot forever
         if not getattr(self, "_closed", True):
-            self.close()
+            with contextlib.suppress(Exception):
+                self.close()

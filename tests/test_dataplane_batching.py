@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from serve.engine import wait
-from serve.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
+from serve.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from serve.types import InferRequest
 from tests.fixtures import copy_repo, make_dataplane
 from train.model import PRESET_NAMES
@@ -88,6 +88,9 @@ def test_concurrent_infers_equal_alone_and_share_runs(charlm_dataplane):
     merged = {k: v.count - before.batch_stats.get(k, type(v)()).count for k, v in after.batch_stats.items()}
     assert any(size > 1 and n > 0 for size, n in merged.items())            # every request had 1 row
     assert after.queue.count > before.queue.count and after.queue.ns >= before.queue.ns
+    # perf_analyzer refuses statistics whose compute counts differ; batching must not make them.
+    assert after.queue.count == after.compute_input.count == after.compute_infer.count == \
+        after.compute_output.count
 
 
 # -- sequences ------------------------------------------------------------------------------------------
@@ -134,6 +137,8 @@ def test_sequence_rules(charlm_dataplane):
     fut = dp.infer_async(InferRequest(model_name=model, inputs={"tokens": toks}, parameters=seq_params(99)))
     with pytest.raises(InvalidArgument, match="START is required"):    # infer_async: errors in the future
         fut.result(timeout=10)
+    with pytest.raises(NotFound):
+        dp.infer_async(InferRequest(model_name="nope", inputs={"tokens": toks})).result(timeout=10)
     # START from a state the client sends (batch 2); later steps continue from the server's copy.
     h0 = rng.standard_normal(inst.state_shape(2)).astype(np.float32)
     first = infer(dp, model, {"tokens": toks[:, :5], "h0": h0}, parameters=seq_params("s", start=True))
@@ -234,8 +239,14 @@ def test_concurrent_generates_equal_alone(charlm_dataplane):
     alone = [gen(j) for j in jobs]
     inst = dp.instance("charlm")
     runs = inst.run_count
+    gate = threading.Barrier(len(jobs))
+
+    def gen_together(job):
+        gate.wait()
+        return gen(job)
+
     with ThreadPoolExecutor(len(jobs)) as ex:
-        together = list(ex.map(gen, jobs))
+        together = list(ex.map(gen_together, jobs))
     assert together == alone
     assert inst.run_count - runs < 30 * len(jobs)     # steps of different generates shared runs
 
@@ -259,9 +270,13 @@ def test_text_stream_equals_predict(request, fixture, model, text):
         for g, w in zip(got, whole.positions):
             assert [c.char for c in g.top] == [c.char for c in w.top]
             np.testing.assert_allclose([c.prob for c in g.top], [c.prob for c in w.top], rtol=0, atol=1e-5)
-    with pytest.raises(InvalidArgument, match="not in the vocabulary"):
-        with dp.open_text_stream(model) as stream:
+    with dp.open_text_stream(model) as stream:
+        assert stream.feed("").positions == []            # an empty chunk predicts nothing
+        with pytest.raises(InvalidArgument, match="not in the vocabulary"):
             stream.feed("\x00")
+        assert stream.feed(text[:2]).positions[1].index == 1
+    with pytest.raises(InvalidArgument, match="closed"):
+        stream.feed(text)
 
 
 # -- configuration, reload ----------------------------------------------------------------------------

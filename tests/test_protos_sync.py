@@ -113,6 +113,7 @@ def test_service_matches_tritonclient():
 def test_text_service_shape():
     service = text_service_pb2.DESCRIPTOR.services_by_name["TextService"]
     assert service.full_name == "rnnserve.v1.TextService"
-    assert {m.name: m.server_streaming for m in service.methods} == {
-        "Predict": False, "Generate": True, "Score": False}
+    assert {m.name: (m.client_streaming, m.server_streaming) for m in service.methods} == {
+        "Predict": (False, False), "Generate": (False, True), "Score": (False, False),
+        "Stream": (True, True)}
     assert text_service_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["seed"].has_presence

@@ -76,7 +76,7 @@ def corpus(tmp_path):
 def _cfg(corpus, out, **kw):
     base = dict(corpus=corpus, out=str(out), model="char-lstm", seq_len=32, batch_size=16, lr=1e-2,
                 warmup=5, max_steps=40, eval_interval=20, eval_windows=8, eval_window=64, log_interval=10,
-                bf16=False, progress=False, seed=3,
+                bf16=False, progress=False, seed=3, threads=1,
                 model_overrides=dict(emb_size=16, hidden_size=48, num_layers=1))
     base.update(kw)
     return TrainConfig(**base)
@@ -127,7 +127,8 @@ def test_charlm_resume_continues_the_step_count(corpus, tmp_path):
     train_charlm(_cfg(corpus, out, max_steps=20))
     first = read_checkpoint(str(out / "last.pt"))["train_state"]
     assert first["step"] == 20
-    res = train_charlm(_cfg(corpus, out, max_steps=30, eval_interval=10, resume=True))
+    # threads=0: the thread tuner picks 1 or all cores by timing the steps.
+    res = train_charlm(_cfg(corpus, out, max_steps=30, eval_interval=10, resume=True, threads=0))
     assert res.step == 30
     last = read_checkpoint(str(out / "last.pt"))["train_state"]
     assert last["step"] == 30 and last["elapsed"] > first["elapsed"]
@@ -139,7 +140,7 @@ def test_charlm_cli_and_determinism(corpus, tmp_path):
     args = ["--task", "charlm", "--corpus", corpus, "--max-steps", "10", "--eval-interval", "10",
             "--eval-windows", "4", "--eval-window", "64", "--seq-len", "16", "--batch-size", "8",
             "--hidden-size", "24", "--num-layers", "1", "--emb-size", "8", "--bf16", "false",
-            "--no-progress", "--seed", "7"]
+            "--no-progress", "--seed", "7", "--threads", "1"]
     assert train_main(args + ["--out", str(tmp_path / "a")]) == 0
     assert train_main(args + ["--out", str(tmp_path / "b")]) == 0
     ma = read_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))

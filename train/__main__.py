@@ -49,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in (("seq_len", int), ("batch_size", int), ("min_lr_ratio", float),
                       ("weight_decay", float), ("beta2", float), ("warmup", int), ("grad_clip", float),
                       ("eval_interval", int), ("eval_windows", int), ("eval_window", int),
-                      ("log_interval", int), ("threads", int)):
+                      ("log_interval", int)):
         c.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name].default,
                        help=f"default {d[name].default}")
+    c.add_argument("--threads", type=int, default=d["threads"].default,
+                   help="torch threads; 0 (default): the faster of 1 and all cores, re-timed while "
+                        "training (a shared CPU can make 2 threads slower than 1)")
     c.add_argument("--bf16", type=_bool, default=d["bf16"].default,
                    help="bfloat16 autocast for training (true/false, default %(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

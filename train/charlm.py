@@ -36,6 +36,7 @@ from .data import CharData, random_windows
 from .evaluate import evaluate_windows, to_bits
 from .model import CharRNN, ModelConfig
 from .plot import plot_losses
+from .threads import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class TrainConfig:
     eval_window: int = 256
     log_interval: int = 20
     seed: int = 1337
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # 0: auto, the faster of 1 and all cores, re-timed as the load changes
     bf16: bool = True  # bfloat16 autocast for the forward/backward (params stay float32)
     resume: bool = False
     progress: bool = True
@@ -191,6 +192,7 @@ def _metrics(step: int, best: float, elapsed: float, train_loss: Optional[float]
 
 
 def train_charlm(cfg: TrainConfig) -> CharLMResult:
+    tuner = ThreadTuner() if cfg.threads == 0 else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -244,6 +246,8 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
     loss_sum, loss_n, last_loss, t_log = 0.0, 0, None, time.perf_counter()
     while not sched.done(step, elapsed()):
+        if tuner:
+            tuner.start_step()
         lr = sched.lr(step, elapsed())
         for g in opt.param_groups:
             g["lr"] = lr
@@ -256,6 +260,8 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if tuner:
+            tuner.end_step()
         step += 1
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         bar.update(1)
@@ -263,7 +269,8 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
             last_loss = loss_sum / loss_n
             now = time.perf_counter()
             mlog.write({"event": "train", "step": step, "loss": last_loss, "lr": lr, "elapsed_s": elapsed(),
-                        "tokens_per_s": loss_n * cfg.batch_size * cfg.seq_len / (now - t_log)})
+                        "tokens_per_s": loss_n * cfg.batch_size * cfg.seq_len / (now - t_log),
+                        "threads": torch.get_num_threads()})
             bar.set_postfix(loss=f"{last_loss:.3f}", best_val=f"{best:.3f}")
             loss_sum, loss_n, t_log = 0.0, 0, now
         if step % cfg.eval_interval == 0:

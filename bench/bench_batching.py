@@ -1,0 +1,357 @@
+"""Issue 4 over the wire: dynamic batching and server-side sequences, side by side in one run.
+
+    python -m bench.bench_batching [--seconds 5] [--sequences 64] [--steps 256] [--threads 1]
+
+Model: the 2-layer LSTM char model (vocab 65, emb 64, hidden 256), random weights, saved with
+train.checkpoint.save_checkpoint and exported with export.onnx_export.export_checkpoint
+(bench.bench_server.build_repository). The server is `python -m serve` as a subprocess on
+127.0.0.1; every client is tritonclient.grpc, unchanged. Thread settings, both sides:
+onnxruntime intra-op threads 1 (`--threads 1`; with one intra-op thread there is no
+intra-op pool, so nothing spins and starves the gRPC threads), inter-op 1.
+
+Table 1, stateless: batch 1, seq 64, concurrency 1, 8 and 32 for --seconds each:
+  in-process          C threads calling one onnxruntime session, one request per run (no batching)
+  in-process batched  one thread running batch = C rows per run (each row waits the whole run)
+  server              C threads, each with its own tritonclient, calling infer() in a loop
+  Goals: at C >= 8 server >= 1.2x in-process; at C = 1 server p50 <= in-process p50 + 0.5 ms.
+Table 2, streaming: N sequences x S single-token steps (sequence_id/start/end), through
+  the server (--max-batch-size N) and through a second server started with
+  --max-batch-size 1 (one step per onnxruntime run), with two client shapes:
+  unary   N threads, each sending its sequence's steps with infer() one after another;
+  stream  K tritonclient streams (start_stream/async_stream_infer), each carrying N/K
+          sequences, pipelined: all of a stream's sequences' next steps are sent at once.
+  Aggregate steps/s, onnxruntime rows per run (ModelStatistics), ratio (goal: >= 5x).
+Table 3, prefix: one sequence of n tokens predicted one token at a time: the naive client
+  resends the whole prefix each step (stateless, O(n^2) work) vs the server keeping the
+  state (sequence steps of one token, O(n)).
+
+perf_analyzer (tritonclient[grpc]==2.41.0's bin/perf_analyzer) against the same server.
+It needs Debian's libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel:
+
+    apt-get install -y libb64-0d
+    .venv/bin/pip download --no-deps nvidia-cuda-runtime-cu12 -d /tmp/cudart
+    (cd /tmp/cudart && unzip -q -o nvidia_cuda_runtime_cu12-*.whl)
+    export LD_LIBRARY_PATH=/tmp/cudart/nvidia/cuda_runtime/lib:$LD_LIBRARY_PATH
+    python -c 'from bench.bench_server import build_repository as b; print(b("/tmp/pa"))'
+    python -m serve --repository /tmp/pa/repo --port 8001 --device cpu --threads 1 &
+    # the model reports sequence_batching, so perf_analyzer always runs its sequence mode;
+    # a JSON data file sends `tokens` only (the state inputs are optional: server-kept)
+    python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [0] * 64, "shape": [1, 64]}}]}))' > tokens.json
+    python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [1], "shape": [1, 1]}}]}))' > step.json
+    # stateless-style load: every request is a sequence of one step (START+END), batch 1 x seq 64
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data tokens.json --concurrency-range 8
+    # sequences of 64 single-token steps, ids 1..1000, unary and then over a stream
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data step.json \\
+        --sequence-length 64 --sequence-id-range 1:1000 --concurrency-range 8
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data step.json \\
+        --sequence-length 64 --sequence-id-range 1:1000 --concurrency-range 8 --streaming
+
+The three runs finish with "Server: Inference count ... Execution count ..." lines: ModelStatistics
+counts queue/compute_input/compute_infer/compute_output once per request (perf_analyzer stops with
+"Server side statistics compute counts must be the same" otherwise), execution_count per run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import tritonclient.grpc as tc
+
+from bench.bench_server import MODEL, VOCAB, build_repository, run_load, start_server
+from serve.runtime import CPU, create_session
+
+SEQ = 64
+
+
+def _feeds(session, tokens: np.ndarray) -> Dict[str, np.ndarray]:
+    batch = tokens.shape[0]
+    return {i.name: tokens if i.name == "tokens" else np.zeros((i.shape[0], batch, i.shape[2]), np.float32)
+            for i in session.get_inputs()}
+
+
+def _tokens_input(tokens: np.ndarray) -> tc.InferInput:
+    tensor = tc.InferInput("tokens", list(tokens.shape), "INT64")
+    tensor.set_data_from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    return tensor
+
+
+def _runs_and_rows(address: str) -> tuple[int, int]:
+    with tc.InferenceServerClient(address) as client:
+        s = client.get_inference_statistics(MODEL).model_stats[0]
+    return s.execution_count, s.inference_count
+
+
+# -- table 1: stateless --------------------------------------------------------------------------
+def batched_load(session, concurrency: int, seconds: float) -> dict:
+    """One thread, batch = concurrency rows per run; every row's latency is the run's."""
+    rng = np.random.default_rng(concurrency)
+    feeds = _feeds(session, rng.integers(0, len(VOCAB), size=(concurrency, SEQ), dtype=np.int64))
+    for _ in range(3):
+        session.run(None, feeds)
+    lat = []
+    t_end = time.perf_counter() + seconds
+    t_begin = time.perf_counter()
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        lat.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t_begin
+    ms = np.array(lat) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "rps": concurrency * len(lat) / elapsed}
+
+
+def stateless_table(session, address: str, concurrencies: List[int], seconds: float) -> list:
+    tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
+    feeds = _feeds(session, tokens)
+
+    def server_call():
+        client = tc.InferenceServerClient(address)
+        tensor = _tokens_input(tokens)
+        outputs = [tc.InferRequestedOutput("logits")]
+        return lambda: client.infer(MODEL, [tensor], outputs=outputs)
+
+    check = server_call()()
+    assert np.array_equal(check.as_numpy("logits"), session.run(["logits"], feeds)[0]), "outputs differ"
+    rows = []
+    for c in concurrencies:
+        local = run_load(lambda: (lambda: session.run(None, feeds)), c, seconds)
+        batched = batched_load(session, c, seconds)
+        runs0, rows0 = _runs_and_rows(address)
+        served = run_load(server_call, c, seconds)
+        runs1, rows1 = _runs_and_rows(address)
+        served["rows_per_run"] = (rows1 - rows0) / max(1, runs1 - runs0)
+        rows.append((c, local, batched, served))
+    return rows
+
+
+# -- table 2: streaming ---------------------------------------------------------------------------
+def unary_sequences(address: str, tokens: np.ndarray, base_id: int) -> np.ndarray:
+    """One thread per sequence, each step a blocking infer(); -> every sequence's last logits."""
+    n, steps = tokens.shape
+    last: List[np.ndarray] = [None] * n
+    gate = threading.Barrier(n)
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            with tc.InferenceServerClient(address) as client:
+                inputs = {v: [_tokens_input(np.array([[v]]))] for v in set(tokens[i].tolist())}
+                outputs = [tc.InferRequestedOutput("logits")]
+                gate.wait()
+                for t in range(steps):
+                    result = client.infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
+                                          sequence_id=base_id + i, sequence_start=t == 0,
+                                          sequence_end=t == steps - 1)
+                last[i] = result.as_numpy("logits")[0, -1]
+        except Exception as e:  # noqa: BLE001 - reported after the run
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return np.stack(last)
+
+
+def stream_sequences(address: str, tokens: np.ndarray, base_id: int, streams: int) -> np.ndarray:
+    """`streams` threads, each one tritonclient stream carrying n/streams sequences; every step of
+    a stream's sequences is sent at once (pipelined), then the answers are collected."""
+    n, steps = tokens.shape
+    last: List[np.ndarray] = [None] * n
+    groups = [list(range(k, n, streams)) for k in range(streams)]
+    gate = threading.Barrier(streams)
+    errors: list = []
+
+    def run(group: List[int]) -> None:
+        answers: queue.Queue = queue.Queue()
+        try:
+            with tc.InferenceServerClient(address) as client:
+                inputs = {v: [_tokens_input(np.array([[v]]))] for v in range(len(VOCAB))}
+                outputs = [tc.InferRequestedOutput("logits")]
+                client.start_stream(callback=lambda result, error: answers.put((result, error)))
+                gate.wait()
+                for t in range(steps):
+                    for i in group:
+                        client.async_stream_infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
+                                                  request_id=str(i), sequence_id=base_id + i,
+                                                  sequence_start=t == 0, sequence_end=t == steps - 1)
+                    for _ in group:
+                        result, error = answers.get(timeout=600)
+                        if error is not None:
+                            raise error
+                        if t == steps - 1:
+                            last[int(result.get_response().id)] = result.as_numpy("logits")[0, -1]
+                client.stop_stream()
+        except Exception as e:  # noqa: BLE001 - reported after the run
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(g,)) for g in groups]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return np.stack(last)
+
+
+def local_steps(session, tokens: np.ndarray, rows: int) -> np.ndarray:
+    """In process, one step of `rows` sequences per onnxruntime run, the state carried by hand;
+    -> every sequence's last logits [N, V]."""
+    n, steps = tokens.shape
+    names = [o.name for o in session.get_outputs()]
+    last = []
+    for lo in range(0, n, rows):
+        feeds = _feeds(session, tokens[lo:lo + rows, :1])
+        state = {k: v for k, v in feeds.items() if k != "tokens"}
+        for t in range(steps):
+            out = dict(zip(names, session.run(None, {"tokens": tokens[lo:lo + rows, t:t + 1], **state})))
+            state = {k: out[k.replace("0", "n")] for k in state}
+        last.append(out["logits"][:, -1])
+    return np.concatenate(last)
+
+
+def streaming_rows(address: str, tokens: np.ndarray, ref: np.ndarray, streams: int, tag: str) -> list:
+    rows = []
+    for mode, fn in (("unary", lambda base: unary_sequences(address, tokens, base)),
+                     (f"stream x{streams}", lambda base: stream_sequences(address, tokens, base, streams))):
+        runs0, rows0 = _runs_and_rows(address)
+        t0 = time.perf_counter()
+        last = fn(1_000_000 * (len(rows) + 1))
+        secs = time.perf_counter() - t0
+        runs1, rows1 = _runs_and_rows(address)
+        rows.append((f"{tag}, {mode}", secs, (rows1 - rows0) / max(1, runs1 - runs0),
+                     float(np.abs(last - ref).max())))
+    return rows
+
+
+# -- table 3: prefix resend vs server-side state ------------------------------------------------------
+def prefix_vs_state(address: str, n: int, seed: int) -> tuple[float, float, float]:
+    tokens = np.random.default_rng(seed).integers(0, len(VOCAB), size=(1, n), dtype=np.int64)
+    outputs = [tc.InferRequestedOutput("logits")]
+    with tc.InferenceServerClient(address) as client:
+        t0 = time.perf_counter()
+        for t in range(1, n + 1):
+            naive = client.infer(MODEL, [_tokens_input(tokens[:, :t])], outputs=outputs)
+        naive_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for t in range(n):
+            carried = client.infer(MODEL, [_tokens_input(tokens[:, t:t + 1])], outputs=outputs,
+                                   sequence_id=424242, sequence_start=t == 0, sequence_end=t == n - 1)
+        carry_s = time.perf_counter() - t0
+    diff = np.abs(naive.as_numpy("logits")[0, -1] - carried.as_numpy("logits")[0, -1]).max()
+    return naive_s, carry_s, float(diff)
+
+
+# -- main -------------------------------------------------------------------------------------------
+def _with_server(repo: str, tmp: str, threads: int, extra: List[str], work: Callable[[str], object]):
+    proc, address = start_server(repo, threads, Path(tempfile.mkdtemp(dir=tmp)) / "port", extra)
+    try:
+        return work(address)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per stateless measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--streams", type=int, default=4, help="tritonclient streams (table 2)")
+    parser.add_argument("--prefix", type=int, default=256, help="n of table 3")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, both sides")
+    parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()
+    n, steps = args.sequences, args.steps
+    seq_tokens = np.random.default_rng(1).integers(0, len(VOCAB), size=(n, steps), dtype=np.int64)
+    common = ["--max-queue-delay-us", str(args.max_queue_delay_us), "--grpc-workers", str(max(32, n + 8))]
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = build_repository(tmp)
+        session = create_session(os.path.join(repo, MODEL, "1", "model.onnx"), [CPU], "cpu",
+                                 intra_op_threads=args.threads)
+        local = []   # in-process context rows: (rows per run, seconds)
+        for rows in (1, n):
+            t0 = time.perf_counter()
+            ref = local_steps(session, seq_tokens, rows)
+            local.append((rows, time.perf_counter() - t0))
+
+        def batched_server(address: str):
+            return (stateless_table(session, address, args.concurrency, args.seconds),
+                    streaming_rows(address, seq_tokens, ref, args.streams, f"server, max batch {n}"),
+                    prefix_vs_state(address, args.prefix, seed=2))
+
+        stateless, streaming, prefix = _with_server(
+            repo, tmp, args.threads, common + ["--max-batch-size", str(max(n, max(args.concurrency)))],
+            batched_server)
+        streaming = _with_server(
+            repo, tmp, args.threads, common + ["--max-batch-size", "1"],
+            lambda address: streaming_rows(address, seq_tokens, ref, args.streams, "server, max batch 1")
+        ) + streaming
+    _print(args, stateless, streaming, local, prefix, load_before)
+    return 0
+
+
+def _print(args, stateless, streaming, local, prefix, load_before) -> None:
+    print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; onnxruntime intra-op threads "
+          f"{args.threads} (server and in-process), inter-op 1; --max-queue-delay-us "
+          f"{args.max_queue_delay_us}; {os.cpu_count()} CPUs, shared; load average before "
+          f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"\n1. stateless: batch 1, seq {SEQ}, {args.seconds:.0f} s each; ratio = req/s / in-process req/s")
+    print(f"| {'mode':<18} | {'conc':>4} | {'p50 ms':>7} | {'p99 ms':>7} | {'req/s':>8} | {'ratio':>6} "
+          f"| {'rows/run':>8} |")
+    print(f"|{'-' * 20}|{'-' * 6}|{'-' * 9}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 10}|")
+    for c, local, batched, served in stateless:
+        for mode, r in (("in-process", local), ("in-process batched", batched), ("server", served)):
+            rows = f"{r['rows_per_run']:.1f}" if "rows_per_run" in r else (str(c) if r is batched else "1")
+            print(f"| {mode:<18} | {c:>4} | {r['p50']:>7.3f} | {r['p99']:>7.3f} | {r['rps']:>8.1f} "
+                  f"| {r['rps'] / local['rps']:>5.2f}x | {rows:>8} |")
+    for c, local, _, served in stateless:
+        if c == 1:
+            ok = served["p50"] <= local["p50"] + 0.5
+            print(f"goal conc 1: server p50 {served['p50']:.3f} ms <= in-process {local['p50']:.3f} + 0.5 ms: "
+                  f"{'met' if ok else 'MISSED'}")
+        else:
+            ratio = served["rps"] / local["rps"]
+            print(f"goal conc {c}: server {ratio:.2f}x in-process >= 1.2x: {'met' if ratio >= 1.2 else 'MISSED'}")
+    total = args.sequences * args.steps
+    print(f"\n2. streaming: {args.sequences} sequences x {args.steps} single-token steps = {total} steps; "
+          f"ratio = steps/s / the max-batch-1 server's with the same client shape")
+    print(f"| {'mode':<36} | {'seconds':>7} | {'steps/s':>8} | {'rows/run':>8} | {'ratio':>6} | {'max |dlogit|':>12} |")
+    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
+    for rows, secs in local:
+        label = f"in-process, {rows} row{'s' if rows > 1 else ''} per ort run"
+        print(f"| {label:<36} | {secs:>7.2f} | {total / secs:>8.0f} | {rows:>8.1f} | {'':>6} "
+              f"| {'reference' if rows > 1 else '':>12} |")
+    one = {label.split(", ")[-1]: secs for label, secs, *_ in streaming if "max batch 1," in label}
+    for label, secs, rows_per_run, diff in streaming:
+        print(f"| {label:<36} | {secs:>7.2f} | {total / secs:>8.0f} | {rows_per_run:>8.1f} "
+              f"| {one[label.split(', ')[-1]] / secs:>5.2f}x | {diff:>12.2e} |")
+    best = min(secs for label, secs, *_ in streaming if "max batch 1," not in label)
+    ratio = min(one.values()) / best
+    print(f"goal: fastest batched vs fastest max-batch-1 server {ratio:.2f}x >= 5x: "
+          f"{'met' if ratio >= 5 else 'MISSED'}")
+    naive_s, carry_s, diff = prefix
+    print(f"\n3. one sequence of n = {args.prefix} tokens, predicted one token at a time, through the server")
+    print(f"| {'client':<44} | {'seconds':>7} | {'ratio':>6} |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 8}|")
+    print(f"| {'naive: resend the whole prefix (O(n^2) work)':<44} | {naive_s:>7.3f} | {naive_s / carry_s:>5.1f}x |")
+    print(f"| {'server-side state: 1 new token per step':<44} | {carry_s:>7.3f} | {1:>5.1f}x |")
+    print(f"last logits agree within {diff:.1e}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
