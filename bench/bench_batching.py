@@ -283,11 +283,11 @@ def main(argv=None) -> int:
         repo = build_repository(tmp)
         session = create_session(os.path.join(repo, MODEL, "1", "model.onnx"), [CPU], "cpu",
                                  intra_op_threads=args.threads)
-        local = []   # in-process context rows: (rows per run, seconds)
+        local_runs = []   # in-process context rows: (rows per run, seconds)
         for rows in (1, n):
             t0 = time.perf_counter()
             ref = local_steps(session, seq_tokens, rows)
-            local.append((rows, time.perf_counter() - t0))
+            local_runs.append((rows, time.perf_counter() - t0))
 
         def batched_server(address: str):
             return (stateless_table(session, address, args.concurrency, args.seconds),
@@ -301,11 +301,11 @@ def main(argv=None) -> int:
             repo, tmp, args.threads, common + ["--max-batch-size", "1"],
             lambda address: streaming_rows(address, seq_tokens, ref, args.streams, "server, max batch 1")
         ) + streaming
-    _print(args, stateless, streaming, local, prefix, load_before)
+    _print(args, stateless, streaming, local_runs, prefix, load_before)
     return 0
 
 
-def _print(args, stateless, streaming, local, prefix, load_before) -> None:
+def _print(args, stateless, streaming, local_runs, prefix, load_before) -> None:
     print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; onnxruntime intra-op threads "
           f"{args.threads} (server and in-process), inter-op 1; --max-queue-delay-us "
           f"{args.max_queue_delay_us}; {os.cpu_count()} CPUs, shared; load average before "
@@ -332,7 +332,7 @@ def _print(args, stateless, streaming, local, prefix, load_before) -> None:
           f"ratio = steps/s / the max-batch-1 server's with the same client shape")
     print(f"| {'mode':<36} | {'seconds':>7} | {'steps/s':>8} | {'rows/run':>8} | {'ratio':>6} | {'max |dlogit|':>12} |")
     print(f"|{'-' * 38}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
-    for rows, secs in local:
+    for rows, secs in local_runs:
         label = f"in-process, {rows} row{'s' if rows > 1 else ''} per ort run"
         print(f"| {label:<36} | {secs:>7.2f} | {total / secs:>8.0f} | {rows:>8.1f} | {'':>6} "
               f"| {'reference' if rows > 1 else '':>12} |")

@@ -6,7 +6,8 @@ a flag beats the environment, which beats the default. `--threads` is short
 for --intra-op-threads.
 
 When the server is ready it logs `rnnserve listening on HOST:PORT` (and writes
-the port to --port-file, if given). SIGTERM or SIGINT drains: no new calls,
+the port to --port-file, if given, and the metrics port to <port-file>.metrics
+when --metrics-port is on). SIGTERM or SIGINT drains: no new calls,
 in-flight calls get --grace seconds, then the process exits 0. Further
 signals during the drain are logged and change nothing.
 """
@@ -37,6 +38,8 @@ HELP = {
     "device": "cuda fails at start-up unless CUDA is really active; auto falls back to CPU",
     "intra_op_threads": "onnxruntime threads per session (0 = onnxruntime's default)",
     "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
+    "poll_interval": "seconds between scans of the repository for new, changed and removed models (0 = off)",
+    "metrics_port": "Prometheus /metrics on --host:PORT (-1 = off, 0 = a free port)",
 }
 
 
@@ -125,6 +128,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     if args.port_file:
+        if server.metrics_port is not None:   # first: the gRPC port file says everything is up
+            _write_port_file(args.port_file + ".metrics", server.metrics_port)
         _write_port_file(args.port_file, port)
     logger.info("%d models, providers: %s", len(server.dataplane.model_names()),
                 ", ".join(server.dataplane.providers()))

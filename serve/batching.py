@@ -14,10 +14,12 @@ Exactness rules (the model is [batch, seq] in, [batch, seq, vocab] out):
 - Bidirectional models: exact length only (the backward pass sees padding).
 
 Latency: the scheduler never waits for a batch that cannot fill. It runs
-whatever is queued the moment it is free; it only waits up to
-`max_queue_delay_us` for more rows when the queue already shows concurrency
-(more than one item taken) and the batch is not full. At concurrency 1 a
-request runs as soon as it arrives.
+whatever is queued the moment it is free. It waits (at most
+`max_queue_delay_us`) for more rows only while the batch is smaller than the
+largest batch of the last few runs, i.e. only when recent traffic shows that
+more callers are about to arrive. At concurrency 1 recent batches hold one
+row, so a request runs as soon as it arrives; at a steady concurrency of 8 it
+waits for about 8 rows, never for `max_batch_size`.
 """
 from __future__ import annotations
 
@@ -128,6 +130,7 @@ class Batcher:
         self.stats = BatchStats()
         self._on_batch = on_batch
         self._queue: Deque[Work] = collections.deque()
+        self._recent_rows: Deque[int] = collections.deque(maxlen=8)   # rows of the last runs
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -200,10 +203,11 @@ class Batcher:
                 if not self._queue and self._closed:
                     return
                 batch = self._take()
-                # Wait for more rows only when concurrency is evident and room is left.
-                if len(batch) > 1 and self.max_queue_delay > 0:
+                # Wait for more rows only up to what recent runs show is coming.
+                target = min(self.max_batch_size, max(self._recent_rows, default=1))
+                if self.max_queue_delay > 0 and sum(w.rows for w in batch) < target:
                     until = time.monotonic() + self.max_queue_delay
-                    while sum(w.rows for w in batch) < self.max_batch_size and not self._closed:
+                    while sum(w.rows for w in batch) < target and not self._closed:
                         left = until - time.monotonic()
                         if left <= 0:
                             break
@@ -212,6 +216,7 @@ class Batcher:
                             continue
                         self._queue.extendleft(reversed(batch))
                         batch = self._take()
+                self._recent_rows.append(sum(w.rows for w in batch))
             self._execute(batch)
 
     def _execute(self, batch: List[Work]) -> None:

@@ -20,6 +20,8 @@ from typing import Iterator, List, Optional, Sequence
 from . import inference, textgen, validation
 from .engine import wait
 from .errors import InvalidArgument, ServeError, Unavailable
+from .metrics import Metrics
+from .reload import RepositoryPoller
 from .repository import READY, Repository
 from .runtime import ModelInstance, choose_providers
 from .settings import ServeSettings
@@ -51,13 +53,18 @@ class DataPlane:
         self._ready = False
         self._closed = False
         self._lock = threading.Lock()
+        self._poller: Optional[RepositoryPoller] = None
+        # Prometheus metrics (serve/metrics.py) when settings.metrics_port >= 0; the server serves them.
+        self.metrics: Optional[Metrics] = Metrics() if settings.metrics_port >= 0 else None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
         """Load and warm every model; raises DeviceError (an Unavailable) if --device cannot be honoured."""
         t0 = time.perf_counter()
         self._requested_providers = choose_providers(self.settings.device)
-        repo = Repository(self.settings, self._requested_providers)
+        repo = Repository(self.settings, self._requested_providers, self.metrics)
+        if self.metrics is not None:
+            self.metrics.watch(repo)
         with self._lock:
             self._repo = repo
         repo.load_all()
@@ -67,10 +74,18 @@ class DataPlane:
                  self.settings.repository, ready, len(entries), time.perf_counter() - t0,
                  ", ".join(self.providers()))
         self._ready = True
+        if self.settings.poll_interval > 0:
+            self._poller = RepositoryPoller(repo.poll, self.settings.poll_interval).start()
+
+    def poll_repository(self) -> List[str]:
+        """One pass over the repository folder (what --poll-interval runs); -> the models that changed."""
+        return self.repo.poll()
 
     def close(self) -> None:
         self._ready = False
         self._closed = True
+        if self._poller is not None:
+            self._poller.stop()
         if self._repo is not None:
             self._repo.close()
 
@@ -248,6 +263,8 @@ class DataPlane:
         return [RepositoryEntry(e.name, e.version, e.state, e.reason) for e in self.repo.entries()]
 
     def load_model(self, name: str) -> None:
+        """Reload every version of the model from disk (NotFound if its folder is gone). A version that
+        fails keeps its previously loaded file serving, if it had one; the reason is in the index."""
         self.repo.load_model(name)
 
     def unload_model(self, name: str) -> None:

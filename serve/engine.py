@@ -41,8 +41,10 @@ WAIT_LIMIT_S = 600.0     # the longest any caller waits for one run
 class ModelEngine:
     """Batching, sequences and in-flight accounting for one model version."""
 
-    def __init__(self, inst: ModelInstance, settings: ServeSettings):
+    def __init__(self, inst: ModelInstance, settings: ServeSettings, metrics=None):
         self.inst = inst
+        # Prometheus batch metrics (serve/metrics.py), bound to this model version's labels.
+        self._record_batch = metrics.batch_recorder(inst.name, inst.version) if metrics is not None else None
         self.io = ModelIO(tuple(inst.state_inputs), tuple(inst.state_outputs), inst.streamable)
         label = f"{inst.name}:{inst.version}" if inst.version else inst.name
         self.batcher = Batcher(label, inst.run, self.io, max_batch_size=settings.max_batch_size,
@@ -61,9 +63,11 @@ class ModelEngine:
         self._closed = False
 
     def _on_batch(self, rows: int, queue_ns, compute_ns: int) -> None:
-        """Per batch, on the scheduler thread: queue and compute time into ModelStatistics
-        (the place to add Prometheus histograms too)."""
+        """Per batch, on the scheduler thread: queue and compute time into ModelStatistics and,
+        with --metrics-port, into the Prometheus metrics."""
         self.inst.stats.record_batch(queue_ns, compute_ns)
+        if self._record_batch is not None:
+            self._record_batch(rows, queue_ns, compute_ns)
 
     # -- states ------------------------------------------------------------------------------
     def zero_states(self, batch: int) -> States:

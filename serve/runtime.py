@@ -32,6 +32,12 @@ DEVICES = ("cpu", "cuda", "auto")
 _ORT_DATATYPES = {"tensor(int64)": "INT64", "tensor(float)": "FP32", "tensor(int32)": "INT32",
                   "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(bool)": "BOOL"}
 
+# onnxruntime 1.32's CPU NchwcTransformer (part of ORT_ENABLE_ALL) segfaults creating a session for
+# an fp16 graph (export variant `-fp16`), killing the server. It only rewrites Conv/Pool-style ops into
+# the NCHWc layout, which recurrent models never use, so it is disabled for every session: the nodes
+# the CPU provider runs (all of them on --device cpu; the fall-backs under CUDA) are the ones it touches.
+DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+
 # (batch, seq) shapes run at load so the first request does not pay for allocation.
 WARMUP_SHAPES = ((1, 1), (1, 16), (4, 64))
 WARMUP_REPEATS = 2
@@ -70,7 +76,8 @@ def create_session(path: str, providers: Sequence[str], device: str, intra_op_th
     so.inter_op_num_threads = int(inter_op_threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only; our own log says what matters
-    sess = ort.InferenceSession(path, sess_options=so, providers=list(providers))
+    sess = ort.InferenceSession(path, sess_options=so, providers=list(providers),
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
     active = sess.get_providers()
     if CUDA in providers and CUDA not in active:
         if device == "cuda":

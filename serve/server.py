@@ -7,7 +7,11 @@
 
 Health: "" is the server (SERVING once every model is loaded), and each model's
 name is that model; the statuses follow the data plane's readiness (refreshed
-after RepositoryModelLoad/Unload and every HEALTH_REFRESH_S).
+after RepositoryModelLoad/Unload and every HEALTH_REFRESH_S; a model removed from
+the repository turns NOT_SERVING).
+
+Metrics (settings.metrics_port >= 0): Prometheus text at http://host:metrics_port/metrics
+(serve/metrics.py), bound by create_server; `server.metrics_port` is the bound port.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from .gen import grpc_service_pb2 as pb
 from .gen import grpc_service_pb2_grpc as pb_grpc
 from .gen import text_service_pb2 as tpb
 from .gen import text_service_pb2_grpc as tpb_grpc
+from .grpc_errors import set_observer
+from .metrics import start_endpoint
 from .servicers import InferenceServicer, TextServicer
 from .settings import ServeSettings
 
@@ -68,21 +74,28 @@ class Server:
         self._stopping = threading.Event()
         self._health = health.HealthServicer(experimental_non_blocking=True)
         self._health_lock = threading.Lock()
+        self._health_names: set = set()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers,
                                        thread_name_prefix="rnnserve-grpc"),
             options=[("grpc.max_send_message_length", settings.max_message_bytes),
                      ("grpc.max_receive_message_length", settings.max_message_bytes),
                      ("grpc.so_reuseport", 0)])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(dataplane, on_repository_change=self.refresh_health),
-            self.grpc_server)
-        tpb_grpc.add_TextServiceServicer_to_server(TextServicer(dataplane), self.grpc_server)
+        inference = InferenceServicer(dataplane, on_repository_change=self.refresh_health)
+        text = TextServicer(dataplane)
+        metrics = getattr(dataplane, "metrics", None)
+        for servicer in (inference, text):   # request outcomes by status code -> Prometheus
+            set_observer(servicer, metrics.observe_request if metrics is not None else None)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc_server)
+        tpb_grpc.add_TextServiceServicer_to_server(text, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc_server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server,
                                             pool=reflection_pool())
         self.port = self._bind(settings.host, settings.port)
         self.address = address(settings.host, self.port)
+        # Bound last, so a failure above leaves no endpoint behind; it serves from now on.
+        self._metrics_endpoint = start_endpoint(metrics, settings.host, settings.metrics_port)
+        self.metrics_port: Optional[int] = getattr(self._metrics_endpoint, "port", None)
         self._refresher = threading.Thread(target=self._refresh_loop, name="rnnserve-health",
                                            daemon=True)
 
@@ -113,6 +126,9 @@ class Server:
             except Exception:  # noqa: BLE001 - a failed probe means not serving
                 logger.exception("health refresh failed")
                 statuses = {"": False}
+            for name in self._health_names - statuses.keys():   # removed from the repository
+                statuses[name] = False
+            self._health_names = set(statuses)
             for name, ready in statuses.items():
                 self._health.set(name, _SERVING if ready else _NOT_SERVING)
 
@@ -127,6 +143,8 @@ class Server:
         self._health.enter_graceful_shutdown()   # every status NOT_SERVING from now on
         logger.info("draining: up to %.1fs for in-flight calls", grace)
         self.grpc_server.stop(grace).wait()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
         if self._owns_dataplane:
             self.dataplane.close()
         logger.info("stopped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from typing import Callable, Optional
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 import grpc
 
 from . import convert
-from .grpc_errors import handles_errors, status_for
+from .grpc_errors import code_for, handles_errors, observer_of, report, status_for
 from .gen import grpc_service_pb2 as pb
 from .gen import grpc_service_pb2_grpc as pb_grpc
 from .gen import text_service_pb2_grpc as tpb_grpc
@@ -48,8 +49,9 @@ class _PipelinedStream:
     _CALL_DONE = object()   # the RPC ended (client cancelled, deadline, server stop)
     POLL_S = 0.5
 
-    def __init__(self, dataplane, request_iterator, context: grpc.ServicerContext):
+    def __init__(self, dataplane, request_iterator, context: grpc.ServicerContext, observer=None):
         self._dp, self._requests, self._context = dataplane, request_iterator, context
+        self._observer = observer   # metrics: each streamed request's outcome (grpc_errors.report)
         self._submitted: "queue.Queue" = queue.Queue()
         self._ended = threading.Event()
         context.add_callback(self._on_call_done)
@@ -61,11 +63,12 @@ class _PipelinedStream:
     def _read(self) -> None:
         try:
             for request in self._requests:
+                t0 = time.perf_counter()
                 try:
                     fut = self._dp.infer_async(_infer_request(request, self._context))
                 except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
                     fut = _failed(exc)
-                self._submitted.put((request, fut))
+                self._submitted.put((request, fut, t0))
         except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
             logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
         finally:
@@ -85,10 +88,13 @@ class _PipelinedStream:
             item = self._submitted.get()
             if item is self._READ_DONE or item is self._CALL_DONE:
                 return
-            request, fut = item
+            request, fut, t0 = item
             if not self._wait(fut):
                 return
-            yield _stream_answer(request, fut)
+            answer = _stream_answer(request, fut)
+            report(self._observer, "ModelStreamInfer", request, code_for(fut.exception()), t0,
+                   answer.infer_response)
+            yield answer
 
 
 def _stream_answer(request: pb.ModelInferRequest, fut: Future) -> pb.ModelStreamInferResponse:
@@ -153,7 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         arrival order, without waiting for earlier answers; answers go out as they complete.
         An error is answered in-stream (error_message, plus the request's id in infer_response)
         and the stream goes on."""
-        yield from _PipelinedStream(self._dp, request_iterator, context).responses()
+        yield from _PipelinedStream(self._dp, request_iterator, context, observer_of(self)).responses()
 
     @handles_errors
     def RepositoryIndex(self, request, context):
