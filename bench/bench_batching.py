@@ -21,6 +21,13 @@ Table 2, streaming: N sequences x S single-token steps (sequence_id/start/end), 
   stream  K tritonclient streams (start_stream/async_stream_infer), each carrying N/K
           sequences, pipelined: all of a stream's sequences' next steps are sent at once.
   Aggregate steps/s, onnxruntime rows per run (ModelStatistics), ratio (goal: >= 5x).
+  Where the time goes (py-spy and /proc CPU time on 2 shared cores): each request costs the
+  server ~0.4-0.5 ms of CPU in the grpcio sync front end (poller -> handler -> reader/batcher
+  thread hand-offs, HTTP/2 framing) plus ~0.2 ms in tritonclient, batched or not, while one
+  onnxruntime step costs ~0.25 ms alone and ~0.02 ms per row in a batch of 64. With one
+  message per step the front end, not onnxruntime, bounds steps/s: batching can save only the
+  onnxruntime share (about 1.5-1.8x here); in process (the table's first rows, and
+  bench.bench_engine) batching the steps is >= 10x.
 Table 3, prefix: one sequence of n tokens predicted one token at a time: the naive client
   resends the whole prefix each step (stateless, O(n^2) work) vs the server keeping the
   state (sequence steps of one token, O(n)).
@@ -46,7 +53,8 @@ It needs Debian's libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu1
     .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data step.json \\
         --sequence-length 64 --sequence-id-range 1:1000 --concurrency-range 8 --streaming
 
-The three runs finish with "Server: Inference count ... Execution count ..." lines: ModelStatistics
+On a loaded machine add `-p 10000` (a longer measurement window) when perf_analyzer says
+"Failed to obtain stable measurement". The three runs finish with "Server: Inference count ... Execution count ..." lines: ModelStatistics
 counts queue/compute_input/compute_infer/compute_output once per request (perf_analyzer stops with
 "Server side statistics compute counts must be the same" otherwise), execution_count per run.
 """

@@ -53,7 +53,7 @@ class DataPlane:
         self._ready = False
         self._closed = False
         self._lock = threading.Lock()
-        self._poller: Optional[RepositoryPoller] = None
+        self.poller: Optional[RepositoryPoller] = None
         # Prometheus metrics (serve/metrics.py) when settings.metrics_port >= 0; the server serves them.
         self.metrics: Optional[Metrics] = Metrics() if settings.metrics_port >= 0 else None
 
@@ -75,7 +75,7 @@ class DataPlane:
                  ", ".join(self.providers()))
         self._ready = True
         if self.settings.poll_interval > 0:
-            self._poller = RepositoryPoller(repo.poll, self.settings.poll_interval).start()
+            self.poller = RepositoryPoller(repo.poll, self.settings.poll_interval).start()
 
     def poll_repository(self) -> List[str]:
         """One pass over the repository folder (what --poll-interval runs); -> the models that changed."""
@@ -84,8 +84,8 @@ class DataPlane:
     def close(self) -> None:
         self._ready = False
         self._closed = True
-        if self._poller is not None:
-            self._poller.stop()
+        if self.poller is not None:
+            self.poller.stop()
         if self._repo is not None:
             self._repo.close()
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 States = Tuple[np.ndarray, ...]
 POLL_S = 0.05            # how often a waiting caller checks cancellation and its deadline
+RETIRE_GRACE_S = 2.0     # a retired engine stays open at least this long (see retire())
 WAIT_LIMIT_S = 600.0     # the longest any caller waits for one run
 
 
@@ -60,6 +61,7 @@ class ModelEngine:
         self._inflight = 0
         self._text_streams = 0
         self._retired = False
+        self._retire_after = 0.0      # time.monotonic() before which a retired engine stays open
         self._closed = False
 
     def _on_batch(self, rows: int, queue_ns, compute_ns: int) -> None:
@@ -130,7 +132,8 @@ class ModelEngine:
     def _release(self) -> None:
         with self._lock:
             self._inflight -= 1
-            last = self._retired and self._inflight == 0 and not self._closed
+            last = (self._retired and self._inflight == 0 and not self._closed
+                    and time.monotonic() >= self._retire_after)
         if last:  # may run on the batcher thread, which cannot join itself
             threading.Thread(target=self.close, name=f"retire-{self.inst.name}", daemon=True).start()
 
@@ -170,10 +173,19 @@ class ModelEngine:
         return (self.sequences.live() if self.sequences else 0) + streams
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def retire(self) -> None:
-        """No longer the serving version: close once the work in flight has finished."""
+    def retire(self, grace_s: float = RETIRE_GRACE_S) -> None:
+        """No longer the serving version: close once the work in flight has finished, and not
+        before `grace_s`. The grace covers a request that looked this version up just before it
+        was replaced and has not queued its work yet: it still runs here instead of failing."""
         with self._lock:
             self._retired = True
+            self._retire_after = time.monotonic() + grace_s
+        timer = threading.Timer(grace_s, self._close_if_idle)
+        timer.daemon = True
+        timer.start()
+
+    def _close_if_idle(self) -> None:
+        with self._lock:
             idle = self._inflight == 0
         if idle:
             self.close()

@@ -11,6 +11,8 @@ import logging
 import threading
 from typing import Callable, List
 
+from .errors import ServeError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,8 @@ class RepositoryPoller:
         while not self._stop.wait(self.interval):
             try:
                 changed = self._poll()
+            except ServeError as exc:   # e.g. the repository folder is gone for a moment
+                log.error("polling the model repository failed (%s); keeping the loaded models", exc)
             except Exception:  # noqa: BLE001 - the server keeps serving what it has
                 log.exception("polling the model repository failed; keeping the loaded models")
             else:

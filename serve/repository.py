@@ -199,7 +199,11 @@ class Repository:
         with self._sync:
             if self._closed:
                 return False
-            if not _is_model_dir(root, name):
+            try:
+                found = scan_model(root, name) if _is_model_dir(root, name) else None
+            except FileNotFoundError:   # removed while we looked
+                found = None
+            if found is None:
                 dropped = self._drop(name)
                 if force:
                     raise NotFound(f"model '{name}' is not in the repository {root}")
@@ -209,7 +213,7 @@ class Repository:
             self._unloaded.discard(name)
             with self._lock:
                 current = {e.version: e for e in self._models.get(name, [])}
-            slots = [(d, current.get(d.version)) for d in scan_model(root, name)]
+            slots = [(d, current.get(d.version)) for d in found]
             todo = [d for d, c in slots if force or c is None or not _unchanged(c, d)]
             loading = {id(d) for d in todo}
             on_disk = {d.version for d, _ in slots}

@@ -156,7 +156,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @handles_errors
     def ModelStreamInfer(self, request_iterator, context):
         """Pipelined: each request is queued (DataPlane.infer_async) the moment it arrives, in
-        arrival order, without waiting for earlier answers; answers go out as they complete.
+        arrival order, without waiting for earlier answers; answers go out in request
+        order (Triton, non-decoupled), each as soon as it and the ones before it are done.
         An error is answered in-stream (error_message, plus the request's id in infer_response)
         and the stream goes on."""
         yield from _PipelinedStream(self._dp, request_iterator, context, observer_of(self)).responses()

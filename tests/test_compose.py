@@ -5,8 +5,8 @@
 2. The commands the `train`, `export` and `server` services run are run here as
    plain processes, with the compose file's own environment, the named volumes
    mapped to temp folders and the server bound to loopback. The server must
-   answer health (with the service's own healthcheck command), predictions and,
-   when the compose file sets a metrics port, Prometheus metrics.
+   answer health (with the service's own healthcheck command), predictions and
+   Prometheus metrics (the port the server writes to <port-file>.metrics).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -97,11 +98,11 @@ def test_compose_commands_run_as_plain_processes(tmp_path):
         sorted(["rnncell", "rnn", "emb-rnn", "emb-lstm", "emb-gru"])
 
     server = services["server"]
-    wants_metrics = "RNNSERVE_METRICS_PORT" in (server.get("environment") or {})
+    assert int(server["environment"]["RNNSERVE_METRICS_PORT"]) > 0
     port_file = tmp_path / "port"
     argv, env = _process(server, tmp_path, {
         "RNNSERVE_HOST": "127.0.0.1", "RNNSERVE_PORT": "0", "RNNSERVE_PORT_FILE": str(port_file),
-        **({"RNNSERVE_METRICS_PORT": "0"} if wants_metrics else {}),
+        "RNNSERVE_METRICS_PORT": "0",
     })
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp_path)
@@ -120,23 +121,26 @@ def test_compose_commands_run_as_plain_processes(tmp_path):
         res = subprocess.run([sys.executable, "-m", "serve.client", "--address", address, "--json",
                               "predict", "emb-lstm", "hello"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and "ohlol" in res.stdout, res.stdout + res.stderr
-        if wants_metrics:
-            metrics_port = _metrics_port(proc, tmp_path)
-            if metrics_port is not None:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
-                assert b"rnnserve_" in body
+        metrics_file = tmp_path / "port.metrics"   # written before the gRPC port file
+        assert metrics_file.is_file(), "the server did not write <port-file>.metrics"
+        body = urllib.request.urlopen(f"http://127.0.0.1:{int(metrics_file.read_text())}/metrics",
+                                      timeout=10).read().decode()
+        families = list(text_string_to_metric_families(body))
+        samples = [s for f in families for s in f.samples]
+
+        def value(name, **labels):
+            return sum(s.value for s in samples
+                       if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        assert value("rnnserve_requests_total", model="emb-lstm", method="Predict", code="OK") == 1
+        assert value("rnnserve_requests_total") == 1                            # the predict above
+        assert value("rnnserve_model_state", model="emb-lstm", version="1", state="READY") == 1
+        assert value("rnnserve_executions_total", model="emb-lstm") >= 1
+        assert {"rnnserve_requests", "rnnserve_inferences", "rnnserve_executions", "rnnserve_batch_size",
+                "rnnserve_queue_duration_seconds", "rnnserve_compute_duration_seconds",
+                "rnnserve_request_duration_seconds", "rnnserve_live_sequences",
+                "rnnserve_model_state"} <= {f.name for f in families}
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0
 
-
-def _metrics_port(proc, tmp_path):
-    """The metrics port the server wrote beside its gRPC port file, if it did."""
-    path = tmp_path / "port.metrics"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return int(path.read_text())
-        time.sleep(0.1)
-    return None

@@ -73,7 +73,7 @@ def wait_for(check, what: str, timeout: float = 30.0):
     while True:
         try:
             value = check()
-        except InferenceServerException:
+        except (InferenceServerException, grpc.RpcError):   # e.g. health does not know the model yet
             value = None
         if value:
             return value
@@ -121,7 +121,7 @@ def polled(repo):
 
 # -- tests -----------------------------------------------------------------------------------------
 def test_new_versions_are_picked_up_and_failures_keep_the_rest_serving(repo, polled):
-    server, client, _ = polled
+    _, client, ch = polled
     _, gru_v1 = infer(client, "chargru")
     _, lstm_v1 = infer(client, "charlm", "1")
     assert not np.array_equal(gru_v1, lstm_v1)
@@ -157,6 +157,9 @@ def test_new_versions_are_picked_up_and_failures_keep_the_rest_serving(repo, pol
     # a new model folder is picked up too
     publish(repo, "newgru", 1, src=model_file(repo, "chargru", 1))
     wait_for(lambda: client.is_model_ready("newgru"), "the new model")
+    health = health_pb2_grpc.HealthStub(ch)
+    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service="newgru")).status == SERVING,
+             "the new model's health")
     assert np.array_equal(infer(client, "newgru")[1], gru_v1)
 
 
@@ -199,6 +202,7 @@ def test_changed_file_switches_after_warmup_and_inflight_work_finishes_on_the_ol
     worker = threading.Thread(target=hammer)
     worker.start()
     try:
+        wait_for(lambda: seen, "the first answers")
         replace_file(repo, "chargru", 1, src=model_file(repo, "charlm", 1))
         wait_for(lambda: not np.array_equal(infer(client, "chargru")[1], old_logits), "the changed file")
         time.sleep(3 * POLL_S)
@@ -248,8 +252,8 @@ def test_removed_models_and_versions_are_not_found(repo, polled):
 
     # A model unloaded by request stays unloaded while polls go by, until it is loaded again.
     client.unload_model("chargru")
-    passes = server.dataplane._poller.passes
-    wait_for(lambda: server.dataplane._poller.passes >= passes + 3, "three polls")
+    passes = server.dataplane.poller.passes
+    wait_for(lambda: server.dataplane.poller.passes >= passes + 3, "three polls")
     assert not client.is_model_ready("chargru") and index(client)[("chargru", "1")][0] == "UNLOADED"
     client.load_model("chargru")
     assert client.is_model_ready("chargru") and infer(client, "chargru")[0] == "1"
