@@ -24,7 +24,7 @@ Table 2, streaming: N sequences x S single-token steps (sequence_id/start/end), 
   Where the time goes (py-spy and /proc CPU time on 2 shared cores): each request costs the
   server ~0.4-0.5 ms of CPU in the grpcio sync front end (poller -> handler -> reader/batcher
   thread hand-offs, HTTP/2 framing) plus ~0.2 ms in tritonclient, batched or not, while one
-  onnxruntime step costs ~0.25 ms alone and ~0.02 ms per row in a batch of 64. With one
+  onnxruntime step costs ~0.25-0.45 ms alone and ~0.02-0.03 ms per row in a batch of 64. With one
   message per step the front end, not onnxruntime, bounds steps/s: batching can save only the
   onnxruntime share (about 1.5-1.8x here); in process (the table's first rows, and
   bench.bench_engine) batching the steps is >= 10x.

@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from train.checkpoint import file_sha256, load_checkpoint
+from export.metadata import file_sha256
+from train.checkpoint import load_checkpoint
 
 from .metadata import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, parse_metadata
 from .onnx_export import DEFAULT_OPSET, export_checkpoint

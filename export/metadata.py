@@ -6,6 +6,7 @@ All values stored in the ONNX file are strings (see DEVELOPERS.md, "Metadata key
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -185,3 +186,12 @@ def parse_metadata(props: Mapping[str, str]) -> ModelMeta:
     versions = {"torch": str(props[KEY_TORCH_VERSION]), "onnx": str(props[KEY_ONNX_VERSION]), "opset": opset}
     return ModelMeta(vocab=vocab, config=config, train_config=train_config, checkpoint_sha256=sha,
                      versions=versions, state_inputs=state_in, state_outputs=state_out)
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file (checkpoints, published models, manifest entries)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

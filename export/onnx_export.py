@@ -31,7 +31,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from train.checkpoint import file_sha256, load_checkpoint
+from export.metadata import file_sha256
+from train.checkpoint import load_checkpoint
 from train.model import CharRNN, ModelConfig
 
 from .metadata import (DIM_BATCH, DIM_SEQ, ModelMeta, TensorSpec, build_metadata,

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import onnx
 
-from train.checkpoint import file_sha256
+from export.metadata import file_sha256
 
 from .metadata import KEY_CHECKPOINT_SHA256
 from .onnx_export import MODEL_FILENAME, ExportError

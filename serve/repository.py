@@ -23,14 +23,13 @@ Changes while serving (`sync_model`, run by RepositoryModelLoad and, with
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from export.metadata import parse_metadata
+from export.metadata import file_sha256, parse_metadata
 
 from .engine import ModelEngine
 from .errors import NotFound, Unavailable
@@ -62,14 +61,6 @@ def fingerprint(path: str) -> Optional[Tuple[int, ...]]:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:

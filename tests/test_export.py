@@ -18,7 +18,8 @@ from export.metadata import (DIM_BATCH, DIM_SEQ, INPUT_TOKENS, KEY_CHECKPOINT_SH
 from export.onnx_export import (DEFAULT_OPSET, FAILED_PARITY_FILENAME, MODEL_FILENAME, PARITY_FILENAME,
                                 ExportError, check_io, export_checkpoint)
 from export.parity import ATOL, BATCHES, make_session
-from train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from export.metadata import file_sha256
+from train.checkpoint import load_checkpoint, save_checkpoint
 from train.hello import INPUT_TEXT, train_hello
 from train.model import PRESET_NAMES, CharRNN, ModelConfig
 

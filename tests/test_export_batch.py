@@ -23,7 +23,8 @@ from export.publish import MANIFEST_FILENAME, STAGING_PREFIX, sanitize_name
 from export.variants import KEY_VARIANT, VARIANT_REPORT, EvalText, make_variant, op_counts, variant_session
 from serve.repository import scan_model, scan_names
 from tests.fixtures import CHARLM_VOCAB, make_dataplane
-from train.checkpoint import file_sha256, save_checkpoint
+from export.metadata import file_sha256
+from train.checkpoint import save_checkpoint
 from train.hello import train_hello
 from train.model import PRESET_NAMES, CharRNN, ModelConfig
 

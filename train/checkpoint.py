@@ -7,7 +7,6 @@ so `load_checkpoint(path)` needs no other flags.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Any, Dict, List, Tuple
@@ -78,11 +77,3 @@ def load_checkpoint(path: str) -> Tuple[CharRNN, Dict[str, Any]]:
         raise CheckpointError(f"{path}: vocab has {len(ckpt['vocab'])} entries, model expects {cfg.vocab_size}")
     model.eval()
     return model, ckpt
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
