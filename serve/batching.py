@@ -133,19 +133,35 @@ class Batcher:
         self._recent_rows: Deque[int] = collections.deque(maxlen=8)   # rows of the last runs
         self._cv = threading.Condition()
         self._closed = False
+        self._busy = False          # a run (scheduler or inline) is in progress
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     # ---- public -------------------------------------------------------------
-    def submit(self, work: Work) -> Future:
+    def submit(self, work: Work, inline: bool = False) -> Future:
+        """Queue work; the Future resolves to its outputs. With `inline`, a caller that is
+        going to wait anyway runs its work on its own thread when the model is idle (no
+        queue, no run in progress): no hand-off to the scheduler thread at concurrency 1."""
         with self._cv:
             if self._closed:
                 raise Unavailable(f"model '{self.name}' is shutting down")
             if len(self._queue) >= self.max_queue_size:
                 raise Unavailable(f"model '{self.name}': queue full ({self.max_queue_size} requests waiting)")
             work.enqueued = time.monotonic()
-            self._queue.append(work)
-            self._cv.notify()
+            run_here = inline and not self._busy and not self._queue
+            if run_here:
+                self._busy = True
+                self._recent_rows.append(work.rows)
+            else:
+                self._queue.append(work)
+                self._cv.notify()
+        if run_here:
+            try:
+                self._execute([work])
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify()
         return work.future
 
     def cancel(self, work: Work) -> bool:
@@ -198,10 +214,11 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closed:
+                while (not self._queue or self._busy) and not self._closed:
                     self._cv.wait()
                 if not self._queue and self._closed:
                     return
+                self._busy = True
                 batch = self._take()
                 # Wait for more rows only up to what recent runs show is coming.
                 target = min(self.max_batch_size, max(self._recent_rows, default=1))
@@ -217,7 +234,11 @@ class Batcher:
                         self._queue.extendleft(reversed(batch))
                         batch = self._take()
                 self._recent_rows.append(sum(w.rows for w in batch))
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            finally:
+                with self._cv:
+                    self._busy = False
 
     def _execute(self, batch: List[Work]) -> None:
         now = time.monotonic()

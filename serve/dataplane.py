@@ -161,7 +161,7 @@ class DataPlane:
         a cancelled call leaves the queue (Cancelled), a queued request past its deadline
         is dropped (DeadlineExceeded)."""
         inst = self.instance(req.model_name, req.model_version)
-        pending = inference.submit(inst, req, self.settings.max_seq_len)
+        pending = inference.submit(inst, req, self.settings.max_seq_len, inline=True)
         try:
             out = wait(pending.raw, pending.cancel, req.is_cancelled, pending.deadline)
         except ServeError:

@@ -86,10 +86,12 @@ class ModelEngine:
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, tokens: np.ndarray, states: States, need_state: bool,
                deadline: Optional[float] = None,
-               is_cancelled: Optional[Callable[[], bool]] = None) -> Tuple[Future, Callable[[], bool]]:
-        """Queue stateless rows; returns (future of the outputs, cancel). Raises Unavailable (queue full)."""
+               is_cancelled: Optional[Callable[[], bool]] = None,
+               inline: bool = False) -> Tuple[Future, Callable[[], bool]]:
+        """Queue stateless rows; returns (future of the outputs, cancel). Raises Unavailable (queue full).
+        inline: the caller will block on the result, so it may run the work itself when idle."""
         work = Work(tokens, tuple(states), need_state=need_state, deadline=deadline, is_cancelled=is_cancelled)
-        self._track(self.batcher.submit)(work)
+        self._track(lambda w: self.batcher.submit(w, inline=inline))(work)
         return work.future, lambda: self.batcher.cancel(work)
 
     def submit_step(self, seq_id: Hashable, tokens: np.ndarray, *, start: bool, end: bool,
@@ -106,7 +108,7 @@ class ModelEngine:
 
     def run(self, tokens: np.ndarray, states: States, need_state: bool = True) -> Dict[str, np.ndarray]:
         """Submit and wait: the blocking form the text API uses."""
-        fut, cancel = self.submit(tokens, states, need_state)
+        fut, cancel = self.submit(tokens, states, need_state, inline=True)
         return wait(fut, cancel)
 
     # -- accounting ----------------------------------------------------------------------------

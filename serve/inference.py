@@ -93,8 +93,10 @@ def check_runnable(req: InferRequest, deadline: Optional[float]) -> None:
         raise DeadlineExceeded("the request's deadline passed before it ran")
 
 
-def submit(inst: ModelInstance, req: InferRequest, max_seq_len: int) -> Pending:
-    """Validate and queue one request; raises serve.errors.* for what is wrong before queueing."""
+def submit(inst: ModelInstance, req: InferRequest, max_seq_len: int, inline: bool = False) -> Pending:
+    """Validate and queue one request; raises serve.errors.* for what is wrong before queueing.
+    inline: the caller blocks on the answer, so stateless work may run on its thread when the
+    model is idle (see Batcher.submit)."""
     t0 = time.perf_counter_ns()
     arrived = time.monotonic()
     engine = inst.engine
@@ -116,7 +118,7 @@ def submit(inst: ModelInstance, req: InferRequest, max_seq_len: int) -> Pending:
         else:
             need_state = any(n in engine.io.state_outputs for n in outputs)
             fut, cancel = engine.submit(tokens, engine.states_from(feeds, batch), need_state,
-                                        deadline=deadline, is_cancelled=req.is_cancelled)
+                                        deadline=deadline, is_cancelled=req.is_cancelled, inline=inline)
     except ServeError:
         inst.stats.record_request(False, time.perf_counter_ns() - t0)
         raise

@@ -256,3 +256,37 @@ def test_no_added_wait_at_concurrency_one(models):
         assert b.stats.execution_count == 3
     finally:
         b.close()
+
+
+def test_inline_runs_on_the_callers_thread_only_when_idle(models):
+    """A blocking caller at concurrency 1 runs its own work (no hand-off); when the
+    model is busy the work queues and is batched as usual."""
+    m = models["lstm"]
+    seen = []
+
+    def run(feeds):
+        seen.append(threading.current_thread().name)
+        return m.run(feeds)
+
+    gated = GatedRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=8)
+    try:
+        toks = np.ones((1, 6), np.int64)
+        fut = b.submit(Work(toks, m.zero(1)), inline=True)
+        assert fut.done() and seen == [threading.current_thread().name]
+        np.testing.assert_array_equal(fut.result()["logits"], m.alone(toks, m.zero(1))["logits"])
+    finally:
+        b.close()
+    b = Batcher("lstm", gated, m.io, max_batch_size=8)
+    try:
+        first = b.submit(Work(toks, m.zero(1)))          # the scheduler thread takes it
+        assert gated.entered.wait(10)
+        queued = b.submit(Work(toks, m.zero(1)), inline=True)
+        assert not queued.done() and b.queue_depth() == 1  # busy: it queued instead of running
+        gated.gate.set()
+        first.result(timeout=30)
+        queued.result(timeout=30)
+        assert b.stats.execution_count == 2
+    finally:
+        gated.gate.set()
+        b.close()
