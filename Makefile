@@ -30,11 +30,13 @@ protos: install
 	$(BIN)/python scripts/gen_protos.py
 
 bench: install
-	$(BIN)/python bench/bench_latency.py
-	$(BIN)/python bench/bench_server.py
+	$(BIN)/python -m bench.bench_latency
+	$(BIN)/python -m bench.bench_server
+	$(BIN)/python -m bench.bench_engine
+	$(BIN)/python -m bench.bench_batching
 
 quality: install
-	$(BIN)/python bench/quality.py --corpus ../shared/data/tinyshakespeare.txt
+	$(BIN)/python -m bench.quality --corpus ../shared/data/tinyshakespeare.txt
 
 clean:
 	rm -rf runs .pytest_cache

@@ -30,6 +30,8 @@ class ModelConfig:
     emb_size: int = 10
     hidden_size: int = 8
     num_layers: int = 1
+    # Training only: between stacked layers (inside nn.RNN/LSTM/GRU) and on the
+    # last layer's output before the Linear head.  Identity in eval mode/export.
     dropout: float = 0.0
     bidirectional: bool = False
     # head=False: the hidden state itself is the output (the notes' rnncell/rnn
@@ -124,6 +126,8 @@ class CharRNN(nn.Module):
                 bidirectional=cfg.bidirectional,
             )
         if cfg.head:
+            # No parameters: the state dict is the same with or without it.
+            self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
             self.fc = nn.Linear(cfg.hidden_size * cfg.num_directions, cfg.vocab_size)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -153,7 +157,7 @@ class CharRNN(nn.Module):
         else:
             y, h = self.rnn(x, state[0] if state is not None else None)
             new_state = (h,)
-        logits = self.fc(y) if self.cfg.head else y
+        logits = self.fc(self.drop(y)) if self.cfg.head else y
         return logits, new_state
 
     def num_params(self) -> int:
