@@ -18,7 +18,7 @@ import time
 import torch
 
 from train.charlm import CHAR_PRESET_NAMES, TrainConfig, train_charlm
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint, read_checkpoint
 from train.data import CharData
 from train.evaluate import evaluate_windows, to_bits
 
@@ -36,18 +36,22 @@ def evaluate_checkpoint(path: str, data: CharData, window: int) -> dict:
     nats = evaluate_windows(model, data.val, window=window)
     tc, m = ckpt["train_config"], ckpt["metrics"]
     cfg = model.cfg
+    last = os.path.join(os.path.dirname(path), "last.pt")
+    total = read_checkpoint(last)["train_state"]["step"] if os.path.exists(last) else m["step"]
     return {"model": tc["model"], "shape": f"{cfg.arch} {cfg.num_layers}x{cfg.hidden_size}",
-            "params": model.num_params(), "steps": m["step"], "budget": tc.get("time_budget"),
-            "tokens": m["step"] * tc["batch_size"] * tc["seq_len"], "nats": nats, "bits": to_bits(nats),
+            "params": model.num_params(), "steps": total, "best_step": m["step"],
+            "budget": tc.get("time_budget"),
+            "tokens": total * tc["batch_size"] * tc["seq_len"], "nats": nats, "bits": to_bits(nats),
             "eval_s": time.perf_counter() - t}
 
 
 def table(rows: list, n_val: int, window: int) -> str:
     out = [f"Validation split: {n_val} chars, windows of {window} chars, state reset per window.", "",
-           "| model | shape | params | steps | train chars | budget (min) | val nats/char | val bits/char |",
+           "| model | shape | params | steps (best at) | train chars | budget (min) | val nats/char | "
+           "val bits/char |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['steps']} | "
+        out.append(f"| {r['model']} | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['steps']} ({r['best_step']}) | "
                    f"{r['tokens'] / 1e6:.1f}M | {r['budget']} | {r['nats']:.4f} | {r['bits']:.4f} |")
     return "\n".join(out)
 
