@@ -76,6 +76,9 @@ def create_session(path: str, providers: Sequence[str], device: str, intra_op_th
     so.inter_op_num_threads = int(inter_op_threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only; our own log says what matters
+    # No busy-waiting in the intra-op pool: spinning threads starve the gRPC threads that
+    # share the cores, and the batcher feeds one run at a time anyway.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, sess_options=so, providers=list(providers),
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
     active = sess.get_providers()
