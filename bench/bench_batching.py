@@ -67,7 +67,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List
 
 import numpy as np
 import tritonclient.grpc as tc
@@ -141,6 +141,17 @@ def stateless_table(session, address: str, concurrencies: List[int], seconds: fl
 
 
 # -- table 2: streaming ---------------------------------------------------------------------------
+def _run_all(target: Callable, args: Iterable, errors: list) -> None:
+    """One thread per argument; join them all, then raise the first error any of them hit."""
+    threads = [threading.Thread(target=target, args=(a,)) for a in args]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+
+
 def unary_sequences(address: str, tokens: np.ndarray, base_id: int) -> np.ndarray:
     """One thread per sequence, each step a blocking infer(); -> every sequence's last logits."""
     n, steps = tokens.shape
@@ -162,13 +173,7 @@ def unary_sequences(address: str, tokens: np.ndarray, base_id: int) -> np.ndarra
         except Exception as e:  # noqa: BLE001 - reported after the run
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    _run_all(run, range(n), errors)
     return np.stack(last)
 
 
@@ -204,13 +209,7 @@ def stream_sequences(address: str, tokens: np.ndarray, base_id: int, streams: in
         except Exception as e:  # noqa: BLE001 - reported after the run
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(g,)) for g in groups]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    _run_all(run, groups, errors)
     return np.stack(last)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict
 
@@ -15,6 +16,7 @@ import torch
 
 from export.onnx_export import export_checkpoint
 from serve.dataplane import DataPlane
+from serve.server import create_server
 from serve.settings import ServeSettings
 from train.checkpoint import save_checkpoint
 from train.hello import train_hello
@@ -80,3 +82,23 @@ def make_dataplane(repo: str, **overrides) -> DataPlane:
     dp = DataPlane(ServeSettings(repository=repo, device="cpu", intra_op_threads=1, **overrides))
     dp.load()
     return dp
+
+
+# The five seed models, as the test servers name them.
+HELLO_MODELS = PRESET_NAMES
+# max_seq_len of the test servers (small, so the "seq too long" rule is cheap to hit).
+MAX_SEQ_LEN = 64
+
+
+@contextmanager
+def serving(repository: str, **overrides):
+    """A started server on 127.0.0.1, port 0; yields (server, 'host:port')."""
+    settings = ServeSettings(repository=repository, host="127.0.0.1", port=0,
+                             max_seq_len=MAX_SEQ_LEN, intra_op_threads=1, grpc_workers=8,
+                             grace=2.0, **overrides)
+    server, port = create_server(settings)
+    server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)

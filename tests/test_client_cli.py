@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from serve.client import RnnClient
-from tests.test_grpc_server import HELLO_MODELS, serving
+from tests.fixtures import HELLO_MODELS, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -22,27 +21,10 @@ from serve.gen import grpc_service_pb2_grpc as pb_grpc
 from serve.gen import text_service_pb2 as tpb
 from serve.gen import text_service_pb2_grpc as tpb_grpc
 from serve.grpc_errors import status_for
-from serve.server import create_server
-from serve.settings import ServeSettings
+from tests.fixtures import HELLO_MODELS, MAX_SEQ_LEN, serving
 
-HELLO_MODELS = ("rnncell", "rnn", "emb-rnn", "emb-lstm", "emb-gru")
-MAX_SEQ_LEN = 64
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
-
-
-@contextmanager
-def serving(repository: str, **overrides):
-    """A started server on 127.0.0.1, port 0; yields (server, 'host:port')."""
-    settings = ServeSettings(repository=repository, host="127.0.0.1", port=0,
-                             max_seq_len=MAX_SEQ_LEN, intra_op_threads=1, grpc_workers=8,
-                             grace=2.0, **overrides)
-    server, port = create_server(settings)
-    server.start()
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from serve.gen import text_service_pb2 as tpb
 from serve.gen import text_service_pb2_grpc as tpb_grpc
 from tests.fixtures import copy_repo
-from tests.test_grpc_server import serving
+from tests.fixtures import serving
 
 FAMILIES = {"rnnserve_requests", "rnnserve_request_duration_seconds", "rnnserve_inferences",
             "rnnserve_executions", "rnnserve_batch_size", "rnnserve_queue_duration_seconds",

@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from serve.gen import text_service_pb2 as tpb
 from serve.gen import text_service_pb2_grpc as tpb_grpc
 from tests.fixtures import copy_repo
-from tests.test_grpc_server import serving
+from tests.fixtures import serving
 
 TOKENS = np.array([[1, 5, 9, 13, 2, 7]], dtype=np.int64)
 POLL_S = 0.2

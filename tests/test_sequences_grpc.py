@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.test_grpc_server import HELLO_MODELS, serving
+from tests.fixtures import HELLO_MODELS, serving
 
 UNIDIRECTIONAL = [("hello", m) for m in HELLO_MODELS] + [("charlm", "charlm"), ("charlm", "chargru")]
 SEQ_LEN = 40

@@ -17,7 +17,7 @@ from serve.gen import text_service_pb2 as tpb
 from serve.gen import text_service_pb2_grpc as tpb_grpc
 from tests.fixtures import CHARLM_VOCAB
 from tests.test_client_cli import ROOT
-from tests.test_grpc_server import HELLO_MODELS, serving
+from tests.fixtures import HELLO_MODELS, serving
 
 TEXT = "the quick brown fox jumps over the lazy dog, twice!\nok."
 

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.test_grpc_server import HELLO_MODELS, serving
+from tests.fixtures import HELLO_MODELS, serving
 
 
 @pytest.fixture(scope="module")
