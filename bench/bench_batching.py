@@ -20,14 +20,15 @@ Table 2, streaming: N sequences x S single-token steps (sequence_id/start/end), 
   unary   N threads, each sending its sequence's steps with infer() one after another;
   stream  K tritonclient streams (start_stream/async_stream_infer), each carrying N/K
           sequences, pipelined: all of a stream's sequences' next steps are sent at once.
-  Aggregate steps/s, onnxruntime rows per run (ModelStatistics), ratio (goal: >= 5x).
-  Where the time goes (py-spy and /proc CPU time on 2 shared cores): each request costs the
-  server ~0.4-0.5 ms of CPU in the grpcio sync front end (poller -> handler -> reader/batcher
-  thread hand-offs, HTTP/2 framing) plus ~0.2 ms in tritonclient, batched or not, while one
-  onnxruntime step costs ~0.25-0.45 ms alone and ~0.02-0.03 ms per row in a batch of 64. With one
-  message per step the front end, not onnxruntime, bounds steps/s: batching can save only the
-  onnxruntime share (about 1.5-1.8x here); in process (the table's first rows, and
-  bench.bench_engine) batching the steps is >= 10x.
+  Aggregate steps/s, onnxruntime rows per run (ModelStatistics), ratio (goal: >= 5x), and the
+  CPU time per step of the client process and of the server process (/proc). The "ceiling"
+  line turns those into the most batching can give here: a step's front-end CPU (client +
+  server, less the onnxruntime step) is paid per message, batched or not, and batching shrinks
+  only the onnxruntime share. In process (the table's first rows, and bench.bench_engine)
+  batching the steps is >= 10x.
+Table 1 ends with the gRPC floor: bench.floor's server answers a canned response of the same
+  size, through the same tritonclient call, at concurrency 1: the round trip no Python gRPC
+  server on this machine can go under.
 Table 3, prefix: one sequence of n tokens predicted one token at a time: the naive client
   resends the whole prefix each step (stateless, O(n^2) work) vs the server keeping the
   state (sequence steps of one token, O(n)).
@@ -73,6 +74,7 @@ import numpy as np
 import tritonclient.grpc as tc
 
 from bench.bench_server import MODEL, VOCAB, build_repository, run_load, start_server
+from bench.floor import own_cpu_s, process_cpu_s, start_floor_server
 from serve.runtime import CPU, create_session
 
 SEQ = 64
@@ -116,15 +118,31 @@ def batched_load(session, concurrency: int, seconds: float) -> dict:
             "rps": concurrency * len(lat) / elapsed}
 
 
-def stateless_table(session, address: str, concurrencies: List[int], seconds: float) -> list:
-    tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
-    feeds = _feeds(session, tokens)
-
-    def server_call():
+def _infer_call(address: str, tokens: np.ndarray):
+    """A make_call for run_load: its own tritonclient, infer() of tokens, logits requested."""
+    def make():
         client = tc.InferenceServerClient(address)
         tensor = _tokens_input(tokens)
         outputs = [tc.InferRequestedOutput("logits")]
         return lambda: client.infer(MODEL, [tensor], outputs=outputs)
+    return make
+
+
+def floor_load(tmp: str, seconds: float) -> dict:
+    """Concurrency 1 against bench.floor's canned-answer server: the gRPC + tritonclient round
+    trip with no work behind it."""
+    proc, address = start_floor_server(Path(tempfile.mkdtemp(dir=tmp)) / "port", SEQ)
+    try:
+        return run_load(_infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def stateless_table(session, address: str, concurrencies: List[int], seconds: float) -> list:
+    tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
+    feeds = _feeds(session, tokens)
+    server_call = _infer_call(address, tokens)
 
     check = server_call()()
     assert np.array_equal(check.as_numpy("logits"), session.run(["logits"], feeds)[0]), "outputs differ"
@@ -229,17 +247,22 @@ def local_steps(session, tokens: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate(last)
 
 
-def streaming_rows(address: str, tokens: np.ndarray, ref: np.ndarray, streams: int, tag: str) -> list:
+def streaming_rows(address: str, pid: int, tokens: np.ndarray, ref: np.ndarray, streams: int,
+                   tag: str) -> list:
+    """Both client shapes against one server -> [(label, seconds, rows per run, max |dlogit|,
+    client CPU ms per step, server CPU ms per step)]."""
     rows = []
     for mode, fn in (("unary", lambda base: unary_sequences(address, tokens, base)),
                      (f"stream x{streams}", lambda base: stream_sequences(address, tokens, base, streams))):
         runs0, rows0 = _runs_and_rows(address)
-        t0 = time.perf_counter()
+        cpu0, server0, t0 = own_cpu_s(), process_cpu_s(pid), time.perf_counter()
         last = fn(1_000_000 * (len(rows) + 1))
         secs = time.perf_counter() - t0
+        client_ms = (own_cpu_s() - cpu0) * 1e3 / tokens.size
+        server_ms = (process_cpu_s(pid) - server0) * 1e3 / tokens.size
         runs1, rows1 = _runs_and_rows(address)
         rows.append((f"{tag}, {mode}", secs, (rows1 - rows0) / max(1, runs1 - runs0),
-                     float(np.abs(last - ref).max())))
+                     float(np.abs(last - ref).max()), client_ms, server_ms))
     return rows
 
 
@@ -262,10 +285,11 @@ def prefix_vs_state(address: str, n: int, seed: int) -> tuple[float, float, floa
 
 
 # -- main -------------------------------------------------------------------------------------------
-def _with_server(repo: str, tmp: str, threads: int, extra: List[str], work: Callable[[str], object]):
+def _with_server(repo: str, tmp: str, threads: int, extra: List[str], work: Callable[[str, int], object]):
+    """work(address, server pid) against `python -m serve` started with the extra flags."""
     proc, address = start_server(repo, threads, Path(tempfile.mkdtemp(dir=tmp)) / "port", extra)
     try:
-        return work(address)
+        return work(address, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -296,9 +320,9 @@ def main(argv=None) -> int:
             ref = local_steps(session, seq_tokens, rows)
             local_runs.append((rows, time.perf_counter() - t0))
 
-        def batched_server(address: str):
+        def batched_server(address: str, pid: int):
             return (stateless_table(session, address, args.concurrency, args.seconds),
-                    streaming_rows(address, seq_tokens, ref, args.streams, f"server, max batch {n}"),
+                    streaming_rows(address, pid, seq_tokens, ref, args.streams, f"server, max batch {n}"),
                     prefix_vs_state(address, args.prefix, seed=2))
 
         stateless, streaming, prefix = _with_server(
@@ -306,13 +330,15 @@ def main(argv=None) -> int:
             batched_server)
         streaming = _with_server(
             repo, tmp, args.threads, common + ["--max-batch-size", "1"],
-            lambda address: streaming_rows(address, seq_tokens, ref, args.streams, "server, max batch 1")
+            lambda address, pid: streaming_rows(address, pid, seq_tokens, ref, args.streams,
+                                                "server, max batch 1")
         ) + streaming
-    _print(args, stateless, streaming, local_runs, prefix, load_before)
+        floor = floor_load(tmp, args.seconds)
+    _print(args, stateless, floor, streaming, local_runs, prefix, load_before)
     return 0
 
 
-def _print(args, stateless, streaming, local_runs, prefix, load_before) -> None:
+def _print(args, stateless, floor, streaming, local_runs, prefix, load_before) -> None:
     print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; onnxruntime intra-op threads "
           f"{args.threads} (server and in-process), inter-op 1; --max-queue-delay-us "
           f"{args.max_queue_delay_us}; {os.cpu_count()} CPUs, shared; load average before "
@@ -326,31 +352,46 @@ def _print(args, stateless, streaming, local_runs, prefix, load_before) -> None:
             rows = f"{r['rows_per_run']:.1f}" if "rows_per_run" in r else (str(c) if r is batched else "1")
             print(f"| {mode:<18} | {c:>4} | {r['p50']:>7.3f} | {r['p99']:>7.3f} | {r['rps']:>8.1f} "
                   f"| {r['rps'] / local['rps']:>5.2f}x | {rows:>8} |")
+    print(f"| {'gRPC floor':<18} | {1:>4} | {floor['p50']:>7.3f} | {floor['p99']:>7.3f} | {floor['rps']:>8.1f} "
+          f"| {'':>6} | {'0':>8} |")
+    print("gRPC floor: bench.floor's server answers a canned response of the same size (no model, "
+          "no validation), through the same tritonclient call")
     for c, local, _, served in stateless:
         if c == 1:
             ok = served["p50"] <= local["p50"] + 0.5
             print(f"goal conc 1: server p50 {served['p50']:.3f} ms <= in-process {local['p50']:.3f} + 0.5 ms: "
-                  f"{'met' if ok else 'MISSED'}")
+                  f"{'met' if ok else 'MISSED'} (server - in-process = {served['p50'] - local['p50']:.3f} ms; "
+                  f"the gRPC floor alone is {floor['p50']:.3f} ms)")
         else:
             ratio = served["rps"] / local["rps"]
             print(f"goal conc {c}: server {ratio:.2f}x in-process >= 1.2x: {'met' if ratio >= 1.2 else 'MISSED'}")
     total = args.sequences * args.steps
     print(f"\n2. streaming: {args.sequences} sequences x {args.steps} single-token steps = {total} steps; "
           f"ratio = steps/s / the max-batch-1 server's with the same client shape")
-    print(f"| {'mode':<36} | {'seconds':>7} | {'steps/s':>8} | {'rows/run':>8} | {'ratio':>6} | {'max |dlogit|':>12} |")
-    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
+    print(f"| {'mode':<36} | {'seconds':>7} | {'steps/s':>8} | {'rows/run':>8} | {'ratio':>6} "
+          f"| {'max |dlogit|':>12} | {'client CPU':>10} | {'server CPU':>10} |")
+    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 12}|{'-' * 12}|")
     for rows, secs in local_runs:
         label = f"in-process, {rows} row{'s' if rows > 1 else ''} per ort run"
         print(f"| {label:<36} | {secs:>7.2f} | {total / secs:>8.0f} | {rows:>8.1f} | {'':>6} "
-              f"| {'reference' if rows > 1 else '':>12} |")
+              f"| {'reference' if rows > 1 else '':>12} | {'':>10} | {1e3 * secs / total:>10.3f} |")
     one = {label.split(", ")[-1]: secs for label, secs, *_ in streaming if "max batch 1," in label}
-    for label, secs, rows_per_run, diff in streaming:
+    for label, secs, rows_per_run, diff, client_ms, server_ms in streaming:
         print(f"| {label:<36} | {secs:>7.2f} | {total / secs:>8.0f} | {rows_per_run:>8.1f} "
-              f"| {one[label.split(', ')[-1]] / secs:>5.2f}x | {diff:>12.2e} |")
+              f"| {one[label.split(', ')[-1]] / secs:>5.2f}x | {diff:>12.2e} | {client_ms:>10.3f} "
+              f"| {server_ms:>10.3f} |")
+    print("client/server CPU: CPU ms per step (all threads of the client process / of the server process)")
     best = min(secs for label, secs, *_ in streaming if "max batch 1," not in label)
     ratio = min(one.values()) / best
     print(f"goal: fastest batched vs fastest max-batch-1 server {ratio:.2f}x >= 5x: "
           f"{'met' if ratio >= 5 else 'MISSED'}")
+    # The ceiling: a step's front end (client + server CPU, less the onnxruntime run) is paid per
+    # message, batched or not; batching only shrinks the onnxruntime share.
+    ort_one, ort_many = (1e3 * secs / total for _, secs in local_runs)
+    front = min(c + srv for label, _, _, _, c, srv in streaming if "max batch 1," in label) - ort_one
+    print(f"ceiling: {front:.3f} ms of front-end CPU per step (client + server, less the {ort_one:.3f} ms "
+          f"onnxruntime step) is paid batched or not; at {ort_many:.3f} ms per batched row, batching "
+          f"can give at most {(front + ort_one) / (front + ort_many):.2f}x on CPU time")
     naive_s, carry_s, diff = prefix
     print(f"\n3. one sequence of n = {args.prefix} tokens, predicted one token at a time, through the server")
     print(f"| {'client':<44} | {'seconds':>7} | {'ratio':>6} |")

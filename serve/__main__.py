@@ -37,6 +37,8 @@ HELP = {
     "port": "0 = a free port (see --port-file)",
     "device": "cuda fails at start-up unless CUDA is really active; auto falls back to CPU",
     "intra_op_threads": "onnxruntime threads per session (0 = onnxruntime's default)",
+    "instances": "onnxruntime runs of one model in progress at once (Triton's instance count); "
+                 "each batch runs on one, the scheduler forms the next batch meanwhile",
     "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
     "poll_interval": "seconds between scans of the repository for new, changed and removed models (0 = off)",
     "metrics_port": "Prometheus /metrics on --host:PORT (-1 = off, 0 = a free port)",

@@ -116,10 +116,12 @@ class Batcher:
 
     def __init__(self, name: str, run: RunFn, io: ModelIO, *, max_batch_size: int = 32,
                  max_queue_delay_us: int = 500, max_queue_size: int = 1024,
-                 max_padding_ratio: float = 2.0,
+                 max_padding_ratio: float = 2.0, instances: int = 1,
                  on_batch: Optional[Callable[[int, Sequence[int], int], None]] = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if instances < 1:
+            raise ValueError("instances must be >= 1")
         self.name = name
         self._run = run
         self._io = io
@@ -133,9 +135,12 @@ class Batcher:
         self._recent_rows: Deque[int] = collections.deque(maxlen=8)   # rows of the last runs
         self._cv = threading.Condition()
         self._closed = False
-        self._busy = False          # a run (scheduler or inline) is in progress
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self.instances = instances  # runs that may be in progress at once
+        self._running = 0           # runs in progress (scheduler threads or inline callers)
+        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+                         for i in range(instances)]
+        for thread in self._threads:
+            thread.start()
 
     # ---- public -------------------------------------------------------------
     def submit(self, work: Work, inline: bool = False) -> Future:
@@ -148,9 +153,9 @@ class Batcher:
             if len(self._queue) >= self.max_queue_size:
                 raise Unavailable(f"model '{self.name}': queue full ({self.max_queue_size} requests waiting)")
             work.enqueued = time.monotonic()
-            run_here = inline and not self._busy and not self._queue
+            run_here = inline and not self._running and not self._queue
             if run_here:
-                self._busy = True
+                self._running += 1
                 self._recent_rows.append(work.rows)
             else:
                 self._queue.append(work)
@@ -160,8 +165,9 @@ class Batcher:
                 self._execute([work])
             finally:
                 with self._cv:
-                    self._busy = False
-                    self._cv.notify()
+                    self._running -= 1
+                    if self._queue:     # only queued work needs a scheduler woken
+                        self._cv.notify()
         return work.future
 
     def cancel(self, work: Work) -> bool:
@@ -182,7 +188,9 @@ class Batcher:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        until = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, until - time.monotonic()))
 
     # ---- scheduling -----------------------------------------------------------
     def _compatible(self, group: "_Group", w: Work) -> bool:
@@ -214,15 +222,17 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while (not self._queue or self._busy) and not self._closed:
+                idle = not self._queue      # nothing queued up while this scheduler was busy
+                while (not self._queue or self._running >= self.instances) and not self._closed:
                     self._cv.wait()
                 if not self._queue and self._closed:
                     return
-                self._busy = True
+                self._running += 1
                 batch = self._take()
-                # Wait for more rows only up to what recent runs show is coming.
+                # After an idle spell, wait for more rows, but only up to what recent runs show is
+                # coming. Work that queued up during a run goes at once: waiting then only idles.
                 target = min(self.max_batch_size, max(self._recent_rows, default=1))
-                if self.max_queue_delay > 0 and sum(w.rows for w in batch) < target:
+                if idle and self.max_queue_delay > 0 and sum(w.rows for w in batch) < target:
                     until = time.monotonic() + self.max_queue_delay
                     while sum(w.rows for w in batch) < target and not self._closed:
                         left = until - time.monotonic()
@@ -238,7 +248,9 @@ class Batcher:
                 self._execute(batch)
             finally:
                 with self._cv:
-                    self._busy = False
+                    self._running -= 1
+                    if self._queue and self.instances > 1:   # another scheduler may take it
+                        self._cv.notify()
 
     def _execute(self, batch: List[Work]) -> None:
         now = time.monotonic()

@@ -50,7 +50,8 @@ class ModelEngine:
         label = f"{inst.name}:{inst.version}" if inst.version else inst.name
         self.batcher = Batcher(label, inst.run, self.io, max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
-                               max_queue_size=settings.max_queue_size, on_batch=self._on_batch)
+                               max_queue_size=settings.max_queue_size, instances=settings.instances,
+                               on_batch=self._on_batch)
         self.sequences: Optional[SequenceManager] = None
         if inst.streamable:
             self.sequences = SequenceManager(label, self.batcher, self.io, self.zero_states,
@@ -73,15 +74,13 @@ class ModelEngine:
 
     # -- states ------------------------------------------------------------------------------
     def zero_states(self, batch: int) -> States:
-        shape = self.inst.state_shape(batch)
-        return tuple(np.zeros(shape, np.float32) for _ in self.io.state_inputs)
+        return tuple(self.inst.zeros(batch) for _ in self.io.state_inputs)
 
     def states_from(self, feeds: Mapping[str, np.ndarray], batch: int) -> States:
         """The state tuple in input order from validated feeds; missing states are zeros."""
         if not self.io.state_inputs:
             return ()
-        shape = self.inst.state_shape(batch)
-        return tuple(feeds[n] if n in feeds else np.zeros(shape, np.float32) for n in self.io.state_inputs)
+        return tuple(feeds[n] if n in feeds else self.inst.zeros(batch) for n in self.io.state_inputs)
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, tokens: np.ndarray, states: States, need_state: bool,

@@ -41,6 +41,7 @@ DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 # (batch, seq) shapes run at load so the first request does not pay for allocation.
 WARMUP_SHAPES = ((1, 1), (1, 16), (4, 64))
 WARMUP_REPEATS = 2
+ZEROS_CACHED_BATCH = 256   # zero states up to this batch are made once and shared
 
 
 class DeviceError(Unavailable):
@@ -121,6 +122,7 @@ class ModelInstance:
         self.vocab: List[str] = list(meta.vocab)
         self.char_to_id: Dict[str, int] = {c: i for i, c in enumerate(self.vocab)}
         self.stats = StatsRecorder(name, version)
+        self._zeros: Dict[int, np.ndarray] = {}
         self.run_count = 0
         self._count_lock = threading.Lock()
         # The batcher and sequences in front of run() (serve/engine.py); set by the repository at load.
@@ -143,8 +145,18 @@ class ModelInstance:
     def state_shape(self, batch: int):
         return self.meta.state_shape(batch)
 
+    def zeros(self, batch: int) -> np.ndarray:
+        """The zero state of one state input for `batch` rows: shared and read-only (cached)."""
+        z = self._zeros.get(batch)
+        if z is None:
+            z = np.zeros(self.state_shape(batch), np.float32)
+            z.flags.writeable = False
+            if batch <= ZEROS_CACHED_BATCH:
+                self._zeros[batch] = z
+        return z
+
     def zero_state(self, batch: int) -> Dict[str, np.ndarray]:
-        return {n: np.zeros(self.state_shape(batch), np.float32) for n in self.state_inputs}
+        return {n: self.zeros(batch) for n in self.state_inputs}
 
     def state_pairs(self):
         """[(input name, output name)]: h0<-hn, c0<-cn."""
@@ -168,7 +180,7 @@ class ModelInstance:
         batch = int(feeds[INPUT_TOKENS].shape[0])
         for name in self.state_inputs:
             if name not in feeds:
-                feeds[name] = np.zeros(self.state_shape(batch), np.float32)
+                feeds[name] = self.zeros(batch)
         names = list(output_names) if output_names else list(self.output_names)
         t0 = time.perf_counter_ns()
         try:

@@ -23,6 +23,7 @@ class ServeSettings:
     server_name: str = "rnnserve"
     # batching and sequences
     max_batch_size: int = 32
+    instances: int = 1                # onnxruntime runs of one model that may be in progress at once
     max_queue_delay_us: int = 500
     max_queue_size: int = 1024
     max_sequences: int = 4096

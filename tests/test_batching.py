@@ -290,3 +290,91 @@ def test_inline_runs_on_the_callers_thread_only_when_idle(models):
     finally:
         gated.gate.set()
         b.close()
+
+
+class CountingRun:
+    """The real session run, counting the runs in progress at once; each run waits at its own
+    gate (a semaphore release lets one run through)."""
+
+    def __init__(self, model: Model):
+        self.model, self.gate = model, threading.Semaphore(0)
+        self.lock, self.running, self.peak, self.rows = threading.Lock(), 0, 0, []
+
+    def __call__(self, feeds):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.rows.append(int(feeds["tokens"].shape[0]))
+        try:
+            assert self.gate.acquire(timeout=30), "the test never let this run through"
+            return self.model.run(feeds)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def wait_running(self, n: int, timeout: float = 10.0) -> bool:
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            with self.lock:
+                if self.running >= n:
+                    return True
+            time.sleep(0.005)
+        return False
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_bound_the_runs_in_progress(models, instances):
+    """--instances N: up to N onnxruntime runs of one model at once, each on its own batch;
+    beyond that, work queues. Every answer still equals the request run alone."""
+    m = models["lstm"]
+    run = CountingRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=0, instances=instances)
+    try:
+        toks = [np.full((1, 4), i, np.int64) for i in range(3)]
+        futs = [b.submit(Work(toks[0], m.zero(1)))]
+        assert run.wait_running(1)
+        futs.append(b.submit(Work(toks[1], m.zero(1))))
+        assert run.wait_running(instances)        # a second scheduler took it, if there is one
+        time.sleep(0.1)
+        assert run.running == instances and b.queue_depth() == 2 - instances
+        futs.append(b.submit(Work(toks[2], m.zero(1))))
+        for _ in range(3):
+            run.gate.release()
+        for t, fut in zip(toks, futs):
+            np.testing.assert_array_equal(fut.result(timeout=30)["logits"], m.alone(t, m.zero(1))["logits"])
+        assert run.peak == instances
+    finally:
+        for _ in range(3):
+            run.gate.release()
+        b.close()
+    with pytest.raises(ValueError):
+        Batcher("lstm", m.run, m.io, instances=0)
+
+
+def test_work_queued_during_a_run_goes_without_the_queue_delay(models):
+    """The queue delay is only for an idle model about to see a burst: work that queued while a
+    run was in progress goes the moment the model is free, even when recent batches were bigger."""
+    m = models["lstm"]
+    run = CountingRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=3_000_000)
+    try:
+        toks = np.ones((1, 5), np.int64)
+        first = b.submit(Work(toks, m.zero(1)))
+        assert run.wait_running(1)
+        four = [b.submit(Work(toks, m.zero(1))) for _ in range(4)]   # queue while the model is busy
+        run.gate.release()
+        first.result(timeout=30)
+        assert run.wait_running(1)                 # the four went at once, as one batch
+        assert run.rows == [1, 4]
+        late = b.submit(Work(toks, m.zero(1)))     # recent batches held 4 rows; this one is alone
+        t0 = time.monotonic()
+        run.gate.release()
+        run.gate.release()
+        for fut in four + [late]:
+            fut.result(timeout=30)
+        assert time.monotonic() - t0 < 2.0         # the 3 s delay for 3 more rows was not taken
+        assert run.rows == [1, 4, 1]
+    finally:
+        for _ in range(3):
+            run.gate.release()
+        b.close()

@@ -1,0 +1,85 @@
+"""The cost of the gRPC front end alone: a server that answers every ModelInfer with a canned
+response, and CPU-time accounting for the benchmark tables.
+
+    python -m bench.floor --port-file PATH [--seq 64]    # serve until SIGTERM
+
+The canned response has the shape and size of the real one (logits [1, seq, 65] as FP32 raw
+contents), so tritonclient does the same work on it as on a real answer. Its round trip, measured
+with the same client, is the floor under any Python gRPC server on this machine: the latency
+goal at concurrency 1 (server p50 within 0.5 ms of in-process) cannot be met where this floor
+alone exceeds 0.5 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from serve.gen import grpc_service_pb2 as pb
+from serve.gen import grpc_service_pb2_grpc as pb_grpc
+
+VOCAB_SIZE = 65
+
+
+class CannedInference(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, seq: int):
+        self._response = pb.ModelInferResponse(model_name="charlm", model_version="1")
+        self._response.outputs.add(name="logits", datatype="FP32", shape=[1, seq, VOCAB_SIZE])
+        self._response.raw_output_contents.append(np.zeros(seq * VOCAB_SIZE, np.float32).tobytes())
+
+    def ModelInfer(self, request, context):
+        return self._response
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def start_floor_server(port_file: Path, seq: int) -> tuple[subprocess.Popen, str]:
+    """`python -m bench.floor` as a subprocess on 127.0.0.1; -> (process, address)."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port-file", str(port_file),
+                             "--seq", str(seq)], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, text=True)
+    if not proc.stdout.readline().startswith("listening"):
+        proc.kill()
+        raise RuntimeError("the canned-response server did not start")
+    return proc, f"127.0.0.1:{int(port_file.read_text())}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port-file", required=True)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=32)
+    args = parser.parse_args(argv)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(args.seq), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(args.port_file).write_text(str(port))
+    print("listening", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    done.wait()
+    server.stop(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
