@@ -196,33 +196,53 @@ def unary_sequences(address: str, tokens: np.ndarray, base_id: int) -> np.ndarra
 
 
 def stream_sequences(address: str, tokens: np.ndarray, base_id: int, streams: int) -> np.ndarray:
-    """`streams` threads, each one tritonclient stream carrying n/streams sequences; every step of
-    a stream's sequences is sent at once (pipelined), then the answers are collected."""
+    """`streams` tritonclient streams, each carrying n/streams sequences. Every sequence sends
+    its next step the moment the answer to its previous step arrives (from tritonclient's
+    callback), so a stream always has one step of each of its sequences in flight."""
     n, steps = tokens.shape
     last: List[np.ndarray] = [None] * n
     groups = [list(range(k, n, streams)) for k in range(streams)]
     gate = threading.Barrier(streams)
     errors: list = []
+    inputs = {v: [_tokens_input(np.array([[v]]))] for v in range(len(VOCAB))}
+    outputs = [tc.InferRequestedOutput("logits")]
 
     def run(group: List[int]) -> None:
-        answers: queue.Queue = queue.Queue()
+        done = threading.Event()
+        sent = dict.fromkeys(group, 0)          # steps sent per sequence
+        left = [len(group)]
+
+        def send(client, i: int) -> None:
+            t = sent[i]
+            sent[i] = t + 1
+            client.async_stream_infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
+                                      request_id=str(i), sequence_id=base_id + i,
+                                      sequence_start=t == 0, sequence_end=t == steps - 1)
+
         try:
             with tc.InferenceServerClient(address) as client:
-                inputs = {v: [_tokens_input(np.array([[v]]))] for v in range(len(VOCAB))}
-                outputs = [tc.InferRequestedOutput("logits")]
-                client.start_stream(callback=lambda result, error: answers.put((result, error)))
-                gate.wait()
-                for t in range(steps):
-                    for i in group:
-                        client.async_stream_infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
-                                                  request_id=str(i), sequence_id=base_id + i,
-                                                  sequence_start=t == 0, sequence_end=t == steps - 1)
-                    for _ in group:
-                        result, error = answers.get(timeout=600)
+                def answered(result, error) -> None:
+                    try:
                         if error is not None:
                             raise error
-                        if t == steps - 1:
-                            last[int(result.get_response().id)] = result.as_numpy("logits")[0, -1]
+                        i = int(result.get_response().id)
+                        if sent[i] < steps:
+                            send(client, i)
+                            return
+                        last[i] = result.as_numpy("logits")[0, -1]
+                        left[0] -= 1
+                        if left[0] == 0:
+                            done.set()
+                    except Exception as e:  # noqa: BLE001 - reported after the run
+                        errors.append(e)
+                        done.set()
+
+                client.start_stream(callback=answered)
+                gate.wait()
+                for i in group:
+                    send(client, i)
+                if not done.wait(600):
+                    raise TimeoutError("stream answers stopped coming")
                 client.stop_stream()
         except Exception as e:  # noqa: BLE001 - reported after the run
             errors.append(e)

@@ -52,6 +52,7 @@ class DataPlane:
         self._requested_providers: List[str] = []
         self._ready = False
         self._closed = False
+        self._draining = False
         self._lock = threading.Lock()
         self.poller: Optional[RepositoryPoller] = None
         # Prometheus metrics (serve/metrics.py) when settings.metrics_port >= 0; the server serves them.
@@ -93,7 +94,7 @@ class DataPlane:
         return not self._closed
 
     def server_ready(self) -> bool:
-        return self._ready and not self._closed
+        return self._ready and not self._closed and not self._draining
 
     @property
     def repo(self) -> Repository:
@@ -103,12 +104,25 @@ class DataPlane:
         return self._repo
 
     def instance(self, name: str, version: str = "") -> ModelInstance:
-        """The READY instance for (name, version): NotFound if unknown, Unavailable if not loaded."""
+        """The READY instance for (name, version): NotFound if unknown, Unavailable if not loaded
+        or if the server is draining (new requests then go to another replica; work already
+        in flight finishes)."""
+        if self._draining:
+            raise Unavailable("the server is shutting down; send the request to another instance")
         return self.repo.get(name, version)
+
+    def start_draining(self) -> None:
+        """Refuse new inference requests (UNAVAILABLE) and report not ready; in-flight work goes on."""
+        self._draining = True
+        log.info("draining: new inference requests are refused with UNAVAILABLE")
+
+    def inflight(self) -> int:
+        """Inference work in flight across every model (queued, running, open streams)."""
+        return 0 if self._repo is None or self._closed else self._repo.inflight()
 
     # -- metadata --------------------------------------------------------------------------------
     def model_ready(self, name: str, version: str = "") -> bool:
-        return self.repo.entry(name, version).state == READY
+        return self.repo.entry(name, version).state == READY and not self._draining
 
     def model_names(self) -> List[str]:
         return self.repo.names()
@@ -128,7 +142,7 @@ class DataPlane:
         return ServerMetadata(name=self.settings.server_name, version=_package_version(), extensions=extensions)
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        inst = self.instance(name, version)
+        inst = self.repo.get(name, version)        # metadata still answers while draining
         return ModelMetadata(name=name, versions=self.repo.ready_versions(name), platform=PLATFORM,
                              inputs=list(inst.inputs), outputs=list(inst.outputs), parameters=inst.describe())
 
@@ -140,7 +154,7 @@ class DataPlane:
         sequence_batching with their state pairs (h0 <- hn, c0 <- cn), which makes perf_analyzer
         run its sequence mode. State inputs are `optional`: omitted = the zero state (stateless
         requests) or the server-kept state (sequence requests after START)."""
-        inst = self.instance(name, version)
+        inst = self.repo.get(name, version)
         s = self.settings
         inputs = [dataclasses.replace(t, optional=t.name in inst.state_inputs) for t in inst.inputs]
         dims = {t.name: list(t.shape) for t in inst.inputs}

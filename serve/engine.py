@@ -167,6 +167,11 @@ class ModelEngine:
             self._text_streams -= 1
         self._release()
 
+    def inflight(self) -> int:
+        """Work queued or running here, plus open generate and text streams."""
+        with self._lock:
+            return self._inflight
+
     def live_sequences(self) -> int:
         """Live Triton-style sequences plus open text streams."""
         with self._lock:

@@ -285,6 +285,12 @@ class Repository:
         for engine in engines:
             engine.close()
 
+    def inflight(self) -> int:
+        """Work in flight on every loaded engine (serve/engine.py ModelEngine.inflight)."""
+        with self._lock:
+            engines = [x for name in self._models for x in _engines(self._models[name])]
+        return sum(engine.inflight() for engine in engines)
+
     def labels(self, name: str, version: str = "") -> Tuple[str, str]:
         """(model, version) labels for a request's metrics: the version it goes to (the newest
         READY one when it names none); "" for what the repository does not know."""

@@ -174,18 +174,21 @@ class SequenceManager:
     def _finished(self, seq: _Seq, step: _Step, fut: Future) -> None:
         exc = fut.exception()
         dropped: Sequence[_Step] = ()
+        out = fut.result() if exc is None else None
+        # Copied outside the lock (the batch output is shared by every row of the run); the
+        # sequence is busy until _dispatch, so nothing else touches its state meanwhile.
+        state = (None if out is None or step.end else
+                 tuple(np.ascontiguousarray(out[n]) for n in self._io.state_outputs))
         with self._lock:
             seq.last_used = time.monotonic()
             if exc is None:
-                out = fut.result()
                 if step.end:
                     if self._seqs.get(seq.key) is seq:
                         del self._seqs[seq.key]
                     seq.state = None
                     dropped, seq.pending = list(seq.pending), collections.deque()
                 else:
-                    # Copy: the batch output is shared by every row of the run.
-                    seq.state = tuple(np.ascontiguousarray(out[n]) for n in self._io.state_outputs)
+                    seq.state = state
             elif step.start:
                 seq.state = None
         for d in dropped:

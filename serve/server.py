@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from typing import Optional
 
@@ -38,6 +39,7 @@ from .settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 HEALTH_REFRESH_S = 1.0
+DRAIN_POLL_S = 0.01
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     tpb.DESCRIPTOR.services_by_name["TextService"].full_name,
@@ -137,12 +139,19 @@ class Server:
             self.refresh_health()
 
     def stop(self, grace: Optional[float] = None) -> None:
-        """Stop accepting calls, give in-flight ones `grace` seconds, then release the models."""
+        """Drain, then stop: new inference requests get UNAVAILABLE (retryable elsewhere) and
+        readiness turns false while the work in flight finishes, for up to `grace` seconds in
+        all; then gRPC stops (what is still open gets the rest of the grace) and the models
+        are released."""
         grace = self.settings.grace if grace is None else grace
+        until = time.monotonic() + grace
         self._stopping.set()
         self._health.enter_graceful_shutdown()   # every status NOT_SERVING from now on
         logger.info("draining: up to %.1fs for in-flight calls", grace)
-        self.grpc_server.stop(grace).wait()
+        self.dataplane.start_draining()
+        while self.dataplane.inflight() > 0 and time.monotonic() < until:
+            time.sleep(DRAIN_POLL_S)
+        self.grpc_server.stop(max(0.0, until - time.monotonic())).wait()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
         if self._owns_dataplane:
