@@ -50,14 +50,11 @@ class Work:
     is_cancelled: Optional[Callable[[], bool]] = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    rows: int = field(init=False)        # tokens.shape[0], read often by the scheduler
+    seq_len: int = field(init=False)     # tokens.shape[1]
 
-    @property
-    def rows(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.tokens.shape[1])
+    def __post_init__(self) -> None:
+        self.rows, self.seq_len = (int(n) for n in self.tokens.shape)
 
 
 @dataclass
