@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata as pkg_metadata
 from typing import Iterator, List, Optional, Sequence
 
@@ -54,6 +54,11 @@ class DataPlane:
         self._closed = False
         self._draining = False
         self._lock = threading.Lock()
+        # Loads and unloads requested over gRPC run here, not on the handler thread: the model
+        # threads they start inherit the starter's CPU priority (serve/priority.py). Its thread
+        # is started now, from the thread that makes the data plane.
+        self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnserve-admin")
+        self._admin.submit(lambda: None).result()
         self.poller: Optional[RepositoryPoller] = None
         # Prometheus metrics (serve/metrics.py) when settings.metrics_port >= 0; the server serves them.
         self.metrics: Optional[Metrics] = Metrics() if settings.metrics_port >= 0 else None
@@ -85,6 +90,7 @@ class DataPlane:
     def close(self) -> None:
         self._ready = False
         self._closed = True
+        self._admin.shutdown(wait=False)
         if self.poller is not None:
             self.poller.stop()
         if self._repo is not None:
@@ -279,7 +285,9 @@ class DataPlane:
     def load_model(self, name: str) -> None:
         """Reload every version of the model from disk (NotFound if its folder is gone). A version that
         fails keeps its previously loaded file serving, if it had one; the reason is in the index."""
-        self.repo.load_model(name)
+        repo = self.repo
+        self._admin.submit(repo.load_model, name).result()
 
     def unload_model(self, name: str) -> None:
-        self.repo.unload_model(name)
+        repo = self.repo
+        self._admin.submit(repo.unload_model, name).result()

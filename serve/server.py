@@ -33,6 +33,7 @@ from .gen import text_service_pb2 as tpb
 from .gen import text_service_pb2_grpc as tpb_grpc
 from .grpc_errors import set_observer
 from .metrics import start_endpoint
+from .priority import handler_initializer
 from .servicers import InferenceServicer, TextServicer
 from .settings import ServeSettings
 
@@ -79,7 +80,8 @@ class Server:
         self._health_names: set = set()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers,
-                                       thread_name_prefix="rnnserve-grpc"),
+                                       thread_name_prefix="rnnserve-grpc",
+                                       initializer=handler_initializer(settings.handler_nice)),
             options=[("grpc.max_send_message_length", settings.max_message_bytes),
                      ("grpc.max_receive_message_length", settings.max_message_bytes),
                      ("grpc.so_reuseport", 0)])

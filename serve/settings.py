@@ -19,6 +19,7 @@ class ServeSettings:
     warmup: bool = True
     grace: float = 10.0               # seconds to drain in-flight calls on SIGTERM/SIGINT
     grpc_workers: int = 32            # gRPC handler threads
+    handler_nice: int = 10            # handler threads: SCHED_BATCH + this much nicer (0 = off)
     max_message_bytes: int = 2**31 - 1
     server_name: str = "rnnserve"
     # batching and sequences
