@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import tempfile
 import threading
 import time
@@ -73,11 +72,11 @@ from typing import Callable, Dict, Iterable, List
 import numpy as np
 import tritonclient.grpc as tc
 
-from bench.bench_server import MODEL, VOCAB, build_repository, run_load, start_server
+from bench.bench_server import MODEL, SEQ, VOCAB, build_repository, run_load, start_server
+from bench.batching_report import print_report
 from bench.floor import own_cpu_s, process_cpu_s, start_floor_server
 from serve.runtime import CPU, create_session
 
-SEQ = 64
 
 
 def _feeds(session, tokens: np.ndarray) -> Dict[str, np.ndarray]:
@@ -354,77 +353,8 @@ def main(argv=None) -> int:
                                                 "server, max batch 1")
         ) + streaming
         floor = floor_load(tmp, args.seconds)
-    _print(args, stateless, floor, streaming, local_runs, prefix, load_before)
+    print_report(args, stateless, floor, streaming, local_runs, prefix, load_before)
     return 0
-
-
-def _print(args, stateless, floor, streaming, local_runs, prefix, load_before) -> None:
-    print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; onnxruntime intra-op threads "
-          f"{args.threads} (server and in-process), inter-op 1; --max-queue-delay-us "
-          f"{args.max_queue_delay_us}; {os.cpu_count()} CPUs, shared; load average before "
-          f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print(f"\n1. stateless: batch 1, seq {SEQ}, {args.seconds:.0f} s each; ratio = req/s / in-process req/s")
-    print(f"| {'mode':<18} | {'conc':>4} | {'p50 ms':>7} | {'p99 ms':>7} | {'req/s':>8} | {'ratio':>6} "
-          f"| {'rows/run':>8} |")
-    print(f"|{'-' * 20}|{'-' * 6}|{'-' * 9}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 10}|")
-    for c, local, batched, served in stateless:
-        for mode, r in (("in-process", local), ("in-process batched", batched), ("server", served)):
-            rows = f"{r['rows_per_run']:.1f}" if "rows_per_run" in r else (str(c) if r is batched else "1")
-            print(f"| {mode:<18} | {c:>4} | {r['p50']:>7.3f} | {r['p99']:>7.3f} | {r['rps']:>8.1f} "
-                  f"| {r['rps'] / local['rps']:>5.2f}x | {rows:>8} |")
-    print(f"| {'gRPC floor':<18} | {1:>4} | {floor['p50']:>7.3f} | {floor['p99']:>7.3f} | {floor['rps']:>8.1f} "
-          f"| {'':>6} | {'0':>8} |")
-    print("gRPC floor: bench.floor's server answers a canned response of the same size (no model, "
-          "no validation), through the same tritonclient call")
-    for c, local, _, served in stateless:
-        if c == 1:
-            ok = served["p50"] <= local["p50"] + 0.5
-            print(f"goal conc 1: server p50 {served['p50']:.3f} ms <= in-process {local['p50']:.3f} + 0.5 ms: "
-                  f"{'met' if ok else 'MISSED'} (server - in-process = {served['p50'] - local['p50']:.3f} ms; "
-                  f"the gRPC floor alone is {floor['p50']:.3f} ms)")
-        else:
-            ratio = served["rps"] / local["rps"]
-            print(f"goal conc {c}: server {ratio:.2f}x in-process >= 1.2x: {'met' if ratio >= 1.2 else 'MISSED'}")
-    total = args.sequences * args.steps
-    print(f"\n2. streaming: {args.sequences} sequences x {args.steps} single-token steps = {total} steps; "
-          f"ratio = steps/s / the max-batch-1 server's with the same client shape")
-    print(f"| {'mode':<36} | {'seconds':>7} | {'steps/s':>8} | {'rows/run':>8} | {'ratio':>6} "
-          f"| {'max |dlogit|':>12} | {'client CPU':>10} | {'server CPU':>10} |")
-    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 12}|{'-' * 12}|")
-    for rows, secs in local_runs:
-        label = f"in-process, {rows} row{'s' if rows > 1 else ''} per ort run"
-        print(f"| {label:<36} | {secs:>7.2f} | {total / secs:>8.0f} | {rows:>8.1f} | {'':>6} "
-              f"| {'reference' if rows > 1 else '':>12} | {'':>10} | {1e3 * secs / total:>10.3f} |")
-    one = {label.split(", ")[-1]: secs for label, secs, *_ in streaming if "max batch 1," in label}
-    for label, secs, rows_per_run, diff, client_ms, server_ms in streaming:
-        print(f"| {label:<36} | {secs:>7.2f} | {total / secs:>8.0f} | {rows_per_run:>8.1f} "
-              f"| {one[label.split(', ')[-1]] / secs:>5.2f}x | {diff:>12.2e} | {client_ms:>10.3f} "
-              f"| {server_ms:>10.3f} |")
-    print("client/server CPU: CPU ms per step (all threads of the client process / of the server process)")
-    best = min(secs for label, secs, *_ in streaming if "max batch 1," not in label)
-    ratio = min(one.values()) / best
-    print(f"goal: fastest batched vs fastest max-batch-1 server {ratio:.2f}x >= 5x: "
-          f"{'met' if ratio >= 5 else 'MISSED'}")
-    # The ceiling: the CPU a step costs outside onnxruntime (client + server) is paid per message,
-    # batched or not. Even with onnxruntime free, 2 busy cores carry at most cores / that.
-    ort_many = 1e3 * local_runs[-1][1] / total
-    label, secs, _, _, client_ms, server_ms = min(
-        (r for r in streaming if "max batch 1," not in r[0]), key=lambda r: r[1])
-    front = client_ms + server_ms - ort_many
-    most = (os.cpu_count() or 1) * 1e3 / front
-    one_rate = total / min(one.values())
-    print(f"ceiling: '{label}' spends {front:.3f} ms of CPU per step outside onnxruntime "
-          f"(client {client_ms:.3f} + server, less {ort_many:.3f} ms of onnxruntime); even with "
-          f"onnxruntime free, {os.cpu_count()} busy cores carry at most {most:.0f} steps/s = "
-          f"{most / one_rate:.2f}x the max-batch-1 server. 5x needs <= "
-          f"{(os.cpu_count() or 1) * 1e3 / (5 * one_rate):.3f} ms per step in all, client included")
-    naive_s, carry_s, diff = prefix
-    print(f"\n3. one sequence of n = {args.prefix} tokens, predicted one token at a time, through the server")
-    print(f"| {'client':<44} | {'seconds':>7} | {'ratio':>6} |")
-    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 8}|")
-    print(f"| {'naive: resend the whole prefix (O(n^2) work)':<44} | {naive_s:>7.3f} | {naive_s / carry_s:>5.1f}x |")
-    print(f"| {'server-side state: 1 new token per step':<44} | {carry_s:>7.3f} | {1:>5.1f}x |")
-    print(f"last logits agree within {diff:.1e}")
 
 
 if __name__ == "__main__":

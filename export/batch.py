@@ -182,7 +182,7 @@ class _Job:
                 repo.prune(n, opts.keep)
 
     def _export_base(self) -> int:
-        repo, opts = self.repo, self.opts
+        repo = self.repo
         version = (repo.newest(self.name) or 0) + 1
         staged = repo.staging_dir(self.name, version)
         try:
@@ -212,7 +212,7 @@ class _Job:
         return version
 
     def _variant(self, variant: str, base_onnx: str, base_version: int) -> None:
-        repo, opts = self.repo, self.opts
+        repo = self.repo
         vname = f"{self.name}-{variant}"
         if repo.newest_sha(vname) == self.sha:
             self.rows.append(_skipped_row(repo, vname))

@@ -6,7 +6,6 @@ what the scheduler does. A real server on 127.0.0.1:0 serves the session's repos
 from __future__ import annotations
 
 import queue
-import threading
 import time
 
 import numpy as np

@@ -82,7 +82,7 @@ def _run_hello(args, p: argparse.ArgumentParser) -> int:
     else:
         jobs = [(args.model, args.out or os.path.join("runs", "hello", args.model))]
     for model, out in jobs:
-        res = train_hello(model, out, epochs=args.epochs, lr=lr, seed=seed, verbose=True)
+        train_hello(model, out, epochs=args.epochs, lr=lr, seed=seed, verbose=True)
     return 0
 
 
