@@ -1,7 +1,9 @@
 """Dynamic batching for one model: concurrent work shares one onnxruntime run.
 
-A single scheduler thread per model takes what is queued, forms a batch of
-rows that can share a run *exactly*, runs it, and splits the outputs back.
+A scheduler thread per model takes what is queued, forms a batch of rows that
+can share a run *exactly*, runs it, and splits the outputs back. With
+`instances` > 1 (Triton's instance count) that many scheduler threads each run
+their own batch at once.
 
 Exactness rules (the model is [batch, seq] in, [batch, seq, vocab] out):
 - Rows of the same seq_len always share a run: the recurrent ops treat batch
@@ -14,12 +16,13 @@ Exactness rules (the model is [batch, seq] in, [batch, seq, vocab] out):
 - Bidirectional models: exact length only (the backward pass sees padding).
 
 Latency: the scheduler never waits for a batch that cannot fill. It runs
-whatever is queued the moment it is free. It waits (at most
-`max_queue_delay_us`) for more rows only while the batch is smaller than the
-largest batch of the last few runs, i.e. only when recent traffic shows that
-more callers are about to arrive. At concurrency 1 recent batches hold one
-row, so a request runs as soon as it arrives; at a steady concurrency of 8 it
-waits for about 8 rows, never for `max_batch_size`.
+whatever is queued the moment it is free. Only after an idle spell (nothing
+queued up while it ran) does it wait, at most `max_queue_delay_us`, and only
+while the batch is smaller than the largest batch of the last few runs, i.e.
+when recent traffic shows that more callers are about to arrive. At
+concurrency 1 recent batches hold one row, so a request runs as soon as it
+arrives; under steady load the work that queued during a run goes the moment
+the run ends (waiting then would only leave the model idle).
 """
 from __future__ import annotations
 
