@@ -309,15 +309,22 @@ class Batcher:
         return feeds
 
     def _split(self, batch: List[Work], out: Dict[str, np.ndarray]) -> List[Dict[str, np.ndarray]]:
+        """Each item's rows of the outputs. Logits are views of the run's output; states are
+        each item's own contiguous arrays, so a sequence keeping its state holds 2 small arrays,
+        not the whole run's output."""
         if len(batch) == 1:
             return [out]
+        # [L, B, H] -> [B, L, H] once; then a row's state is one contiguous slice to copy.
+        by_row = ({name: np.ascontiguousarray(out[name].transpose(1, 0, 2))
+                   for name in self._io.state_outputs}
+                  if any(w.need_state for w in batch) else {})
         results = []
         r = 0
         for w in batch:
             res = {"logits": out["logits"][r:r + w.rows, :w.seq_len]}
             if w.need_state:  # exact: need_state work is only grouped by equal length
-                for name in self._io.state_outputs:
-                    res[name] = out[name][:, r:r + w.rows]
+                for name, rows in by_row.items():
+                    res[name] = rows[r:r + w.rows].transpose(1, 0, 2).copy()
             results.append(res)
             r += w.rows
         return results

@@ -175,10 +175,9 @@ class SequenceManager:
         exc = fut.exception()
         dropped: Sequence[_Step] = ()
         out = fut.result() if exc is None else None
-        # Copied outside the lock (the batch output is shared by every row of the run); the
-        # sequence is busy until _dispatch, so nothing else touches its state meanwhile.
-        state = (None if out is None or step.end else
-                 tuple(np.ascontiguousarray(out[n]) for n in self._io.state_outputs))
+        # The Batcher hands each item its own state arrays (Batcher._split), so keeping them
+        # holds no other row's memory.
+        state = None if out is None or step.end else tuple(out[n] for n in self._io.state_outputs)
         with self._lock:
             seq.last_used = time.monotonic()
             if exc is None:
