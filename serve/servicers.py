@@ -11,8 +11,8 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
-from concurrent.futures import wait as futures_wait
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Optional
 
 import grpc
@@ -77,8 +77,12 @@ class _PipelinedStream:
     def _wait(self, fut: Future) -> bool:
         """True once fut is done; False if the call ended first."""
         while not self._ended.is_set():
-            done, _ = futures_wait([fut], timeout=self.POLL_S)
-            if done:
+            try:
+                fut.exception(timeout=self.POLL_S)   # waits on the future itself: no waiter objects
+                return True
+            except FutureTimeout:
+                continue
+            except CancelledError:
                 return True
         return False
 
