@@ -127,12 +127,18 @@ def _infer_call(address: str, tokens: np.ndarray):
     return make
 
 
-def floor_load(tmp: str, seconds: float) -> dict:
-    """Concurrency 1 against bench.floor's canned-answer server: the gRPC + tritonclient round
-    trip with no work behind it."""
+def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tuple[dict, tuple]:
+    """bench.floor's canned-answer server: concurrency 1 unary (the gRPC + tritonclient round
+    trip with no work behind it), and the streaming client of table 2 against canned answers."""
     proc, address = start_floor_server(Path(tempfile.mkdtemp(dir=tmp)) / "port", SEQ)
     try:
-        return run_load(_infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
+        unary = run_load(_infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
+        cpu0, server0, t0 = own_cpu_s(), process_cpu_s(proc.pid), time.perf_counter()
+        stream_sequences(address, tokens, 1, streams)
+        secs = time.perf_counter() - t0
+        stream = (f"gRPC floor: canned answers, stream x{streams}", secs, 0.0, float("nan"),
+                  (own_cpu_s() - cpu0) * 1e3 / tokens.size, (process_cpu_s(proc.pid) - server0) * 1e3 / tokens.size)
+        return unary, stream
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -352,7 +358,8 @@ def main(argv=None) -> int:
             lambda address, pid: streaming_rows(address, pid, seq_tokens, ref, args.streams,
                                                 "server, max batch 1")
         ) + streaming
-        floor = floor_load(tmp, args.seconds)
+        floor, floor_stream = floor_runs(tmp, args.seconds, seq_tokens, args.streams)
+        streaming.append(floor_stream)
     print_report(args, stateless, floor, streaming, local_runs, prefix, load_before)
     return 0
 

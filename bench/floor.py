@@ -4,7 +4,8 @@ response, and CPU-time accounting for the benchmark tables.
     python -m bench.floor --port-file PATH [--seq 64]    # serve until SIGTERM
 
 The canned response has the shape and size of the real one (logits [1, seq, 65] as FP32 raw
-contents), so tritonclient does the same work on it as on a real answer. Its round trip, measured
+contents), so tritonclient does the same work on it as on a real answer; ModelStreamInfer
+answers every streamed request at once with a canned single-step answer. Its round trip, measured
 with the same client, is the floor under any Python gRPC server on this machine: the latency
 goal at concurrency 1 (server p50 within 0.5 ms of in-process) cannot be met where this floor
 alone exceeds 0.5 ms.
@@ -35,9 +36,18 @@ class CannedInference(pb_grpc.GRPCInferenceServiceServicer):
         self._response = pb.ModelInferResponse(model_name="charlm", model_version="1")
         self._response.outputs.add(name="logits", datatype="FP32", shape=[1, seq, VOCAB_SIZE])
         self._response.raw_output_contents.append(np.zeros(seq * VOCAB_SIZE, np.float32).tobytes())
+        self._step = np.zeros(VOCAB_SIZE, np.float32).tobytes()
 
     def ModelInfer(self, request, context):
         return self._response
+
+    def ModelStreamInfer(self, request_iterator, context):
+        """One canned single-step answer (logits [1, 1, 65]) per request, carrying its id."""
+        for request in request_iterator:
+            answer = pb.ModelInferResponse(model_name="charlm", model_version="1", id=request.id)
+            answer.outputs.add(name="logits", datatype="FP32", shape=[1, 1, VOCAB_SIZE])
+            answer.raw_output_contents.append(self._step)
+            yield pb.ModelStreamInferResponse(infer_response=answer)
 
 
 def process_cpu_s(pid: int) -> float:
