@@ -39,8 +39,10 @@ HELP = {
     "intra_op_threads": "onnxruntime threads per session (0 = onnxruntime's default)",
     "instances": "onnxruntime runs of one model in progress at once (Triton's instance count); "
                  "each batch runs on one, the scheduler forms the next batch meanwhile",
-    "handler_nice": "Linux: gRPC handler threads run SCHED_BATCH and this much nicer, so they do not "
-                    "preempt the onnxruntime runs every queued request waits for (0 = off)",
+    "handler_sched_batch": "Linux: gRPC handler threads run SCHED_BATCH, so waking up they do not "
+                           "preempt the onnxruntime run queued work waits for",
+    "handler_nice": "Linux: gRPC handler threads this many steps nicer (helps long stateless runs, "
+                    "hurts per-message-bound streaming; see serve/priority.py)",
     "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
     "poll_interval": "seconds between scans of the repository for new, changed and removed models (0 = off)",
     "metrics_port": "Prometheus /metrics on --host:PORT (-1 = off, 0 = a free port)",

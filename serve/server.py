@@ -81,7 +81,8 @@ class Server:
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers,
                                        thread_name_prefix="rnnserve-grpc",
-                                       initializer=handler_initializer(settings.handler_nice)),
+                                       initializer=handler_initializer(settings.handler_sched_batch,
+                                                                       settings.handler_nice)),
             options=[("grpc.max_send_message_length", settings.max_message_bytes),
                      ("grpc.max_receive_message_length", settings.max_message_bytes),
                      ("grpc.so_reuseport", 0)])

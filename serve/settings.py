@@ -19,7 +19,8 @@ class ServeSettings:
     warmup: bool = True
     grace: float = 10.0               # seconds to drain in-flight calls on SIGTERM/SIGINT
     grpc_workers: int = 32            # gRPC handler threads
-    handler_nice: int = 10            # handler threads: SCHED_BATCH + this much nicer (0 = off)
+    handler_sched_batch: bool = True  # handler threads: SCHED_BATCH (no wake-up preemption; Linux)
+    handler_nice: int = 0             # handler threads: this much nicer (Linux; 0 = as the process)
     max_message_bytes: int = 2**31 - 1
     server_name: str = "rnnserve"
     # batching and sequences

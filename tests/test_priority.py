@@ -1,6 +1,7 @@
-"""--handler-nice: gRPC handler threads run SCHED_BATCH and nicer; the threads that run
-onnxruntime (the batchers) keep the process's priority, also for a model loaded over gRPC
-from a handler thread. Checked from /proc on a real server in this process (Linux)."""
+"""--handler-sched-batch / --handler-nice: gRPC handler threads run SCHED_BATCH and nicer;
+the threads that run onnxruntime (the batchers) keep the process's scheduling, also for a
+model loaded over gRPC from a handler thread. Checked from /proc on a real server in this
+process (Linux)."""
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ def _process_tids() -> list:
 def test_handler_threads_nicer_than_the_onnxruntime_threads(hello_repo):
     base = _nice(threading.get_native_id())
     before = set(_process_tids())
-    with serving(hello_repo, handler_nice=7) as (server, address):
+    with serving(hello_repo, handler_sched_batch=True, handler_nice=7) as (server, address):
         with RnnClient(address) as client:
             assert client.predict("emb-lstm", "hello")["decoded"] == "ohlol"
             new = [t for t in _process_tids() if t not in before]
@@ -61,10 +62,23 @@ def test_handler_threads_nicer_than_the_onnxruntime_threads(hello_repo):
             assert client.predict("emb-lstm", "hello")["decoded"] == "ohlol"
 
 
-def test_handler_nice_zero_leaves_every_thread_alone(hello_repo):
+def test_default_is_sched_batch_without_nice(hello_repo):
     base = _nice(threading.get_native_id())
     before = set(_process_tids())
-    with serving(hello_repo, handler_nice=0) as (_, address):
+    with serving(hello_repo) as (server, address):
+        with RnnClient(address) as client:
+            client.predict("emb-gru", "hello")
+            new = [t for t in _process_tids() if t not in before]
+            assert new and all(_nice(t) in (base, None) for t in new)
+            assert any(_policy(t) == os.SCHED_BATCH for t in new)
+            for tid in _batcher_tids(server, "emb-gru"):
+                assert _policy(tid) == os.SCHED_OTHER
+
+
+def test_both_off_leaves_every_thread_alone(hello_repo):
+    base = _nice(threading.get_native_id())
+    before = set(_process_tids())
+    with serving(hello_repo, handler_sched_batch=False, handler_nice=0) as (_, address):
         with RnnClient(address) as client:
             client.predict("emb-gru", "hello")
             new = [t for t in _process_tids() if t not in before]
@@ -76,7 +90,7 @@ def test_lower_this_thread_only_touches_the_calling_thread():
     seen = {}
 
     def worker():
-        seen["applied"] = lower_this_thread(3)
+        seen["applied"] = lower_this_thread(False, 3)
         seen["tid"] = threading.get_native_id()
         seen["nice"] = _nice(seen["tid"])
 
@@ -84,4 +98,4 @@ def test_lower_this_thread_only_touches_the_calling_thread():
     thread.start()
     thread.join()
     assert seen["applied"] and seen["nice"] == base + 3
-    assert _nice(threading.get_native_id()) == base and not lower_this_thread(0)
+    assert _nice(threading.get_native_id()) == base and not lower_this_thread(False, 0)
