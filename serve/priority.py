@@ -7,9 +7,9 @@ gRPC handler thread to itself when it starts:
 - `--handler-sched-batch` (default on): SCHED_BATCH, i.e. no wake-up preemption;
   the threads keep their normal share of the CPU. Measured on 2 cores: about +6%
   streamed steps/s, stateless throughput unchanged.
-- `--handler-nice N` (default 0): also N steps nicer. On 2 cores, N = 10 gave about
-  +8% stateless throughput at concurrency 8 (seq 64, long runs), but about -10%
-  streamed steps/s, where the front end itself is the bottleneck; so it is opt-in.
+- `--handler-nice N` (default 0): also N steps nicer. On 2 cores, N = 10 moved stateless
+  throughput at concurrency 8 (seq 64, long runs) by 0 to +8% in A/B runs, but cost
+  10-15% of streamed steps/s, where the front end itself is the bottleneck; so it is opt-in.
 Threads inherit both from the thread that starts them, so onnxruntime's threads are
 never started from a handler thread (serve/dataplane.py runs model loads on its own
 admin thread). Neither needs privilege; where the system refuses anyway, the threads
