@@ -133,11 +133,10 @@ def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tu
     proc, address = start_floor_server(Path(tempfile.mkdtemp(dir=tmp)) / "port", SEQ)
     try:
         unary = run_load(_infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
-        cpu0, server0, t0 = own_cpu_s(), process_cpu_s(proc.pid), time.perf_counter()
-        stream_sequences(address, tokens, 1, streams)
-        secs = time.perf_counter() - t0
+        _, secs, client_ms, server_ms = _timed_steps(lambda: stream_sequences(address, tokens, 1, streams),
+                                                     proc.pid, tokens.size)
         stream = (f"gRPC floor: canned answers, stream x{streams}", secs, 0.0, float("nan"),
-                  (own_cpu_s() - cpu0) * 1e3 / tokens.size, (process_cpu_s(proc.pid) - server0) * 1e3 / tokens.size)
+                  client_ms, server_ms)
         return unary, stream
     finally:
         proc.terminate()
@@ -272,6 +271,14 @@ def local_steps(session, tokens: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate(last)
 
 
+def _timed_steps(run: Callable[[], np.ndarray], pid: int, steps: int):
+    """run() -> (its result, seconds, client CPU ms per step, server (pid) CPU ms per step)."""
+    cpu0, server0, t0 = own_cpu_s(), process_cpu_s(pid), time.perf_counter()
+    out = run()
+    secs = time.perf_counter() - t0
+    return (out, secs, (own_cpu_s() - cpu0) * 1e3 / steps, (process_cpu_s(pid) - server0) * 1e3 / steps)
+
+
 def streaming_rows(address: str, pid: int, tokens: np.ndarray, ref: np.ndarray, streams: int,
                    tag: str) -> list:
     """Both client shapes against one server -> [(label, seconds, rows per run, max |dlogit|,
@@ -280,11 +287,8 @@ def streaming_rows(address: str, pid: int, tokens: np.ndarray, ref: np.ndarray, 
     for mode, fn in (("unary", lambda base: unary_sequences(address, tokens, base)),
                      (f"stream x{streams}", lambda base: stream_sequences(address, tokens, base, streams))):
         runs0, rows0 = _runs_and_rows(address)
-        cpu0, server0, t0 = own_cpu_s(), process_cpu_s(pid), time.perf_counter()
-        last = fn(1_000_000 * (len(rows) + 1))
-        secs = time.perf_counter() - t0
-        client_ms = (own_cpu_s() - cpu0) * 1e3 / tokens.size
-        server_ms = (process_cpu_s(pid) - server0) * 1e3 / tokens.size
+        base = 1_000_000 * (len(rows) + 1)
+        last, secs, client_ms, server_ms = _timed_steps(lambda: fn(base), pid, tokens.size)
         runs1, rows1 = _runs_and_rows(address)
         rows.append((f"{tag}, {mode}", secs, (rows1 - rows0) / max(1, runs1 - runs0),
                      float(np.abs(last - ref).max()), client_ms, server_ms))

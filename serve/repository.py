@@ -278,7 +278,7 @@ class Repository:
         with self._sync:
             self._closed = True
             with self._lock:
-                engines = [x for name in self._models for x in _engines(self._models[name])]
+                engines = self._all_engines()
                 for name in self._models:
                     for e in self._models[name]:
                         e.instance, e.state = None, UNLOADED
@@ -288,8 +288,12 @@ class Repository:
     def inflight(self) -> int:
         """Work in flight on every loaded engine (serve/engine.py ModelEngine.inflight)."""
         with self._lock:
-            engines = [x for name in self._models for x in _engines(self._models[name])]
+            engines = self._all_engines()
         return sum(engine.inflight() for engine in engines)
+
+    def _all_engines(self) -> List[ModelEngine]:
+        """Every loaded version's engine; the caller holds self._lock."""
+        return [x for entries in self._models.values() for x in _engines(entries)]
 
     def labels(self, name: str, version: str = "") -> Tuple[str, str]:
         """(model, version) labels for a request's metrics: the version it goes to (the newest

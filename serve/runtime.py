@@ -155,9 +155,6 @@ class ModelInstance:
                 self._zeros[batch] = z
         return z
 
-    def zero_state(self, batch: int) -> Dict[str, np.ndarray]:
-        return {n: self.zeros(batch) for n in self.state_inputs}
-
     def state_pairs(self):
         """[(input name, output name)]: h0<-hn, c0<-cn."""
         return list(zip(self.state_inputs, self.state_outputs))

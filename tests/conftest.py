@@ -8,13 +8,15 @@
   "charlm" (2-layer LSTM, versions 1 and 2), "chargru" (1-layer one-hot GRU),
   "bigru" (bidirectional 2-layer GRU, no state inputs).
 - hello_dataplane / charlm_dataplane: loaded DataPlanes over those repositories.
+- hello_server: (server, "127.0.0.1:port") serving hello_repo with the test settings
+  (tests.fixtures.serving); one per test module.
 Treat the repositories as read-only; copy one (tests.fixtures.copy_repo) to change it.
 """
 from __future__ import annotations
 
 import pytest
 
-from tests.fixtures import BuiltRepo, build_charlm_repo, build_hello_repo, make_dataplane
+from tests.fixtures import BuiltRepo, build_charlm_repo, build_hello_repo, make_dataplane, serving
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +53,9 @@ def charlm_dataplane(charlm_repo):
     dp = make_dataplane(charlm_repo, max_seq_len=64, max_generate_tokens=50)
     yield dp
     dp.close()
+
+
+@pytest.fixture(scope="module")
+def hello_server(hello_repo):
+    with serving(hello_repo) as (server, address):
+        yield server, address

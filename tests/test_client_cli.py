@@ -13,15 +13,14 @@ import pytest
 import tritonclient.grpc as tc
 
 from serve.client import RnnClient
-from tests.fixtures import HELLO_MODELS, serving
+from tests.fixtures import HELLO_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def address(hello_repo):
-    with serving(hello_repo) as (_, addr):
-        yield addr
+def address(hello_server):
+    return hello_server[1]
 
 
 def cli(address: str, *args: str, json_output: bool = True, env_address: bool = False):

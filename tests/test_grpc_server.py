@@ -28,12 +28,6 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 
 @pytest.fixture(scope="module")
-def hello_server(hello_repo):
-    with serving(hello_repo) as (server, address):
-        yield server, address
-
-
-@pytest.fixture(scope="module")
 def channel(hello_server):
     with grpc.insecure_channel(hello_server[1]) as ch:
         yield ch

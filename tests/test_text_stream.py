@@ -23,9 +23,8 @@ TEXT = "the quick brown fox jumps over the lazy dog, twice!\nok."
 
 
 @pytest.fixture(scope="module")
-def hello_address(hello_repo):
-    with serving(hello_repo) as (_, address):
-        yield address
+def hello_address(hello_server):
+    return hello_server[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,12 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.fixtures import HELLO_MODELS, serving
+from tests.fixtures import HELLO_MODELS
 
 
 @pytest.fixture(scope="module")
-def served(hello_repo):
-    with serving(hello_repo) as (server, addr):
-        yield server, addr
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    c = tc.InferenceServerClient(served[1])
+def client(hello_server):
+    c = tc.InferenceServerClient(hello_server[1])
     yield c
     c.close()
 
@@ -75,9 +69,9 @@ def test_health_and_metadata(client):
 
 
 @pytest.mark.parametrize("model", HELLO_MODELS)
-def test_model_config_as_the_data_plane_reports_it(served, client, model):
+def test_model_config_as_the_data_plane_reports_it(hello_server, client, model):
     """Everything the data plane says about scheduling reaches tritonclient's ModelConfig."""
-    info = served[0].dataplane.model_config(model)
+    info = hello_server[0].dataplane.model_config(model)
     config = client.get_model_config(model).config
     assert [(i.name, list(i.dims), i.optional) for i in config.input] == \
         [(t.name, t.shape, t.optional) for t in info.inputs]
