@@ -23,11 +23,19 @@ when recent traffic shows that more callers are about to arrive. At
 concurrency 1 recent batches hold one row, so a request runs as soon as it
 arrives; under steady load the work that queued during a run goes the moment
 the run ends (waiting then would only leave the model idle).
+
+Threads: a caller that is about to block (inline) runs its own work when the model
+is idle and the last runs held a single row each, so concurrency 1 has no hand-off.
+Otherwise the scheduler runs it; a finished run goes to the batcher's completion
+thread, which splits the outputs, records statistics and completes the callers'
+futures while the scheduler starts the next run (waking callers first would have
+them contend for the GIL with the next batch's assembly and leave the model idle).
 """
 from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -139,6 +147,10 @@ class Batcher:
         self._running = 0           # runs in progress (scheduler threads or inline callers)
         self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
                          for i in range(instances)]
+        self._done: "queue.SimpleQueue" = queue.SimpleQueue()   # finished runs, for the completion thread
+        self._completer = threading.Thread(target=self._complete_loop, name=f"batcher-{name}-done",
+                                           daemon=True)
+        self._completer.start()
         for thread in self._threads:
             thread.start()
 
@@ -146,14 +158,17 @@ class Batcher:
     def submit(self, work: Work, inline: bool = False) -> Future:
         """Queue work; the Future resolves to its outputs. With `inline`, a caller that is
         going to wait anyway runs its work on its own thread when the model is idle (no
-        queue, no run in progress): no hand-off to the scheduler thread at concurrency 1."""
+        queue, no run in progress) and recent runs held no more rows than this work: no
+        hand-off to the scheduler thread at concurrency 1. Under load it queues, so the
+        rows right behind it can share its run."""
         with self._cv:
             if self._closed:
                 raise Unavailable(f"model '{self.name}' is shutting down")
             if len(self._queue) >= self.max_queue_size:
                 raise Unavailable(f"model '{self.name}': queue full ({self.max_queue_size} requests waiting)")
             work.enqueued = time.monotonic()
-            run_here = inline and not self._running and not self._queue
+            run_here = (inline and not self._running and not self._queue
+                        and max(self._recent_rows, default=1) <= work.rows)
             if run_here:
                 self._running += 1
                 self._recent_rows.append(work.rows)
@@ -162,7 +177,7 @@ class Batcher:
                 self._cv.notify()
         if run_here:
             try:
-                self._execute([work])
+                self._execute([work], finish_here=True)
             finally:
                 with self._cv:
                     self._running -= 1
@@ -191,6 +206,8 @@ class Batcher:
         until = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, until - time.monotonic()))
+        self._done.put(None)     # after the runs the schedulers finished: their callers get answers
+        self._completer.join(max(0.0, until - time.monotonic()))
 
     # ---- scheduling -----------------------------------------------------------
     def _compatible(self, group: "_Group", w: Work) -> bool:
@@ -252,7 +269,11 @@ class Batcher:
                     if self._queue and self.instances > 1:   # another scheduler may take it
                         self._cv.notify()
 
-    def _execute(self, batch: List[Work]) -> None:
+    def _execute(self, batch: List[Work], finish_here: bool = False) -> None:
+        """Run a batch. The scheduler hands the finishing (split, statistics, callers' futures)
+        to the completion thread and goes straight on to the next run: waking callers first
+        would have them contend for the GIL with the next batch's assembly, idling the model.
+        An inline caller (finish_here) finishes its own run."""
         now = time.monotonic()
         live: List[Work] = []
         for w in batch:
@@ -273,15 +294,30 @@ class Batcher:
             t0 = time.perf_counter_ns()
             out = self._run(feeds)
             compute_ns = time.perf_counter_ns() - t0
-            results = self._split(live, out)
         except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
-            log.exception("model %s: batch of %d failed", self.name, len(live))
-            for w in live:
-                if not w.future.done():
-                    w.future.set_exception(e)
+            self._fail(live, e)
+            return
+        if finish_here:
+            self._finish(live, out, queue_ns, compute_ns)
+        else:
+            self._done.put((live, out, queue_ns, compute_ns))
+
+    def _complete_loop(self) -> None:
+        while True:
+            item = self._done.get()
+            if item is None:
+                return
+            self._finish(*item)
+
+    def _finish(self, live: List[Work], out: Dict[str, np.ndarray], queue_ns: List[int],
+                compute_ns: int) -> None:
+        try:
+            results = self._split(live, out)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(live, e)
             return
         rows = sum(w.rows for w in live)
-        self.stats.record(rows, queue_ns, compute_ns)
+        self.stats.record(rows, queue_ns, compute_ns)   # before the callers see their results
         if self._on_batch is not None:
             try:
                 self._on_batch(rows, queue_ns, compute_ns)
@@ -289,7 +325,13 @@ class Batcher:
                 log.exception("on_batch hook failed")
         for w, r in zip(live, results):
             if not w.future.done():
-                w.future.set_result(r)
+                w.future.set_result(r)   # Future runs its callbacks here, catching their errors
+
+    def _fail(self, live: List[Work], e: BaseException) -> None:
+        log.exception("model %s: batch of %d failed", self.name, len(live), exc_info=e)
+        for w in live:
+            if not w.future.done():
+                w.future.set_exception(e)
 
     def _assemble(self, batch: List[Work]) -> Dict[str, np.ndarray]:
         if len(batch) == 1:

@@ -37,13 +37,14 @@ class Pending:
     deadline, and how to turn the outputs into the InferResponse (recording statistics)."""
 
     def __init__(self, inst: ModelInstance, req: InferRequest, outputs: List[str], rows: int, raw: Future,
-                 cancel: Optional[Callable[[], bool]], deadline: Optional[float], t0: int):
+                 cancel: Optional[Callable[[], bool]], deadline: Optional[float], t0: int,
+                 queued: int):
         self.inst, self.req, self.outputs, self.rows = inst, req, outputs, rows
         self.raw = raw                      # Future of {output name: array}
         self.cancel = cancel                # None for sequence steps (dropped when they reach the batcher)
         self.deadline = deadline            # time.monotonic()
         self.t0 = t0
-        self.queued = time.perf_counter_ns()
+        self.queued = queued                # validated, about to queue (an inline run starts here)
 
     def respond(self, out: Dict[str, np.ndarray]) -> InferResponse:
         t_out = time.perf_counter_ns()
@@ -109,6 +110,7 @@ def submit(inst: ModelInstance, req: InferRequest, max_seq_len: int, inline: boo
         tokens = feeds[INPUT_TOKENS]
         batch = int(tokens.shape[0])
         cancel = None
+        queued = time.perf_counter_ns()
         if params.in_sequence:
             sent = [n for n in engine.io.state_inputs if n in feeds]
             client_states = engine.states_from(feeds, batch) if sent else None
@@ -122,4 +124,4 @@ def submit(inst: ModelInstance, req: InferRequest, max_seq_len: int, inline: boo
     except ServeError:
         inst.stats.record_request(False, time.perf_counter_ns() - t0)
         raise
-    return Pending(inst, req, outputs, batch, fut, cancel, deadline, t0)
+    return Pending(inst, req, outputs, batch, fut, cancel, deadline, t0, queued)

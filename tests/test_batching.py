@@ -378,3 +378,56 @@ def test_work_queued_during_a_run_goes_without_the_queue_delay(models):
         for _ in range(3):
             run.gate.release()
         b.close()
+
+
+def test_inline_only_while_recent_runs_held_one_row(models):
+    """A caller that finds the model idle runs inline only while recent runs held a single row:
+    under load (recent runs batched more) it queues, so rows arriving right behind it can share
+    its run; once eight runs in a row held one row, callers run inline again."""
+    m = models["lstm"]
+    threads = []
+
+    def run(feeds):
+        threads.append(threading.current_thread().name)
+        return m.run(feeds)
+
+    b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=0)
+    try:
+        me = threading.current_thread().name
+        b.submit(Work(np.ones((3, 5), np.int64), m.zero(3)), inline=True).result(timeout=30)
+        toks = np.ones((1, 5), np.int64)
+        for _ in range(9):
+            b.submit(Work(toks, m.zero(1)), inline=True).result(timeout=30)
+        assert threads[0] == me                                    # nothing recent: inline
+        assert all(t.startswith("batcher-lstm-") for t in threads[1:9])  # a 3-row run is recent
+        assert threads[9] == me                                    # eight 1-row runs since
+    finally:
+        b.close()
+
+
+def test_the_next_run_does_not_wait_for_callers_to_be_completed(models):
+    """Finished runs are handed to the batcher's completion thread: a slow completion (here a
+    caller's done-callback that blocks) does not hold up the next run."""
+    m = models["lstm"]
+    run = CountingRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=1)
+    release = threading.Event()
+    try:
+        toks = np.ones((1, 5), np.int64)
+        first = b.submit(Work(toks, m.zero(1)))
+        first.add_done_callback(lambda _f: release.wait(30))
+        second = b.submit(Work(toks, m.zero(1)))
+        run.gate.release()                                   # the first run goes through
+        until = time.monotonic() + 10
+        while len(run.rows) < 2 and time.monotonic() < until:
+            time.sleep(0.005)
+        assert run.rows == [1, 1]        # the second run started while the first's callback blocks
+        release.set()
+        run.gate.release()
+        np.testing.assert_array_equal(second.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+        np.testing.assert_array_equal(first.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+    finally:
+        release.set()
+        run.gate.release()
+        run.gate.release()
+        b.close()

@@ -93,6 +93,22 @@ def test_concurrent_infers_equal_alone_and_share_runs(charlm_dataplane):
         after.compute_output.count
 
 
+
+def test_an_inline_run_counts_as_compute_infer_not_compute_input(tight_dp):
+    """At concurrency 1 the caller's thread runs the model itself: that time is compute_infer;
+    compute_input is only validation and queueing."""
+    dp, model = tight_dp, "charlm"
+    tokens = {"tokens": np.zeros((1, 2000), np.int64)}
+    for _ in range(9):   # eight 1-row runs in a row: the next lone request runs inline
+        infer(dp, model, tokens)
+    before = totals(dp, model)
+    infer(dp, model, tokens)
+    after = totals(dp, model)
+    compute_input = after.compute_input.ns - before.compute_input.ns
+    compute_infer = after.compute_infer.ns - before.compute_infer.ns
+    assert compute_infer > 0 and compute_input < compute_infer / 4
+
+
 # -- sequences ------------------------------------------------------------------------------------------
 SEQ_MODELS = [("hello_dataplane", p) for p in PRESET_NAMES] + [("charlm_dataplane", "charlm"),
                                                                ("charlm_dataplane", "chargru")]
