@@ -148,6 +148,7 @@ class Batcher:
         self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
                          for i in range(instances)]
         self._done: "queue.SimpleQueue" = queue.SimpleQueue()   # finished runs, for the completion thread
+        self._done_closed = False   # the completion thread was told to stop: finish on the run's thread
         self._completer = threading.Thread(target=self._complete_loop, name=f"batcher-{name}-done",
                                            daemon=True)
         self._completer.start()
@@ -206,7 +207,9 @@ class Batcher:
         until = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, until - time.monotonic()))
-        self._done.put(None)     # after the runs the schedulers finished: their callers get answers
+        with self._cv:           # after the runs the schedulers finished: their callers get answers
+            self._done_closed = True
+            self._done.put(None)
         self._completer.join(max(0.0, until - time.monotonic()))
 
     # ---- scheduling -----------------------------------------------------------
@@ -297,17 +300,23 @@ class Batcher:
         except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
             self._fail(live, e)
             return
+        if not finish_here:
+            with self._cv:   # close() may have stopped the completion thread (a run outlived it)
+                finish_here = self._done_closed
+                if not finish_here:
+                    self._done.put((live, out, queue_ns, compute_ns))
         if finish_here:
             self._finish(live, out, queue_ns, compute_ns)
-        else:
-            self._done.put((live, out, queue_ns, compute_ns))
 
     def _complete_loop(self) -> None:
         while True:
             item = self._done.get()
             if item is None:
                 return
-            self._finish(*item)
+            try:
+                self._finish(*item)
+            except BaseException as e:  # noqa: BLE001 - this thread must outlive any one batch
+                self._fail(item[0], e)
 
     def _finish(self, live: List[Work], out: Dict[str, np.ndarray], queue_ns: List[int],
                 compute_ns: int) -> None:

@@ -431,3 +431,21 @@ def test_the_next_run_does_not_wait_for_callers_to_be_completed(models):
         run.gate.release()
         run.gate.release()
         b.close()
+
+
+def test_a_run_that_outlives_close_still_answers_its_caller(models):
+    """close() stops the completion thread after its timeout; a run still in progress then
+    completes its own callers."""
+    m = models["lstm"]
+    run = GatedRun(m)
+    b = Batcher("lstm", run, m.io)
+    try:
+        toks = np.ones((1, 5), np.int64)
+        fut = b.submit(Work(toks, m.zero(1)))
+        assert run.entered.wait(10)
+        b.close(timeout=0.1)
+        run.gate.set()
+        np.testing.assert_array_equal(fut.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+    finally:
+        run.gate.set()
+        b.close()
