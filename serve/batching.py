@@ -313,28 +313,27 @@ class Batcher:
             item = self._done.get()
             if item is None:
                 return
-            try:
-                self._finish(*item)
-            except BaseException as e:  # noqa: BLE001 - this thread must outlive any one batch
-                self._fail(item[0], e)
+            self._finish(*item)
 
     def _finish(self, live: List[Work], out: Dict[str, np.ndarray], queue_ns: List[int],
                 compute_ns: int) -> None:
+        """Split the outputs, record statistics (before the callers see their results) and
+        complete the callers. Never raises: a failure fails the batch's callers, so neither the
+        completion thread nor an inline caller is taken down by one batch."""
         try:
             results = self._split(live, out)
-        except BaseException as e:  # noqa: BLE001
+            rows = sum(w.rows for w in live)
+            self.stats.record(rows, queue_ns, compute_ns)
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(rows, queue_ns, compute_ns)
+                except Exception:  # metrics must never break serving
+                    log.exception("on_batch hook failed")
+            for w, r in zip(live, results):
+                if not w.future.done():
+                    w.future.set_result(r)   # Future runs its callbacks here, catching their errors
+        except BaseException as e:  # noqa: BLE001 - handed to every caller not yet answered
             self._fail(live, e)
-            return
-        rows = sum(w.rows for w in live)
-        self.stats.record(rows, queue_ns, compute_ns)   # before the callers see their results
-        if self._on_batch is not None:
-            try:
-                self._on_batch(rows, queue_ns, compute_ns)
-            except Exception:  # metrics must never break serving
-                log.exception("on_batch hook failed")
-        for w, r in zip(live, results):
-            if not w.future.done():
-                w.future.set_result(r)   # Future runs its callbacks here, catching their errors
 
     def _fail(self, live: List[Work], e: BaseException) -> None:
         log.exception("model %s: batch of %d failed", self.name, len(live), exc_info=e)

@@ -1,0 +1,113 @@
+"""Real exported models for the batcher tests: tiny ones of every arch, each with its own
+onnxruntime session, and run wrappers that hold a run at a gate or count the runs in progress."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.metadata import parse_metadata
+from export.onnx_export import export_checkpoint
+from serve.batching import ModelIO
+from train.checkpoint import save_checkpoint
+from train.model import CharRNN, ModelConfig
+
+VOCAB = [chr(ord("a") + i) for i in range(12)]
+ARCHS = {
+    "rnncell": ModelConfig(arch="rnncell", vocab_size=12, encoding="onehot", hidden_size=12, head=False),
+    "rnn": ModelConfig(arch="rnn", vocab_size=12, encoding="onehot", hidden_size=16, num_layers=2),
+    "lstm": ModelConfig(arch="lstm", vocab_size=12, emb_size=8, hidden_size=16, num_layers=2),
+    "gru": ModelConfig(arch="gru", vocab_size=12, emb_size=8, hidden_size=16, num_layers=3),
+    "bilstm": ModelConfig(arch="lstm", vocab_size=12, emb_size=8, hidden_size=16, num_layers=2,
+                          bidirectional=True),
+}
+UNIDIRECTIONAL = ["rnncell", "rnn", "lstm", "gru"]
+
+
+class Model:
+    """A real exported model: its session, I/O names and a plain run()."""
+
+    def __init__(self, path: str):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.meta = parse_metadata(self.sess.get_modelmeta().custom_metadata_map)
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.io = ModelIO(tuple(self.meta.state_inputs), tuple(self.meta.state_outputs), self.meta.streamable)
+        self.runs = 0
+
+    def run(self, feeds):
+        self.runs += 1
+        return dict(zip(self.outputs, self.sess.run(None, feeds)))
+
+    def zero(self, batch):
+        shape = self.meta.state_shape(batch)
+        return tuple(np.zeros(shape, np.float32) for _ in self.io.state_inputs)
+
+    def rand_state(self, rng, batch):
+        shape = self.meta.state_shape(batch)
+        return tuple(rng.standard_normal(shape).astype(np.float32) for _ in self.io.state_inputs)
+
+    def alone(self, tokens, states):
+        return self.run({"tokens": tokens, **dict(zip(self.io.state_inputs, states))})
+
+
+def build_models(root: Path, names: Optional[Iterable[str]] = None) -> Dict[str, Model]:
+    """Export each arch (all of ARCHS by default) with fixed random weights under root."""
+    out = {}
+    for i, (name, cfg) in enumerate(ARCHS.items()):
+        if names is not None and name not in names:
+            continue
+        torch.manual_seed(i)
+        ckpt = root / name / "checkpoint.pt"
+        save_checkpoint(str(ckpt), CharRNN(cfg), VOCAB, {"task": "charlm", "seq_len": 16}, {})
+        res = export_checkpoint(str(ckpt), str(root / name))
+        out[name] = Model(res.onnx_path)
+    return out
+
+
+class GatedRun:
+    """The real session run, held at a gate so the queue can be observed."""
+
+    def __init__(self, model: Model):
+        self.model, self.gate, self.entered = model, threading.Event(), threading.Event()
+
+    def __call__(self, feeds):
+        self.entered.set()
+        self.gate.wait(30)
+        return self.model.run(feeds)
+
+
+class CountingRun:
+    """The real session run, counting the runs in progress at once; each run waits at its own
+    gate (a semaphore release lets one run through)."""
+
+    def __init__(self, model: Model):
+        self.model, self.gate = model, threading.Semaphore(0)
+        self.lock, self.running, self.peak, self.rows = threading.Lock(), 0, 0, []
+
+    def __call__(self, feeds):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.rows.append(int(feeds["tokens"].shape[0]))
+        try:
+            assert self.gate.acquire(timeout=30), "the test never let this run through"
+            return self.model.run(feeds)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def wait_running(self, n: int, timeout: float = 10.0) -> bool:
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            with self.lock:
+                if self.running >= n:
+                    return True
+            time.sleep(0.005)
+        return False
