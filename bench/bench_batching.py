@@ -4,7 +4,7 @@
 
 Model: the 2-layer LSTM char model (vocab 65, emb 64, hidden 256), random weights, saved with
 train.checkpoint.save_checkpoint and exported with export.onnx_export.export_checkpoint
-(bench.bench_server.build_repository). The server is `python -m serve` as a subprocess on
+(bench.bench_server.build_repository). The server is `rnnserve-server` as a subprocess on
 127.0.0.1; every client is tritonclient.grpc, unchanged. Thread settings, both sides:
 onnxruntime intra-op threads 1 (`--threads 1`; with one intra-op thread there is no
 intra-op pool, so nothing spins and starves the gRPC threads), inter-op 1.
@@ -41,7 +41,7 @@ It needs Debian's libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu1
     (cd /tmp/cudart && unzip -q -o nvidia_cuda_runtime_cu12-*.whl)
     export LD_LIBRARY_PATH=/tmp/cudart/nvidia/cuda_runtime/lib:$LD_LIBRARY_PATH
     python -c 'from bench.bench_server import build_repository as b; print(b("/tmp/pa"))'
-    python -m serve --repository /tmp/pa/repo --port 8001 --device cpu --threads 1 &
+    rnnserve-server --repository /tmp/pa/repo --port 8001 --device cpu --threads 1 &
     # the model reports sequence_batching, so perf_analyzer always runs its sequence mode;
     # a JSON data file sends `tokens` only (the state inputs are optional: server-kept)
     python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [0] * 64, "shape": [1, 64]}}]}))' > tokens.json
@@ -66,20 +66,19 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
 
 import numpy as np
 import tritonclient.grpc as tc
 
-from bench.bench_server import MODEL, SEQ, VOCAB, build_repository, run_load, start_server
 from bench.batching_report import print_report
+from bench.bench_server import MODEL, SEQ, VOCAB, build_repository, run_load, start_server
 from bench.floor import own_cpu_s, process_cpu_s, start_floor_server
-from serve.runtime import CPU, create_session
+from rnnserve.serve.engine.runtime import CPU, create_session
 
 
-
-def _feeds(session, tokens: np.ndarray) -> Dict[str, np.ndarray]:
+def _feeds(session, tokens: np.ndarray) -> dict[str, np.ndarray]:
     batch = tokens.shape[0]
     return {i.name: tokens if i.name == "tokens" else np.zeros((i.shape[0], batch, i.shape[2]), np.float32)
             for i in session.get_inputs()}
@@ -143,7 +142,7 @@ def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tu
         proc.wait(timeout=60)
 
 
-def stateless_table(session, address: str, concurrencies: List[int], seconds: float) -> list:
+def stateless_table(session, address: str, concurrencies: list[int], seconds: float) -> list:
     tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
     feeds = _feeds(session, tokens)
     server_call = _infer_call(address, tokens)
@@ -177,7 +176,7 @@ def _run_all(target: Callable, args: Iterable, errors: list) -> None:
 def unary_sequences(address: str, tokens: np.ndarray, base_id: int) -> np.ndarray:
     """One thread per sequence, each step a blocking infer(); -> every sequence's last logits."""
     n, steps = tokens.shape
-    last: List[np.ndarray] = [None] * n
+    last: list[np.ndarray] = [None] * n
     gate = threading.Barrier(n)
     errors: list = []
 
@@ -204,14 +203,14 @@ def stream_sequences(address: str, tokens: np.ndarray, base_id: int, streams: in
     its next step the moment the answer to its previous step arrives (from tritonclient's
     callback), so a stream always has one step of each of its sequences in flight."""
     n, steps = tokens.shape
-    last: List[np.ndarray] = [None] * n
+    last: list[np.ndarray] = [None] * n
     groups = [list(range(k, n, streams)) for k in range(streams)]
     gate = threading.Barrier(streams)
     errors: list = []
     inputs = {v: [_tokens_input(np.array([[v]]))] for v in range(len(VOCAB))}
     outputs = [tc.InferRequestedOutput("logits")]
 
-    def run(group: List[int]) -> None:
+    def run(group: list[int]) -> None:
         done = threading.Event()
         sent = dict.fromkeys(group, 0)          # steps sent per sequence
         left = [len(group)]
@@ -265,7 +264,7 @@ def local_steps(session, tokens: np.ndarray, rows: int) -> np.ndarray:
         feeds = _feeds(session, tokens[lo:lo + rows, :1])
         state = {k: v for k, v in feeds.items() if k != "tokens"}
         for t in range(steps):
-            out = dict(zip(names, session.run(None, {"tokens": tokens[lo:lo + rows, t:t + 1], **state})))
+            out = dict(zip(names, session.run(None, {"tokens": tokens[lo:lo + rows, t:t + 1], **state}), strict=False))
             state = {k: out[k.replace("0", "n")] for k in state}
         last.append(out["logits"][:, -1])
     return np.concatenate(last)
@@ -314,8 +313,8 @@ def prefix_vs_state(address: str, n: int, seed: int) -> tuple[float, float, floa
 
 
 # -- main -------------------------------------------------------------------------------------------
-def _with_server(repo: str, tmp: str, threads: int, extra: List[str], work: Callable[[str, int], object]):
-    """work(address, server pid) against `python -m serve` started with the extra flags."""
+def _with_server(repo: str, tmp: str, threads: int, extra: list[str], work: Callable[[str, int], object]):
+    """work(address, server pid) against `rnnserve-server` started with the extra flags."""
     proc, address = start_server(repo, threads, Path(tempfile.mkdtemp(dir=tmp)) / "port", extra)
     try:
         return work(address, proc.pid)

@@ -30,20 +30,20 @@ import os
 import tempfile
 import threading
 import time
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import export_checkpoint
-from serve.batching import Batcher
-from serve.dataplane import DataPlane
-from serve.sequences import SequenceManager
-from serve.settings import ServeSettings
-from serve.types import InferRequest
-from train.checkpoint import save_checkpoint
-from train.model import CharRNN, ModelConfig
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.serve.dataplane.plane import DataPlane
+from rnnserve.serve.engine.batching import Batcher
+from rnnserve.serve.engine.sequences import SequenceManager
+from rnnserve.serve.settings import ServeSettings
+from rnnserve.serve.wire.types import InferRequest
+from rnnserve.train.checkpoint import save_checkpoint
+from rnnserve.train.model import CharRNN, ModelConfig
 
 CONFIG = ModelConfig(arch="lstm", vocab_size=65, encoding="embedding", emb_size=64, hidden_size=256, num_layers=2)
 MODEL = "charlstm"
@@ -77,7 +77,7 @@ def unbatched(sess: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
 
 def threaded(n: int, client: Callable[[int], np.ndarray]) -> np.ndarray:
     """n client threads released together; returns each one's last logits."""
-    last: List[Optional[np.ndarray]] = [None] * n
+    last: list[np.ndarray | None] = [None] * n
     gate = threading.Barrier(n)
 
     def run(i: int) -> None:
@@ -156,7 +156,7 @@ def prefix_vs_state(sess: ort.InferenceSession, tokens: np.ndarray):
     return naive_s, carry_s, float(np.abs(naive_last - carry_last).max())
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--sequences", type=int, default=64)

@@ -13,17 +13,17 @@ import logging
 import statistics
 import tempfile
 import time
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.metadata import INPUT_TOKENS
-from export.onnx_export import export_checkpoint
-from export.parity import make_session
-from train.checkpoint import save_checkpoint
-from train.model import CharRNN, ModelConfig
+from rnnserve.contract import INPUT_TOKENS
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.export.parity import make_session
+from rnnserve.train.checkpoint import save_checkpoint
+from rnnserve.train.model import CharRNN, ModelConfig
 
 CONFIG = ModelConfig(arch="lstm", vocab_size=65, encoding="embedding", emb_size=64, hidden_size=256, num_layers=2)
 CASES = (("batch 1 x seq 64", 1, 64), ("batch 32 x seq 64", 32, 64), ("stream step (seq 1 + state)", 1, 1))
@@ -40,7 +40,7 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")
     p.add_argument("--runs", type=int, default=200)

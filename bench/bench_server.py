@@ -7,7 +7,7 @@ weights, exported by our export code into a temporary repository. The load is ba
 1, seq 64. For each concurrency C it measures, for the same duration:
   * in-process: C threads calling one onnxruntime session (made by
     serve.runtime.create_session, so the options equal the server's) in a loop;
-  * server: `python -m serve` as a subprocess on 127.0.0.1 and C threads, each with
+  * server: `rnnserve-server` as a subprocess on 127.0.0.1 and C threads, each with
     its own tritonclient.grpc client, calling infer() in a loop.
 It prints p50/p99 latency, throughput, and the server/in-process throughput ratio.
 
@@ -18,7 +18,7 @@ libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel:
     apt-get install -y libb64-0d
     pip download --no-deps nvidia-cuda-runtime-cu12 -d /tmp/w && unzip -q -d /tmp/cudart /tmp/w/*.whl
     export LD_LIBRARY_PATH=/tmp/cudart/nvidia/cuda_runtime/lib:$LD_LIBRARY_PATH
-    python -m serve --repository REPO --port 8001 --threads 1 &
+    rnnserve-server --repository REPO --port 8001 --threads 1 &
     python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [0] * 64, "shape": [1, 64]}}]}))' > tokens.json
     .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data tokens.json \
         --concurrency-range 8
@@ -40,17 +40,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import tritonclient.grpc as tc
 
-from export.onnx_export import export_checkpoint
-from serve.runtime import CPU, create_session
-from train.checkpoint import save_checkpoint
-from train.model import CharRNN, ModelConfig
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.serve.engine.runtime import CPU, create_session
+from rnnserve.train.checkpoint import save_checkpoint
+from rnnserve.train.model import CharRNN, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "charlm"
@@ -72,8 +72,8 @@ def build_repository(root: str) -> str:
 
 def start_server(repo: str, threads: int, port_file: Path,
                  extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
-    """`python -m serve` on a free port (extra_args: more flags); -> (process, "127.0.0.1:PORT")."""
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", repo, "--port", "0",
+    """`rnnserve-server` on a free port (extra_args: more flags); -> (process, "127.0.0.1:PORT")."""
+    proc = subprocess.Popen([sys.executable, "-m", "rnnserve.serve", "--repository", repo, "--port", "0",
                              "--device", "cpu", "--threads", str(threads), "--port-file",
                              str(port_file), "--log-level", "WARNING", *extra_args],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from serve.gen import grpc_service_pb2 as pb
-from serve.gen import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
+from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
 
 VOCAB_SIZE = 65
 

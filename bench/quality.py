@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from train.charlm import CHAR_PRESET_NAMES, TrainConfig, train_charlm
-from train.checkpoint import load_checkpoint, read_checkpoint
-from train.data import CharData
-from train.evaluate import evaluate_windows, to_bits
+from rnnserve.train.charlm import CHAR_PRESET_NAMES, TrainConfig, train_charlm
+from rnnserve.train.checkpoint import load_checkpoint, read_checkpoint
+from rnnserve.train.data import CharData
+from rnnserve.train.evaluate import evaluate_windows, to_bits
 
 log = logging.getLogger(__name__)
 

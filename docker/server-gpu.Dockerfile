@@ -5,11 +5,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY pyproject.toml README.md ./
+# The whole source installs as one package. Without the training extras, train/ and export/
+# are inert (nothing in serve/ imports them).
+COPY rnnserve ./rnnserve
 COPY serve ./serve
-COPY export/__init__.py export/metadata.py ./export/
-COPY train/__init__.py ./train/
+COPY train ./train
+COPY export ./export
 RUN pip install --no-cache-dir '.[gpu]'
 ENV RNNSERVE_REPOSITORY=/models RNNSERVE_HOST=0.0.0.0 RNNSERVE_PORT=8001 RNNSERVE_METRICS_PORT=8002 \
     RNNSERVE_DEVICE=cuda
 EXPOSE 8001 8002
-ENTRYPOINT ["python", "-m", "serve"]
+ENTRYPOINT ["rnnserve-server"]

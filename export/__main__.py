@@ -1,5 +1,5 @@
-"""`python -m export CHECKPOINT --out DIR`: export one checkpoint to DIR/model.onnx behind the parity gate.
-`python -m export batch --checkpoints DIR_OR_GLOB --repository REPO [...]`: export every checkpoint
+"""`rnnserve-export CHECKPOINT --out DIR`: export one checkpoint to DIR/model.onnx behind the parity gate.
+`rnnserve-export batch --checkpoints DIR_OR_GLOB --repository REPO [...]`: export every checkpoint
 found into a versioned model repository (export/batch.py).
 
 Subcommands are dispatched on argv[0]; a plain path is the single export.
@@ -9,17 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional
 
 import torch
 
-from train.checkpoint import CheckpointError
-
-from .batch import BatchOptions, format_report, run_batch
-from .onnx_export import DEFAULT_OPSET, ExportError, export_checkpoint
-from .parity import ATOL, format_summary
-from .tritonconfig import DEFAULT_MAX_BATCH_SIZE
-from .variants import DEFAULT_MIN_AGREEMENT, VARIANTS
+from rnnserve.export.batch import BatchOptions, format_report, run_batch
+from rnnserve.export.onnx_export import DEFAULT_OPSET, ExportError, export_checkpoint
+from rnnserve.export.parity import ATOL, format_summary
+from rnnserve.export.tritonconfig import DEFAULT_MAX_BATCH_SIZE
+from rnnserve.export.variants import DEFAULT_MIN_AGREEMENT, VARIANTS
+from rnnserve.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +25,9 @@ SUBCOMMANDS = ("batch",)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export",
+    p = argparse.ArgumentParser(prog="rnnserve-export",
                                 description="Export an rnnserve checkpoint to ONNX and run the parity gate.")
-    p.add_argument("checkpoint", help="checkpoint .pt written by `python -m train`")
+    p.add_argument("checkpoint", help="checkpoint .pt written by `rnnserve-train`")
     p.add_argument("--out", required=True, help="output directory for model.onnx and parity.json")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
@@ -39,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _variant_list(text: str) -> List[str]:
+def _variant_list(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
@@ -62,7 +60,7 @@ def _positive(text: str) -> int:
 
 
 def _batch_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export batch",
+    p = argparse.ArgumentParser(prog="rnnserve-export batch",
                                 description="Export every checkpoint found into REPO/<model>/<version>/ "
                                             "(parity gate, atomic publish, config.pbtxt, manifest.json).")
     p.add_argument("--checkpoints", required=True, action="append",
@@ -96,7 +94,7 @@ def _configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def batch_main(argv: List[str]) -> int:
+def batch_main(argv: list[str]) -> int:
     args = _batch_parser().parse_args(argv)
     _configure_logging(args.verbose)
     if args.threads:
@@ -112,7 +110,7 @@ def batch_main(argv: List[str]) -> int:
     return 0 if outcome.ok else 1
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:  # only "batch" so far
         return batch_main(argv[1:])

@@ -1,4 +1,4 @@
-"""`python -m export batch`: every checkpoint found -> REPO/<model>/<version>/ behind the parity gate.
+"""`rnnserve-export batch`: every checkpoint found -> REPO/<model>/<version>/ behind the parity gate.
 
 Per checkpoint (model name = its folder's name, or the file's stem with --name-from file):
   unchanged sha256 (vs the newest published version)  -> skipped
@@ -19,38 +19,37 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from export.metadata import file_sha256
-from train.checkpoint import load_checkpoint
-
-from .metadata import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, parse_metadata
-from .onnx_export import DEFAULT_OPSET, export_checkpoint
-from .parity import ATOL, DEFAULT_TRAIN_SEQ_LEN
-from .publish import RepoWriter, sanitize_name
-from .tritonconfig import DEFAULT_MAX_BATCH_SIZE, triton_config
-from .variants import DEFAULT_MIN_AGREEMENT, FP16_WARNING, load_eval_text, make_variant, variant_session
+from rnnserve.contract import INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.export.onnx_export import DEFAULT_OPSET, export_checkpoint
+from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN
+from rnnserve.export.publish import RepoWriter, sanitize_name
+from rnnserve.export.tritonconfig import DEFAULT_MAX_BATCH_SIZE, triton_config
+from rnnserve.export.variants import DEFAULT_MIN_AGREEMENT, FP16_WARNING, load_eval_text, make_variant, variant_session
+from rnnserve.files import file_sha256
+from rnnserve.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
 LATENCY_BATCH, LATENCY_SEQ, LATENCY_WARMUP, LATENCY_RUNS = 1, 64, 5, 30
 CHECKPOINT_FILENAME = "checkpoint.pt"
-Failure = Tuple[str, str, str]  # (model, checkpoint, why)
+Failure = tuple[str, str, str]  # (model, checkpoint, why)
 
 
 @dataclass
 class BatchOptions:
-    checkpoints: List[str]
+    checkpoints: list[str]
     repository: str
-    keep: Optional[int] = None
-    variants: List[str] = field(default_factory=list)
+    keep: int | None = None
+    variants: list[str] = field(default_factory=list)
     name_from: str = "dir"
-    eval_text: Optional[str] = None
+    eval_text: str | None = None
     min_agreement: float = DEFAULT_MIN_AGREEMENT
-    threads: Optional[int] = None
+    threads: int | None = None
     atol: float = ATOL
     opset: int = DEFAULT_OPSET
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -62,30 +61,30 @@ class Row:
     model: str
     status: str                    # new | skipped | failed | refused
     arch: str = ""
-    params: Optional[int] = None
-    max_diff: Optional[float] = None   # base: parity gate vs PyTorch; variant: max |logit diff| vs fp32 on text
-    agreement: Optional[float] = None  # variants: top-1 agreement with fp32
-    size: Optional[int] = None
-    p50_ms: Optional[float] = None
-    version: Optional[int] = None
+    params: int | None = None
+    max_diff: float | None = None   # base: parity gate vs PyTorch; variant: max |logit diff| vs fp32 on text
+    agreement: float | None = None  # variants: top-1 agreement with fp32
+    size: int | None = None
+    p50_ms: float | None = None
+    version: int | None = None
     reason: str = ""
     variant: str = ""
 
 
 @dataclass
 class BatchOutcome:
-    rows: List[Row]
-    failures: List[Failure]
-    pruned: Dict[str, List[int]] = field(default_factory=dict)
+    rows: list[Row]
+    failures: list[Failure]
+    pruned: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
 
-def discover(specs: List[str]) -> List[str]:
+def discover(specs: list[str]) -> list[str]:
     """Checkpoint files: a directory -> every **/checkpoint.pt under it; a file; or a glob."""
-    found: List[str] = []
+    found: list[str] = []
     for spec in specs:
         if os.path.isdir(spec):
             hits = glob.glob(os.path.join(glob.escape(spec), "**", CHECKPOINT_FILENAME), recursive=True)
@@ -99,11 +98,11 @@ def discover(specs: List[str]) -> List[str]:
     return sorted(set(found))
 
 
-def plan(paths: List[str], name_from: str, variants: List[str]) -> Tuple[List[Tuple[str, str]], List[Failure]]:
+def plan(paths: list[str], name_from: str, variants: list[str]) -> tuple[list[tuple[str, str]], list[Failure]]:
     """[(model name, checkpoint)] and the failures: names that collide are refused, never guessed."""
     named = [(sanitize_name(os.path.basename(os.path.dirname(p)) if name_from == "dir"
                             else os.path.splitext(os.path.basename(p))[0]), p) for p in paths]
-    by_name: Dict[str, List[str]] = {}
+    by_name: dict[str, list[str]] = {}
     for name, p in named:
         by_name.setdefault(name, []).append(p)
     variant_names = {f"{n}-{v}": n for n in by_name for v in variants}
@@ -121,7 +120,7 @@ def plan(paths: List[str], name_from: str, variants: List[str]) -> Tuple[List[Tu
     return todo, failed
 
 
-def measure_latency(path: str, meta: ModelMeta, variant: str = "", threads: Optional[int] = None) -> float:
+def measure_latency(path: str, meta: ModelMeta, variant: str = "", threads: int | None = None) -> float:
     """p50 milliseconds of one onnxruntime CPU run at batch 1, seq 64 (zero state), after warm-up."""
     sess = variant_session(path, variant, threads)
     rng = np.random.default_rng(0)
@@ -149,7 +148,7 @@ def _skipped_row(repo: RepoWriter, name: str) -> Row:
     return Row(name, "skipped", rec.get("arch", ""), rec.get("params"),
                vrep["max_logit_diff"] if vrep else rec.get("parity", {}).get("max_abs_diff"),
                vrep["top1_agreement"] if vrep else None,
-               files.get("model.onnx", {}).get("bytes"), rec.get("latency_p50_ms"), version)
+               files.get(MODEL_FILENAME, {}).get("bytes"), rec.get("latency_p50_ms"), version)
 
 
 class _Job:
@@ -158,9 +157,9 @@ class _Job:
     def __init__(self, repo: RepoWriter, opts: BatchOptions, name: str, ckpt: str):
         self.repo, self.opts, self.name, self.ckpt = repo, opts, name, ckpt
         self.sha = file_sha256(ckpt)
-        self._loaded: Optional[Tuple[Any, Dict[str, Any]]] = None
-        self.rows: List[Row] = []
-        self.failures: List[Failure] = []
+        self._loaded: tuple[Any, dict[str, Any]] | None = None
+        self.rows: list[Row] = []
+        self.failures: list[Failure] = []
 
     def loaded(self):
         if self._loaded is None:
@@ -242,7 +241,7 @@ class _Job:
         summary = {"model": vname, "accepted": result.accepted, "reason": result.reason,
                    "top1_agreement": rep["top1_agreement"], "max_logit_diff": rep["max_logit_diff"],
                    "threshold": rep["threshold"], "eval_text": rep["eval_text"]}
-        path = os.path.join(staged, "model.onnx")
+        path = os.path.join(staged, MODEL_FILENAME)
         size, p50 = os.path.getsize(path), measure_latency(path, meta, variant, opts.threads)
         if not result.accepted:  # measured and shown, never published
             repo.discard(os.path.dirname(staged))
@@ -298,20 +297,20 @@ def _fmt(v: Any, spec: str = "") -> str:
     return "-" if v is None or v == "" else format(v, spec)
 
 
-def _size(n: Optional[int]) -> str:
+def _size(n: int | None) -> str:
     if n is None:
         return "-"
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
-def format_table(rows: List[Row]) -> str:
+def format_table(rows: list[Row]) -> str:
     head = ["model", "arch", "params", "parity max diff", "top-1 agree", "onnx size",
             f"p50 ms (b{LATENCY_BATCH} s{LATENCY_SEQ})", "version", "status"]
     body = [[r.model, r.arch or "-", _fmt(r.params, ","), _fmt(r.max_diff, ".2e"),
              "-" if r.agreement is None else f"{r.agreement:.2%}", _size(r.size), _fmt(r.p50_ms, ".3f"),
              _fmt(r.version), r.status] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
     out.append("parity max diff: models = the parity gate vs PyTorch; variants = max |logit diff| vs the fp32 "
                "model on the eval text. top-1 agree: variants vs fp32 on the eval text.")

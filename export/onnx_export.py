@@ -19,32 +19,29 @@ after the gate passes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import onnx
 import torch
 import torch.nn as nn
 
-from export.metadata import file_sha256
-from train.checkpoint import load_checkpoint
-from train.model import CharRNN, ModelConfig
-
-from .metadata import (DIM_BATCH, DIM_SEQ, ModelMeta, TensorSpec, build_metadata,
-                       parse_metadata)
-from .parity import ATOL, DEFAULT_TRAIN_SEQ_LEN, format_summary, run_parity
+from rnnserve.contract import DIM_BATCH, DIM_SEQ, MODEL_FILENAME, GraphTensor, ModelMeta, build_metadata, parse_metadata
+from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN, format_summary, run_parity
+from rnnserve.files import atomic_write_json, file_sha256
+from rnnserve.train.checkpoint import load_checkpoint
+from rnnserve.train.model import CharRNN, ModelConfig
 
 log = logging.getLogger(__name__)
 
 # Opset 17: every op we emit (RNN/LSTM/GRU, OneHot, Gather, MatMul) is stable there,
 # and it is well inside what onnxruntime >= 1.14 and Triton's ORT backend accept.
 DEFAULT_OPSET = 17
-MODEL_FILENAME = "model.onnx"
 PARITY_FILENAME = "parity.json"
 FAILED_PARITY_FILENAME = "parity.failed.json"
 
@@ -60,9 +57,9 @@ class ExportError(Exception):
 @dataclass
 class ExportResult:
     onnx_path: str
-    parity: Optional[Dict[str, Any]]  # None when gate=False
+    parity: dict[str, Any] | None  # None when gate=False
     seconds: float
-    parity_path: Optional[str] = None
+    parity_path: str | None = None
     io: str = ""  # the checked declared I/O, e.g. "tokens[batch,seq], h0[1,batch,4] -> ..."
 
 
@@ -98,7 +95,7 @@ def as_native_rnn(model: CharRNN) -> CharRNN:
     return native.eval()
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> List[Any]:
+def _dims(value_info: onnx.ValueInfoProto) -> list[Any]:
     return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
             for d in value_info.type.tensor_type.shape.dim]
 
@@ -112,7 +109,7 @@ def check_io(proto: onnx.ModelProto, meta: ModelMeta) -> str:
         if got_names != [w.name for w in want_list]:
             problems.append(f"{kind}s are {got_names}, expected {[w.name for w in want_list]}")
             continue
-        for v, w in zip(got_list, want_list):
+        for v, w in zip(got_list, want_list, strict=False):
             if v.type.tensor_type.elem_type != _ONNX_DTYPES[w.dtype]:
                 problems.append(f"{v.name}: dtype {onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}, "
                                 f"expected {w.dtype}")
@@ -125,7 +122,7 @@ def check_io(proto: onnx.ModelProto, meta: ModelMeta) -> str:
     return describe_io(want_in, want_out)
 
 
-def describe_io(inputs: List[TensorSpec], outputs: List[TensorSpec]) -> str:
+def describe_io(inputs: list[GraphTensor], outputs: list[GraphTensor]) -> str:
     fmt = lambda specs: ", ".join(f"{s.name}[{','.join(map(str, s.shape))}]" for s in specs)  # noqa: E731
     return f"{fmt(inputs)} -> {fmt(outputs)}"
 
@@ -162,14 +159,6 @@ def export_model(model: CharRNN, ckpt_info: Mapping[str, Any], path: str, *,
     return proto
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _guarded(what: str, fn, *args, **kwargs):
     """Run fn; any unexpected exception becomes a one-line ExportError."""
     try:
@@ -182,7 +171,7 @@ def _guarded(what: str, fn, *args, **kwargs):
 
 
 def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSET, gate: bool = True,
-                      atol: float = ATOL, threads: Optional[int] = None) -> ExportResult:
+                      atol: float = ATOL, threads: int | None = None) -> ExportResult:
     """Export a checkpoint to out_dir/model.onnx (+ parity.json). Raises CheckpointError or ExportError.
 
     On any failure no new model.onnx is written (an older one in out_dir is left as it was).
@@ -206,11 +195,11 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
                               train_seq_len=train_seq_len, atol=atol, threads=threads)
             if not report["pass"]:
                 failed_path = os.path.join(out_dir, FAILED_PARITY_FILENAME)
-                _write_json(failed_path, report)
+                atomic_write_json(failed_path, report)
                 raise ExportError(f"parity gate failed for {ckpt_path}: {format_summary(report)}; "
                                   f"no {MODEL_FILENAME} written (report: {failed_path})")
             parity_path = os.path.join(out_dir, PARITY_FILENAME)
-            _write_json(parity_path, report)
+            atomic_write_json(parity_path, report)
         # Reports left by an earlier export into this folder no longer describe the model.
         for stale in (FAILED_PARITY_FILENAME, *(() if gate else (PARITY_FILENAME,))):
             if os.path.exists(os.path.join(out_dir, stale)):

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from .metadata import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.contract import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, parse_metadata
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def make_session(onnx_path: str, threads: Optional[int] = None) -> ort.InferenceSession:
+def make_session(onnx_path: str, threads: int | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
@@ -45,18 +46,18 @@ def make_session(onnx_path: str, threads: Optional[int] = None) -> ort.Inference
     return ort.InferenceSession(onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def gate_seq_lens(train_seq_len: int) -> List[int]:
+def gate_seq_lens(train_seq_len: int) -> list[int]:
     return sorted(set(FIXED_SEQ_LENS) | {train_seq_len, 4 * train_seq_len})
 
 
-def _random_inputs(rng: np.random.Generator, meta: ModelMeta, batch: int, seq: int) -> Dict[str, np.ndarray]:
+def _random_inputs(rng: np.random.Generator, meta: ModelMeta, batch: int, seq: int) -> dict[str, np.ndarray]:
     feeds = {INPUT_TOKENS: rng.integers(0, meta.vocab_size, size=(batch, seq), dtype=np.int64)}
     for name in meta.state_inputs:
         feeds[name] = rng.standard_normal(meta.state_shape(batch)).astype(np.float32)
     return feeds
 
 
-def _torch_run(model: torch.nn.Module, meta: ModelMeta, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+def _torch_run(model: torch.nn.Module, meta: ModelMeta, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     state = tuple(torch.from_numpy(feeds[n]) for n in meta.state_inputs) or None
     with torch.no_grad():
         logits, new_state = model(torch.from_numpy(feeds[INPUT_TOKENS]), state)
@@ -75,7 +76,7 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return d
 
 
-def _argmax_check(ref: np.ndarray, got: np.ndarray, atol: float) -> Dict[str, int]:
+def _argmax_check(ref: np.ndarray, got: np.ndarray, atol: float) -> dict[str, int]:
     a_ref, a_got = ref.argmax(-1), got.argmax(-1)
     diff = a_ref != a_got
     if not diff.any():
@@ -86,8 +87,8 @@ def _argmax_check(ref: np.ndarray, got: np.ndarray, atol: float) -> Dict[str, in
     return {"argmax_mismatches": int((diff & ~tie).sum()), "argmax_near_ties": int(tie.sum())}
 
 
-def _compare(names: Sequence[str], ref: List[np.ndarray], got: List[np.ndarray], atol: float) -> Dict[str, Any]:
-    diffs = {n: _max_abs(r, g) for n, r, g in zip(names, ref, got)}
+def _compare(names: Sequence[str], ref: list[np.ndarray], got: list[np.ndarray], atol: float) -> dict[str, Any]:
+    diffs = {n: _max_abs(r, g) for n, r, g in zip(names, ref, got, strict=False)}
     argmax = _argmax_check(ref[0], got[0], atol)
     return {"logits_max_abs_diff": diffs[names[0]],
             "state_max_abs_diff": {n: diffs[n] for n in names[1:]},
@@ -96,14 +97,14 @@ def _compare(names: Sequence[str], ref: List[np.ndarray], got: List[np.ndarray],
             "pass": max(diffs.values()) <= atol and argmax["argmax_mismatches"] == 0}
 
 
-def _crashed(case: Dict[str, Any], e: Exception) -> Dict[str, Any]:
+def _crashed(case: dict[str, Any], e: Exception) -> dict[str, Any]:
     """A crash in either runtime is a failed case, reported, not raised."""
     case.update({"error": f"{type(e).__name__}: {e}", "max_abs_diff": None, "pass": False})
     return case
 
 
-def _whole_case(model, sess, meta, rng, batch: int, seq: int, atol: float) -> Dict[str, Any]:
-    case: Dict[str, Any] = {"batch": batch, "seq": seq}
+def _whole_case(model, sess, meta, rng, batch: int, seq: int, atol: float) -> dict[str, Any]:
+    case: dict[str, Any] = {"batch": batch, "seq": seq}
     try:
         feeds = _random_inputs(rng, meta, batch, seq)
         t0 = time.perf_counter()
@@ -117,9 +118,9 @@ def _whole_case(model, sess, meta, rng, batch: int, seq: int, atol: float) -> Di
     return case
 
 
-def _stepwise_case(sess, meta, rng, batch: int, seq: int, atol: float) -> Dict[str, Any]:
+def _stepwise_case(sess, meta, rng, batch: int, seq: int, atol: float) -> dict[str, Any]:
     """One token at a time in onnxruntime, carrying the state, vs the whole-sequence run."""
-    case: Dict[str, Any] = {"batch": batch, "seq": seq}
+    case: dict[str, Any] = {"batch": batch, "seq": seq}
     names = [OUTPUT_LOGITS, *meta.state_outputs]
     try:
         feeds = _random_inputs(rng, meta, batch, seq)
@@ -130,7 +131,7 @@ def _stepwise_case(sess, meta, rng, batch: int, seq: int, atol: float) -> Dict[s
         for t in range(seq):
             outs = sess.run(names, {INPUT_TOKENS: feeds[INPUT_TOKENS][:, t:t + 1], **state})
             step_logits.append(outs[0])
-            state = dict(zip(meta.state_inputs, outs[1:]))
+            state = dict(zip(meta.state_inputs, outs[1:], strict=False))
         case["ort_s"] = round(time.perf_counter() - t0, 4)
         stepped = [np.concatenate(step_logits, axis=1), *(state[n] for n in meta.state_inputs)]
         case.update(_compare(names, whole, stepped, atol))
@@ -140,8 +141,8 @@ def _stepwise_case(sess, meta, rng, batch: int, seq: int, atol: float) -> Dict[s
 
 
 def run_parity(model: torch.nn.Module, onnx_path: str, *, train_seq_len: int, atol: float = ATOL,
-               batches: Sequence[int] = BATCHES, seq_lens: Optional[Sequence[int]] = None,
-               seed: int = 0, threads: Optional[int] = None) -> Dict[str, Any]:
+               batches: Sequence[int] = BATCHES, seq_lens: Sequence[int] | None = None,
+               seed: int = 0, threads: int | None = None) -> dict[str, Any]:
     """Run the gate; returns the report (JSON-serialisable) with report["pass"]."""
     t0 = time.perf_counter()
     model.eval()
@@ -175,7 +176,7 @@ def run_parity(model: torch.nn.Module, onnx_path: str, *, train_seq_len: int, at
     return report
 
 
-def format_summary(report: Dict[str, Any]) -> str:
+def format_summary(report: dict[str, Any]) -> str:
     n, ns = len(report["cases"]), len(report["stepwise"])
     diff = report["max_abs_diff"]
     head = (f"max abs diff {'n/a (a case crashed)' if diff is None else format(diff, '.3g')} over {n} cases + {ns} stepwise "

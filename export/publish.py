@@ -22,16 +22,14 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import onnx
 
-from export.metadata import file_sha256
-
-from .metadata import KEY_CHECKPOINT_SHA256
-from .onnx_export import MODEL_FILENAME, ExportError
-from .onnx_export import _write_json as write_json
-from .tritonconfig import CONFIG_FILENAME
+from rnnserve.contract import CONFIG_FILENAME, KEY_CHECKPOINT_SHA256, MODEL_FILENAME
+from rnnserve.export.onnx_export import ExportError
+from rnnserve.files import atomic_write_json as write_json
+from rnnserve.files import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +48,12 @@ def sanitize_name(raw: str) -> str:
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def file_entries(folder: str) -> Dict[str, Dict[str, Any]]:
+def file_entries(folder: str) -> dict[str, dict[str, Any]]:
     """{relative path: {sha256, bytes}} of every non-hidden file under folder."""
-    out: Dict[str, Dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(f for f in filenames if not f.startswith(".")):
@@ -64,24 +62,17 @@ def file_entries(folder: str) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class RepoWriter:
     """A model repository opened for publishing (use as a context manager: holds the lock)."""
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        self.manifest: Dict[str, Any] = {}
+        self.manifest: dict[str, Any] = {}
         self.staging = ""
-        self._lock_fd: Optional[int] = None
+        self._lock_fd: int | None = None
 
     # -- lifetime -------------------------------------------------------------------------------
-    def __enter__(self) -> "RepoWriter":
+    def __enter__(self) -> RepoWriter:
         os.makedirs(self.root, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.root, LOCK_FILENAME), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -108,7 +99,7 @@ class RepoWriter:
                 self._lock_fd = None
 
     # -- reading --------------------------------------------------------------------------------
-    def versions(self, name: str) -> List[int]:
+    def versions(self, name: str) -> list[int]:
         """Published versions, oldest first (the server's rule: positive integer folder names)."""
         model_dir = os.path.join(self.root, name)
         if not os.path.isdir(model_dir):
@@ -116,14 +107,14 @@ class RepoWriter:
         return sorted(int(v) for v in os.listdir(model_dir)
                       if v.isdigit() and int(v) > 0 and os.path.isdir(os.path.join(model_dir, v)))
 
-    def newest(self, name: str) -> Optional[int]:
+    def newest(self, name: str) -> int | None:
         vs = self.versions(name)
         return vs[-1] if vs else None
 
-    def record(self, name: str, version: int) -> Dict[str, Any]:
+    def record(self, name: str, version: int) -> dict[str, Any]:
         return self.manifest["models"].get(name, {}).get("versions", {}).get(str(version), {})
 
-    def newest_sha(self, name: str) -> Optional[str]:
+    def newest_sha(self, name: str) -> str | None:
         """The checkpoint sha256 the newest published version was exported from (None: no version)."""
         v = self.newest(name)
         if v is None:
@@ -158,8 +149,8 @@ class RepoWriter:
     def discard(self, staged: str) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
-    def publish(self, name: str, version: int, staged: str, config_text: str, record: Dict[str, Any],
-                model_info: Optional[Dict[str, Any]] = None) -> str:
+    def publish(self, name: str, version: int, staged: str, config_text: str, record: dict[str, Any],
+                model_info: dict[str, Any] | None = None) -> str:
         """Move staged (= staging_dir(name, version)) to REPO/name/version; write config + manifest."""
         model_dir = os.path.join(self.root, name)
         final = os.path.join(model_dir, str(version))
@@ -167,11 +158,11 @@ class RepoWriter:
             raise ExportError(f"{final} already exists; refusing to overwrite a published version")
         if not os.path.isdir(model_dir):
             staged_model_dir = os.path.dirname(staged)
-            _atomic_text(os.path.join(staged_model_dir, CONFIG_FILENAME), config_text)
+            atomic_write_text(os.path.join(staged_model_dir, CONFIG_FILENAME), config_text)
             os.rename(staged_model_dir, model_dir)  # the new model folder appears whole
         else:
             os.rename(staged, final)  # the new version appears whole
-            _atomic_text(os.path.join(model_dir, CONFIG_FILENAME), config_text)
+            atomic_write_text(os.path.join(model_dir, CONFIG_FILENAME), config_text)
         entry = self.manifest["models"].setdefault(name, {"versions": {}})
         entry.update(model_info or {})
         entry["versions"][str(version)] = {**record, "created": utc_now(), "files": file_entries(final)}
@@ -185,7 +176,7 @@ class RepoWriter:
             rec[key] = value
             self.save_manifest()
 
-    def prune(self, name: str, keep: int) -> List[int]:
+    def prune(self, name: str, keep: int) -> list[int]:
         """Delete all but the newest `keep` versions; returns the removed versions."""
         if keep < 1:
             raise ValueError("keep must be >= 1")
@@ -202,7 +193,7 @@ class RepoWriter:
         return old
 
     # -- manifest -------------------------------------------------------------------------------
-    def _load_manifest(self) -> Dict[str, Any]:
+    def _load_manifest(self) -> dict[str, Any]:
         path = os.path.join(self.root, MANIFEST_FILENAME)
         empty = {"format": MANIFEST_FORMAT, "models": {}}
         if not os.path.exists(path):

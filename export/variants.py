@@ -31,20 +31,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from train.data import VAL_FRACTION
-
-from .metadata import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, parse_metadata
-from .onnx_export import PARITY_FILENAME, ExportError, check_io
-from .onnx_export import _write_json as write_json
-from .parity import ATOL, default_threads, format_summary, make_session, run_parity
+from rnnserve.contract import INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.export.onnx_export import PARITY_FILENAME, ExportError, check_io
+from rnnserve.export.parity import ATOL, default_threads, format_summary, make_session, run_parity
+from rnnserve.files import atomic_write_json as write_json
+from rnnserve.train.data import VAL_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ class VariantResult:
     variant: str
     accepted: bool
     reason: str
-    report: Dict[str, Any] = field(default_factory=dict)
-    parity: Optional[Dict[str, Any]] = None  # the full gate report (optimized only)
+    report: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None  # the full gate report (optimized only)
 
 
-def load_eval_text(meta: ModelMeta, train_config: Mapping[str, Any], text_path: Optional[str] = None,
+def load_eval_text(meta: ModelMeta, train_config: Mapping[str, Any], text_path: str | None = None,
                    max_tokens: int = EVAL_TOKENS) -> EvalText:
     """Token ids of real text: --eval-text, else the tail (validation split) of the training corpus.
 
@@ -106,7 +106,7 @@ def load_eval_text(meta: ModelMeta, train_config: Mapping[str, Any], text_path: 
                     f"synthetic: {max_tokens} uniform random tokens (no text for this vocabulary)")
 
 
-def variant_session(path: str, variant: str = "", threads: Optional[int] = None) -> ort.InferenceSession:
+def variant_session(path: str, variant: str = "", threads: int | None = None) -> ort.InferenceSession:
     if variant != "fp16":
         return make_session(path, threads)
     opts = ort.SessionOptions()
@@ -117,12 +117,12 @@ def variant_session(path: str, variant: str = "", threads: Optional[int] = None)
                                 disabled_optimizers=FP16_DISABLED_OPTIMIZERS)
 
 
-def _zero_states(meta: ModelMeta, batch: int) -> Dict[str, np.ndarray]:
+def _zero_states(meta: ModelMeta, batch: int) -> dict[str, np.ndarray]:
     return {n: np.zeros(meta.state_shape(batch), dtype=np.float32) for n in meta.state_inputs}
 
 
 def compare_on_text(ref: ort.InferenceSession, got: ort.InferenceSession, meta: ModelMeta,
-                    text: EvalText, window: int = EVAL_WINDOW) -> Dict[str, Any]:
+                    text: EvalText, window: int = EVAL_WINDOW) -> dict[str, Any]:
     """Top-1 agreement and max |logit diff| of two sessions on the text, in windows from zero state."""
     ids = text.tokens
     window = min(window, len(ids))
@@ -137,20 +137,20 @@ def compare_on_text(ref: ort.InferenceSession, got: ort.InferenceSession, meta: 
             "eval_text": text.source, "window": window}
 
 
-def op_counts(proto: onnx.ModelProto) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
+def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
     for n in proto.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return dict(sorted(counts.items()))
 
 
-def quantized_ops(counts: Mapping[str, int]) -> Dict[str, int]:
+def quantized_ops(counts: Mapping[str, int]) -> dict[str, int]:
     return {op: c for op, c in counts.items()
             if op.startswith(_QUANT_OP_PREFIXES) or op.endswith(_QUANT_OP_SUFFIXES)}
 
 
 # -- builders: src (gated fp32 model.onnx) -> dst; return facts for the report -----------------
-def _build_int8(src: str, dst: str, work_dir: str, meta: ModelMeta) -> Dict[str, Any]:
+def _build_int8(src: str, dst: str, work_dir: str, meta: ModelMeta) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
     pre = os.path.join(work_dir, "int8.pre.onnx")
@@ -169,7 +169,7 @@ def _build_int8(src: str, dst: str, work_dir: str, meta: ModelMeta) -> Dict[str,
     return info
 
 
-def _build_optimized(src: str, dst: str, work_dir: str, meta: ModelMeta) -> Dict[str, Any]:
+def _build_optimized(src: str, dst: str, work_dir: str, meta: ModelMeta) -> dict[str, Any]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = dst
@@ -216,7 +216,7 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
 
 
-def _build_fp16(src: str, dst: str, work_dir: str, meta: ModelMeta) -> Dict[str, Any]:
+def _build_fp16(src: str, dst: str, work_dir: str, meta: ModelMeta) -> dict[str, Any]:
     proto = to_fp16(onnx.load(src))
     onnx.save(proto, dst)
     return {"ops": op_counts(proto), "method": "float16 initializers/compute, float32 Cast at the interface",
@@ -243,14 +243,14 @@ def _finish_proto(path: str, base_props: Mapping[str, str], variant: str, base_r
 
 def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, model, train_seq_len: int,
                  base_ref: str, text: EvalText, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                 threads: Optional[int] = None, atol: float = ATOL) -> VariantResult:
+                 threads: int | None = None, atol: float = ATOL) -> VariantResult:
     """Build `variant` of base_onnx into out_dir/model.onnx and measure it. Raises ExportError if it breaks."""
     if variant not in _BUILDERS:
         raise ExportError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
-    dst = os.path.join(out_dir, "model.onnx")
+    dst = os.path.join(out_dir, MODEL_FILENAME)
     base_props = {p.key: p.value for p in onnx.load(base_onnx, load_external_data=False).metadata_props}
     try:
         info = _BUILDERS[variant](base_onnx, dst, work_dir, parse_metadata(base_props))
@@ -289,6 +289,6 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
     return VariantResult(variant, not refuse, refuse, report, parity)
 
 
-def variant_names(name: str, variants: List[str]) -> Dict[str, str]:
+def variant_names(name: str, variants: list[str]) -> dict[str, str]:
     """variant -> published model name (REPO/<name>-<variant>/...)."""
     return {v: f"{name}-{v}" for v in variants}

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.batch import BatchOptions, format_report, run_batch
-from export.metadata import parse_metadata
-from train.hello import INPUT_TEXT, TARGET_TEXT, train_hello
-from train.model import PRESET_NAMES
+from rnnserve.contract import parse_metadata
+from rnnserve.export.batch import BatchOptions, format_report, run_batch
+from rnnserve.train.hello import INPUT_TEXT, TARGET_TEXT, train_hello
+from rnnserve.train.model import PRESET_NAMES
 
 log = logging.getLogger("demo")
 
@@ -59,8 +59,8 @@ def wait_for_port(proc: subprocess.Popen, port_file: Path, timeout: float = 60.0
 
 
 def client(address: str, *args: str) -> str:
-    cmd = [sys.executable, "-m", "serve.client", "--address", address, *args]
-    print("$ " + " ".join(["python", "-m", "serve.client", "--address", address, *args]), flush=True)
+    cmd = [sys.executable, "-m", "rnnserve.serve.client", "--address", address, *args]
+    print("$ " + " ".join(["python", "-m", "rnnserve.serve.client", "--address", address, *args]), flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     print(out.rstrip(), flush=True)
     return out
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     port_file = out / "server.port"
     server_log = open(out / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--repository", str(repo), "--host", "127.0.0.1",
+        [sys.executable, "-m", "rnnserve.serve", "--repository", str(repo), "--host", "127.0.0.1",
          "--port", "0", "--port-file", str(port_file)],
         stdout=server_log, stderr=subprocess.STDOUT)
     try:

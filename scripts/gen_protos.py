@@ -1,11 +1,11 @@
-"""Generate serve/gen/ from protos/: the one code-generation command (`make protos`).
+"""Generate serve/wire/gen/ from protos/: the one code-generation command (`make protos`).
 
-    python scripts/gen_protos.py            # regenerate serve/gen/ in place
-    python scripts/gen_protos.py --out DIR  # write DIR/serve/gen/ instead (tests compare)
+    python scripts/gen_protos.py            # regenerate serve/wire/gen/ in place
+    python scripts/gen_protos.py --out DIR  # write DIR/rnnserve/serve/wire/gen/ instead (tests compare)
 
-protoc runs with the virtual include path `serve/gen=protos`, so the generated
-modules import each other as `from serve.gen import ...`. Each *_pb2.py is then
-rewritten to register its descriptors in the private pool of serve/gen/_pool.py
+protoc runs with the virtual include path `rnnserve/serve/wire/gen=protos`, so the
+generated modules import each other as `from rnnserve.serve.wire.gen import ...`. Each
+*_pb2.py is then rewritten to register its descriptors in the private pool of `_pool.py`
 rather than protobuf's default pool: tritonclient registers its own `inference.*`
 messages in the default pool, and the two must live in one process.
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-PACKAGE = "serve/gen"
+PACKAGE = "rnnserve/serve/wire/gen"   # the import path (serve/ installs as rnnserve.serve)
+TARGET = "serve/wire/gen"             # where it lives in the repository
 
 DEFAULT_POOL = "_descriptor_pool.Default()"
 POOL_IMPORT_AFTER = "from google.protobuf import descriptor_pool as _descriptor_pool\n"
@@ -43,12 +44,12 @@ def _use_private_pool(path: Path) -> None:
     if text.count(DEFAULT_POOL) != 1 or POOL_IMPORT_AFTER not in text:
         raise RuntimeError(f"{path}: unexpected protoc output; cannot switch to the private pool")
     text = text.replace(DEFAULT_POOL, "_pool.POOL")
-    text = text.replace(POOL_IMPORT_AFTER, POOL_IMPORT_AFTER + "from serve.gen import _pool\n", 1)
+    text = text.replace(POOL_IMPORT_AFTER, POOL_IMPORT_AFTER + "from rnnserve.serve.wire.gen import _pool\n", 1)
     path.write_text(text)
 
 
 def generate(out_root: Path) -> Path:
-    """Write the generated package under out_root/serve/gen and return that folder."""
+    """Write the generated package under out_root/rnnserve/serve/wire/gen and return that folder."""
     gen = out_root / PACKAGE
     gen.mkdir(parents=True, exist_ok=True)
     protos = sorted(PROTOS.glob("*.proto"))
@@ -70,14 +71,14 @@ def generate(out_root: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
-                        help="write OUT/serve/gen instead of replacing the repository's serve/gen")
+                        help="write OUT/rnnserve/serve/wire/gen instead of replacing the repository's serve/wire/gen")
     args = parser.parse_args(argv)
     if args.out is not None:
         print(generate(args.out))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        target = ROOT / PACKAGE
+        target = ROOT / TARGET
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(fresh, target)
     for path in sorted(target.iterdir()):

@@ -1,4 +1,4 @@
-"""python -m serve --repository DIR [--host 127.0.0.1 --port 8001 --device auto|cpu|cuda ...]
+"""rnnserve-server --repository DIR [--host 127.0.0.1 --port 8001 --device auto|cpu|cuda ...]
 
 Every ServeSettings field is a flag (--max-seq-len, --grace, ...) and an
 environment variable with the prefix RNNSERVE_ (RNNSERVE_MAX_SEQ_LEN, ...);
@@ -20,12 +20,12 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
-from .runtime import DEVICES
-from .server import create_server
-from .settings import ServeSettings
+from rnnserve.files import atomic_write_text
+from rnnserve.serve.engine.runtime import DEVICES
+from rnnserve.serve.frontend.server import create_server
+from rnnserve.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _parse_bool(text: str) -> bool:
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """One flag per ServeSettings field; each default comes from RNNSERVE_<FIELD> when set."""
     parser = argparse.ArgumentParser(
-        prog="python -m serve", description=__doc__.split("\n\n")[0],
+        prog="rnnserve-server", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(ServeSettings):
         flag = "--" + field.name.replace("_", "-")
@@ -97,7 +97,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(argv=None, env: Optional[Mapping[str, str]] = None
+def parse_settings(argv=None, env: Mapping[str, str] | None = None
                    ) -> tuple[ServeSettings, argparse.Namespace]:
     args = build_parser(os.environ if env is None else env).parse_args(argv)
     names = [f.name for f in dataclasses.fields(ServeSettings)]
@@ -105,10 +105,7 @@ def parse_settings(argv=None, env: Optional[Mapping[str, str]] = None
 
 
 def _write_port_file(path: str, port: int) -> None:
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(f"{port}\n")
-    tmp.replace(target)   # readers never see a half-written file
+    atomic_write_text(path, f"{port}\n")   # readers never see a half-written file
 
 
 def main(argv=None) -> int:

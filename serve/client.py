@@ -1,14 +1,14 @@
-"""rnnserve's client: the RnnClient class and the `python -m serve.client` CLI
+"""rnnserve's client: the RnnClient class and the `rnnserve-client` CLI
 (installed as `rnnserve-client`).
 
-    python -m serve.client [--address HOST:PORT] [--json] health
-    python -m serve.client models
-    python -m serve.client metadata [MODEL]
-    python -m serve.client predict MODEL TEXT [--top-k 3]
-    python -m serve.client generate MODEL PROMPT [--max-tokens 100 --temperature 1 --seed 0 ...]
-    python -m serve.client score MODEL TEXT
-    python -m serve.client stream MODEL [CHUNK ...]   (no CHUNK: one chunk per stdin line)
-    python -m serve.client infer MODEL --tokens 0,1,2;3,2,1
+    rnnserve-client [--address HOST:PORT] [--json] health
+    rnnserve-client models
+    rnnserve-client metadata [MODEL]
+    rnnserve-client predict MODEL TEXT [--top-k 3]
+    rnnserve-client generate MODEL PROMPT [--max-tokens 100 --temperature 1 --seed 0 ...]
+    rnnserve-client score MODEL TEXT
+    rnnserve-client stream MODEL [CHUNK ...]   (no CHUNK: one chunk per stdin line)
+    rnnserve-client infer MODEL --tokens 0,1,2;3,2,1
 
 --address defaults to $RNNSERVE_ADDRESS, else 127.0.0.1:8001. Output is readable
 by default; --json prints one JSON object for scripts. A failed call prints the
@@ -20,18 +20,18 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import convert
-from .gen import grpc_service_pb2 as pb
-from .gen import grpc_service_pb2_grpc as pb_grpc
-from .gen import text_service_pb2 as tpb
-from .gen import text_service_pb2_grpc as tpb_grpc
+from rnnserve.serve.wire import convert
+from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
+from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.serve.wire.gen import text_service_pb2 as tpb
+from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -46,7 +46,7 @@ def _dict(message) -> dict:
 class RnnClient:
     """A blocking client for both services. Calls raise grpc.RpcError on failure."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: Optional[float] = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None):
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=[
@@ -59,7 +59,7 @@ class RnnClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "RnnClient":
+    def __enter__(self) -> RnnClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -109,7 +109,7 @@ class RnnClient:
                                         timeout=self.timeout))
 
     def generate(self, model: str, prompt: str, max_tokens: int = 100, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] = (), version: str = "") -> Iterator[dict]:
         """Yields {index, token_id, text, finish_reason} as the tokens stream in."""
         request = tpb.GenerateRequest(model=model, version=version, prompt=prompt,
@@ -146,9 +146,9 @@ class RnnClient:
             yield _dict(reply)
 
     # -- tensors ---------------------------------------------------------------------------
-    def infer(self, model: str, tokens: np.ndarray, h0: Optional[np.ndarray] = None,
-              c0: Optional[np.ndarray] = None, version: str = "",
-              outputs: Optional[list[str]] = None) -> Dict[str, np.ndarray]:
+    def infer(self, model: str, tokens: np.ndarray, h0: np.ndarray | None = None,
+              c0: np.ndarray | None = None, version: str = "",
+              outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """tokens int64 [batch, seq] (+ optional h0/c0 float32) -> {"logits": ..., "hn": ...}."""
         inputs = {"tokens": np.asarray(tokens, dtype=np.int64)}
         for name, state in (("h0", h0), ("c0", c0)):
@@ -167,13 +167,13 @@ def _parse_tokens(text: str) -> np.ndarray:
         rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
         return np.array(rows, dtype=np.int64)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"tokens must look like 0,1,2;3,2,1: {exc}")
+        raise argparse.ArgumentTypeError(f"tokens must look like 0,1,2;3,2,1: {exc}") from None
 
 
 def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
 
 
 def _cmd_health(client: RnnClient, args) -> dict:
@@ -274,7 +274,7 @@ def _cmd_infer(client: RnnClient, args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serve.client", description="rnnserve client")
+    parser = argparse.ArgumentParser(prog="rnnserve-client", description="rnnserve client")
     parser.add_argument("--address", default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
                         help="server HOST:PORT [env RNNSERVE_ADDRESS] (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

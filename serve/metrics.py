@@ -28,7 +28,7 @@ Warm-up runs are not counted. The series of a version removed from the repositor
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -137,7 +137,7 @@ class MetricsEndpoint:
         self._thread.join(5.0)
 
 
-def start_endpoint(metrics: Optional[Metrics], host: str, port: int) -> Optional[MetricsEndpoint]:
+def start_endpoint(metrics: Metrics | None, host: str, port: int) -> MetricsEndpoint | None:
     """The endpoint for --metrics-port (-1 = none)."""
     if port < 0:
         return None

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
-from .errors import ServeError
-from .types import DurationStat, ModelStats
+from rnnserve.serve.errors import ServeError
+from rnnserve.serve.wire.types import DurationStat, ModelStats
 
 
 def _add(stat: DurationStat, ns: int, count: int = 1) -> None:
@@ -95,7 +95,7 @@ class RequestTimer:
     def __init__(self, stats: StatsRecorder, count: bool = True):
         self.stats, self.count = stats, count
 
-    def __enter__(self) -> "RequestTimer":
+    def __enter__(self) -> RequestTimer:
         self.t0 = time.perf_counter_ns()
         return self
 

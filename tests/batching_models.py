@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, Optional
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.metadata import parse_metadata
-from export.onnx_export import export_checkpoint
-from serve.batching import ModelIO
-from train.checkpoint import save_checkpoint
-from train.model import CharRNN, ModelConfig
+from rnnserve.contract import parse_metadata
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.serve.engine.batching import ModelIO
+from rnnserve.train.checkpoint import save_checkpoint
+from rnnserve.train.model import CharRNN, ModelConfig
 
 VOCAB = [chr(ord("a") + i) for i in range(12)]
 ARCHS = {
@@ -43,7 +43,7 @@ class Model:
 
     def run(self, feeds):
         self.runs += 1
-        return dict(zip(self.outputs, self.sess.run(None, feeds)))
+        return dict(zip(self.outputs, self.sess.run(None, feeds), strict=False))
 
     def zero(self, batch):
         shape = self.meta.state_shape(batch)
@@ -54,10 +54,10 @@ class Model:
         return tuple(rng.standard_normal(shape).astype(np.float32) for _ in self.io.state_inputs)
 
     def alone(self, tokens, states):
-        return self.run({"tokens": tokens, **dict(zip(self.io.state_inputs, states))})
+        return self.run({"tokens": tokens, **dict(zip(self.io.state_inputs, states, strict=False))})
 
 
-def build_models(root: Path, names: Optional[Iterable[str]] = None) -> Dict[str, Model]:
+def build_models(root: Path, names: Iterable[str] | None = None) -> dict[str, Model]:
     """Export each arch (all of ARCHS by default) with fixed random weights under root."""
     out = {}
     for i, (name, cfg) in enumerate(ARCHS.items()):

@@ -10,17 +10,19 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict
+from pathlib import Path
 
 import torch
 
-from export.onnx_export import export_checkpoint
-from serve.dataplane import DataPlane
-from serve.server import create_server
-from serve.settings import ServeSettings
-from train.checkpoint import save_checkpoint
-from train.hello import train_hello
-from train.model import PRESET_NAMES, CharRNN, ModelConfig
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.serve.dataplane.plane import DataPlane
+from rnnserve.serve.frontend.server import create_server
+from rnnserve.serve.settings import ServeSettings
+from rnnserve.train.checkpoint import save_checkpoint
+from rnnserve.train.hello import train_hello
+from rnnserve.train.model import PRESET_NAMES, CharRNN, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]   # the repository
 
 # A small alphabet for the random-weight char models (every character is one token).
 CHARLM_VOCAB = list(" abcdefghijklmnopqrstuvwxyz.,!?\n")
@@ -36,8 +38,8 @@ CHARLM_MODELS = {
 @dataclass
 class BuiltRepo:
     path: str
-    checkpoints: Dict[str, str] = field(default_factory=dict)   # "<model>/<version>" -> checkpoint.pt
-    predicted: Dict[str, str] = field(default_factory=dict)     # hello: preset -> PyTorch's answer for "hello"
+    checkpoints: dict[str, str] = field(default_factory=dict)   # "<model>/<version>" -> checkpoint.pt
+    predicted: dict[str, str] = field(default_factory=dict)     # hello: preset -> PyTorch's answer for "hello"
 
 
 def _export_into(repo: str, name: str, version: int, ckpt_path: str) -> str:

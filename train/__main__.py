@@ -1,5 +1,5 @@
-"""python -m train --task hello --model <preset> [--out DIR]
-python -m train --task charlm --corpus FILE [--model char-lstm] [--out DIR] [...]
+"""rnnserve-train --task hello --model <preset> [--out DIR]
+rnnserve-train --task charlm --corpus FILE [--model char-lstm] [--out DIR] [...]
 
 The default output directory is runs/<task>/<model>/.
 """
@@ -9,11 +9,11 @@ import argparse
 import logging
 import os
 
-from .charlm import CHAR_PRESET_NAMES, MODEL_OVERRIDES, TrainConfig, train_charlm
-from .checkpoint import CheckpointError
-from .data import CorpusError
-from .hello import DEFAULT_SEED, train_hello
-from .model import ARCHS, ENCODINGS, PRESET_NAMES
+from rnnserve.train.charlm import CHAR_PRESET_NAMES, MODEL_OVERRIDES, TrainConfig, train_charlm
+from rnnserve.train.checkpoint import CheckpointError
+from rnnserve.train.data import CorpusError
+from rnnserve.train.hello import DEFAULT_SEED, train_hello
+from rnnserve.train.model import ARCHS, ENCODINGS, PRESET_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _bool(s: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__  # defaults live in one place: the dataclass
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+    p = argparse.ArgumentParser(prog="rnnserve-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("hello", "charlm"), required=True)
     p.add_argument("--model", help=f"hello: one of {PRESET_NAMES} or all; charlm: one of {CHAR_PRESET_NAMES} "

@@ -25,18 +25,18 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .data import CharData, random_windows
-from .evaluate import evaluate_windows, to_bits
-from .model import CharRNN, ModelConfig
-from .plot import plot_losses
-from .threads import ThreadTuner
+from rnnserve.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from rnnserve.train.data import CharData, random_windows
+from rnnserve.train.evaluate import evaluate_windows, to_bits
+from rnnserve.train.model import CharRNN, ModelConfig
+from rnnserve.train.plot import plot_losses
+from rnnserve.train.threads import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # (about 10-12 epochs) when the CPU is not contended, and overfits: with dropout
 # 0.15 its validation loss turned up after step 1000 (best 1.469); with 0.3 it
 # kept improving (1.440).
-CHAR_PRESETS: Dict[str, Dict[str, Any]] = {
+CHAR_PRESETS: dict[str, dict[str, Any]] = {
     name: dict(arch=arch, encoding="embedding", emb_size=64, hidden_size=512, num_layers=2, dropout=0.3)
     for name, arch in (("char-lstm", "lstm"), ("char-gru", "gru"), ("char-rnn", "rnn"))
 }
@@ -61,7 +61,7 @@ class TrainConfig:
     corpus: str
     out: str
     model: str = "char-lstm"
-    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 128
     batch_size: int = 64
     lr: float = 4e-3
@@ -70,8 +70,8 @@ class TrainConfig:
     beta2: float = 0.99
     warmup: int = 100
     grad_clip: float = 1.0
-    max_steps: Optional[int] = None
-    time_budget: Optional[float] = None  # minutes
+    max_steps: int | None = None
+    time_budget: float | None = None  # minutes
     eval_interval: int = 250
     eval_windows: int = 128  # periodic evaluation on N windows spread over the split
     eval_window: int = 256
@@ -94,7 +94,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(dataclasses.asdict(self), task="charlm")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -149,7 +149,7 @@ def _optimizer(model: CharRNN, cfg: TrainConfig) -> torch.optim.Optimizer:
 class MetricsLog:
     """metrics.jsonl: appended one event per line; on resume, events past the resumed step are dropped."""
 
-    def __init__(self, path: str, resume_step: Optional[int]):
+    def __init__(self, path: str, resume_step: int | None):
         self.path = path
         if resume_step is None:
             open(path, "w").close()
@@ -158,18 +158,18 @@ class MetricsLog:
             with open(path, "w") as f:
                 f.writelines(json.dumps(e) + "\n" for e in kept)
 
-    def read(self) -> List[Dict[str, Any]]:
+    def read(self) -> list[dict[str, Any]]:
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def write(self, event: Dict[str, Any]) -> None:
+    def write(self, event: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
 
 
-def _resume_state(cfg: TrainConfig, model: CharRNN, opt, gen: torch.Generator) -> Dict[str, Any]:
+def _resume_state(cfg: TrainConfig, model: CharRNN, opt, gen: torch.Generator) -> dict[str, Any]:
     path = os.path.join(cfg.out, "last.pt")
     ckpt = read_checkpoint(path)
     if "train_state" not in ckpt or "optimizer" not in ckpt:
@@ -186,7 +186,7 @@ def _resume_state(cfg: TrainConfig, model: CharRNN, opt, gen: torch.Generator) -
     return st
 
 
-def _metrics(step: int, best: float, elapsed: float, train_loss: Optional[float]) -> Dict[str, Any]:
+def _metrics(step: int, best: float, elapsed: float, train_loss: float | None) -> dict[str, Any]:
     return {"step": step, "best_val_nats": best, "best_val_bits": to_bits(best),
             "elapsed_s": elapsed, "train_loss": train_loss}
 
@@ -216,11 +216,11 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
     def elapsed() -> float:
         return prior_elapsed + time.perf_counter() - t0
 
-    def evaluate(n_windows: Optional[int], bf16: bool) -> float:
+    def evaluate(n_windows: int | None, bf16: bool) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return evaluate_windows(model, data.val, window=cfg.eval_window, max_windows=n_windows)
 
-    def save(path: str, train_loss: Optional[float], with_state: bool) -> None:
+    def save(path: str, train_loss: float | None, with_state: bool) -> None:
         extra = None
         if with_state:
             extra = {"optimizer": opt.state_dict(),
@@ -229,7 +229,7 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
         save_checkpoint(path, model, data.vocab, cfg.to_dict(), _metrics(step, best, elapsed(), train_loss),
                         extra=extra)
 
-    def eval_and_save(train_loss: Optional[float]) -> None:
+    def eval_and_save(train_loss: float | None) -> None:
         nonlocal best
         val = evaluate(cfg.eval_windows, cfg.bf16)
         event = {"event": "eval", "step": step, "val_nats": val, "val_bits": to_bits(val),

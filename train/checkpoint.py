@@ -7,13 +7,15 @@ so `load_checkpoint(path)` needs no other flags.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
-from .model import CharRNN, ModelConfig
+from rnnserve.files import atomic_write_bytes
+from rnnserve.train.model import CharRNN, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,8 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or not an rnnserve checkpoint."""
 
 
-def save_checkpoint(path: str, model: CharRNN, vocab: List[str], train_config: Dict[str, Any],
-                    metrics: Dict[str, Any], extra: Dict[str, Any] | None = None) -> None:
+def save_checkpoint(path: str, model: CharRNN, vocab: list[str], train_config: dict[str, Any],
+                    metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
     ckpt = {
         "format": FORMAT,
@@ -40,12 +42,12 @@ def save_checkpoint(path: str, model: CharRNN, vocab: List[str], train_config: D
     if extra:
         ckpt.update(extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def read_checkpoint(path: str) -> Dict[str, Any]:
+def read_checkpoint(path: str) -> dict[str, Any]:
     """Load and validate the checkpoint dict, with clear errors."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -64,7 +66,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return ckpt
 
 
-def load_checkpoint(path: str) -> Tuple[CharRNN, Dict[str, Any]]:
+def load_checkpoint(path: str) -> tuple[CharRNN, dict[str, Any]]:
     """Rebuild the model from the checkpoint alone. Returns (model in eval mode, ckpt dict)."""
     ckpt = read_checkpoint(path)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
 
 import torch
 
@@ -21,19 +20,19 @@ def read_corpus(path: str) -> str:
     if not os.path.isfile(path):
         raise CorpusError(f"corpus not found: {path}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
         raise CorpusError(f"corpus {path} is not valid UTF-8: {e}") from e
     return text
 
 
-def build_vocab(text: str) -> List[str]:
+def build_vocab(text: str) -> list[str]:
     """Sorted unique characters; index = token id."""
     return sorted(set(text))
 
 
-def encode(text: str, vocab: List[str]) -> torch.Tensor:
+def encode(text: str, vocab: list[str]) -> torch.Tensor:
     stoi = {c: i for i, c in enumerate(vocab)}
     try:
         return torch.tensor([stoi[c] for c in text], dtype=torch.long)
@@ -41,11 +40,11 @@ def encode(text: str, vocab: List[str]) -> torch.Tensor:
         raise CorpusError(f"character {e.args[0]!r} is not in the vocabulary") from e
 
 
-def decode(ids, vocab: List[str]) -> str:
+def decode(ids, vocab: list[str]) -> str:
     return "".join(vocab[int(i)] for i in ids)
 
 
-def split_ids(ids: torch.Tensor, val_fraction: float = VAL_FRACTION) -> Tuple[torch.Tensor, torch.Tensor]:
+def split_ids(ids: torch.Tensor, val_fraction: float = VAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
     """The first (1 - val_fraction) for training, the last val_fraction for validation."""
     n_val = int(len(ids) * val_fraction)
     return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
@@ -53,12 +52,12 @@ def split_ids(ids: torch.Tensor, val_fraction: float = VAL_FRACTION) -> Tuple[to
 
 @dataclass
 class CharData:
-    vocab: List[str]
+    vocab: list[str]
     train: torch.Tensor  # int64 ids
     val: torch.Tensor
 
     @classmethod
-    def from_file(cls, path: str, min_window: int = 2) -> "CharData":
+    def from_file(cls, path: str, min_window: int = 2) -> CharData:
         text = read_corpus(path)
         vocab = build_vocab(text)
         train, val = split_ids(encode(text, vocab))
@@ -71,7 +70,7 @@ class CharData:
 
 
 def random_windows(ids: torch.Tensor, seq_len: int, batch_size: int,
-                   generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random windows of seq_len + 1 chars: (inputs, targets), both [B, seq_len]."""
     if len(ids) < seq_len + 1:
         raise ValueError(f"need at least {seq_len + 1} ids for seq_len {seq_len}, have {len(ids)}")

@@ -7,20 +7,19 @@ window holds the remaining (N-1) mod W predictions.  Every character but the
 first is predicted exactly once.  The result is the mean cross-entropy in
 nats per character.
 
-    python -m train.evaluate CKPT --corpus FILE [--window 256]
+    python -m rnnserve.train.evaluate CKPT --corpus FILE [--window 256]
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint
-from .data import encode, read_corpus, split_ids
+from rnnserve.train.checkpoint import load_checkpoint
+from rnnserve.train.data import encode, read_corpus, split_ids
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def _sum_loss(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_windows(model, ids: torch.Tensor, window: int = 256, batch_size: int = 64,
-                     max_windows: Optional[int] = None) -> float:
+                     max_windows: int | None = None) -> float:
     """Mean nats/char over `ids` in consecutive windows, state reset for each window.
 
     `max_windows` limits the evaluation to that many full windows spread evenly
@@ -75,7 +74,7 @@ def to_bits(nats: float) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate",
+    p = argparse.ArgumentParser(prog="python -m rnnserve.train.evaluate",
                                 description="Validation loss of a char-LM checkpoint, in windows "
                                             "with the state reset per window.")
     p.add_argument("checkpoint")

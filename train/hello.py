@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .checkpoint import save_checkpoint
-from .model import CharRNN, preset
+from rnnserve.train.checkpoint import save_checkpoint
+from rnnserve.train.model import CharRNN, preset
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHS = ("rnncell", "rnn", "lstm", "gru")
+from rnnserve.contract import ARCHS, state_shape
+
 ENCODINGS = ("onehot", "embedding")
 
 # State: h for rnncell/rnn/gru, (h, c) for lstm; h and c are [layers*dirs, batch, hidden].
-State = Optional[Tuple[torch.Tensor, ...]]
+State = tuple[torch.Tensor, ...] | None
 
 
 @dataclass
@@ -63,20 +63,14 @@ class ModelConfig:
         """Unidirectional models can carry their state across chunks."""
         return not self.bidirectional
 
-    @property
-    def state_names(self) -> Tuple[str, ...]:
-        if not self.streamable:
-            return ()
-        return ("h", "c") if self.arch == "lstm" else ("h",)
-
-    def state_shape(self, batch: int) -> Tuple[int, int, int]:
-        return (self.num_layers * self.num_directions, batch, self.hidden_size)
+    def state_shape(self, batch: int) -> tuple[int, int, int]:
+        return state_shape(self.num_layers, self.num_directions, batch, self.hidden_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -135,11 +129,6 @@ class CharRNN(nn.Module):
             return self.emb(tokens)
         return F.one_hot(tokens, self.cfg.vocab_size).to(torch.float32)
 
-    def zero_state(self, batch: int, device=None) -> Tuple[torch.Tensor, ...]:
-        shape = self.cfg.state_shape(batch)
-        n = 2 if self.cfg.arch == "lstm" else 1
-        return tuple(torch.zeros(shape, device=device) for _ in range(n))
-
     def forward(self, tokens: torch.Tensor, state: State = None):
         x = self.encode(tokens)
         if self.cfg.arch == "rnncell":
@@ -150,7 +139,7 @@ class CharRNN(nn.Module):
                 h = self.cell(x[:, t], h)
                 outs.append(h)
             y = torch.stack(outs, dim=1)
-            new_state: Tuple[torch.Tensor, ...] = (h.unsqueeze(0),)
+            new_state: tuple[torch.Tensor, ...] = (h.unsqueeze(0),)
         elif self.cfg.arch == "lstm":
             y, (h, c) = self.rnn(x, tuple(state) if state is not None else None)
             new_state = (h, c)

@@ -16,14 +16,14 @@ import logging
 import os
 import statistics
 import time
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
 
-def default_candidates() -> List[int]:
+def default_candidates() -> list[int]:
     n = os.cpu_count() or 1
     return sorted({1, n})
 
@@ -34,7 +34,7 @@ class ThreadTuner:
         self.probe_steps = probe_steps
         self.period = period
         self.best = self.candidates[-1]
-        self._times: Dict[int, List[float]] = {}
+        self._times: dict[int, list[float]] = {}
         self._probe_index = 0  # the candidate being timed while probing
         self._probing = len(self.candidates) > 1
         self._run_until = 0.0

@@ -1,0 +1,356 @@
+"""The model repository: DIR/<model>/<version>/model.onnx, as Triton lays it out.
+
+Versions are positive integer folder names. Every version found is loaded; the
+newest READY version answers requests that name no version, and older ones are
+addressable by their version string. A version that fails to load (corrupt file,
+bad metadata, graph not matching the metadata) is recorded as UNAVAILABLE with
+the reason, and logged; the other models keep serving.
+
+Changes while serving (`sync_model`, run by RepositoryModelLoad and, with
+--poll-interval, by serve/reload.py for every model folder):
+- a new version folder is loaded and warmed up before it is published, so traffic
+  switches to it only once it is READY; until then RepositoryIndex shows it LOADING;
+- a changed model.onnx (its stat facts changed and its sha256 differs from the
+  loaded file's) is reloaded the same way; the old instance keeps serving until
+  the new one is READY and is then retired (ModelEngine.retire: in-flight work
+  finishes on it first);
+- a reload that fails keeps the previously loaded file serving (Triton's rule) and
+  puts the failure in the reason; a new version that fails is UNAVAILABLE and the
+  older READY versions keep answering unversioned requests;
+- a removed version or model folder is retired and dropped (NOT_FOUND afterwards);
+- a file that failed is retried when it changes (poll) or on an explicit load;
+- a model unloaded by RepositoryModelUnload stays unloaded until the next explicit load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rnnserve.contract import MODEL_FILENAME, parse_metadata
+from rnnserve.files import file_sha256
+from rnnserve.serve.engine.model_engine import ModelEngine
+from rnnserve.serve.engine.runtime import DeviceError, ModelInstance, create_session
+from rnnserve.serve.errors import NotFound, Unavailable
+from rnnserve.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+READY, LOADING, UNAVAILABLE, UNLOADED = "READY", "LOADING", "UNAVAILABLE", "UNLOADED"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    version: str            # "" for a model folder that has no version folder at all
+    path: str
+    state: str = LOADING
+    reason: str = ""
+    instance: ModelInstance | None = None
+    fingerprint: tuple[int, ...] | None = None   # stat facts of `path` when it was last (tried to be) loaded
+    sha256: str = ""                                 # of the loaded model.onnx
+
+
+def fingerprint(path: str) -> tuple[int, ...] | None:
+    """(device, inode, size, mtime ns) of a file, None if absent: a changed file changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+def scan_model(root: str, name: str) -> list[ModelEntry]:
+    """The version entries of one model folder, oldest first (not loaded yet)."""
+    model_dir = os.path.join(root, name)
+    versions = sorted(int(v) for v in os.listdir(model_dir)
+                      if v.isdigit() and int(v) > 0 and os.path.isdir(os.path.join(model_dir, v)))
+    if not versions:
+        return [ModelEntry(name, "", model_dir, UNAVAILABLE,
+                           f"no version folder: expected {name}/<positive integer>/{MODEL_FILENAME}")]
+    return [ModelEntry(name, str(v), os.path.join(model_dir, str(v), MODEL_FILENAME)) for v in versions]
+
+
+def _engines(entries: Sequence[ModelEntry]) -> list[ModelEngine]:
+    return [e.instance.engine for e in entries if e.instance is not None and e.instance.engine is not None]
+
+
+def _is_model_dir(root: str, name: str) -> bool:
+    return not name.startswith(".") and os.path.isdir(os.path.join(root, name))
+
+
+def scan_names(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise Unavailable(f"model repository {root!r} is not a directory")
+    return sorted(d for d in os.listdir(root) if _is_model_dir(root, d))
+
+
+def _serves(e: ModelEntry | None) -> bool:
+    return e is not None and e.state == READY and e.instance is not None
+
+
+def _unchanged(current: ModelEntry, found: ModelEntry) -> bool:
+    """Nothing to load for this version: the same file as last time, or the same bytes as the
+    loaded one (a touch, or a copy of the same file)."""
+    if current.state in (LOADING, UNLOADED):
+        return False
+    now = fingerprint(found.path)
+    if now == current.fingerprint:
+        return True
+    if _serves(current) and now is not None and current.sha256:
+        try:
+            same = file_sha256(found.path) == current.sha256
+        except OSError:
+            return False
+        if same:
+            current.fingerprint, current.reason = now, ""
+        return same
+    return False
+
+
+def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[str], metrics=None) -> None:
+    """Open, check and warm one version; on failure record UNAVAILABLE + reason (DeviceError propagates).
+    `metrics` (serve/metrics.py) gets the engine's batch numbers."""
+    entry.fingerprint = fingerprint(entry.path)
+    if entry.state == UNAVAILABLE:
+        log.error("model %s: %s", entry.name, entry.reason)
+        return
+    try:
+        if not os.path.isfile(entry.path):
+            raise FileNotFoundError(f"missing {MODEL_FILENAME} in {os.path.dirname(entry.path)}")
+        sha = file_sha256(entry.path)
+        session = create_session(entry.path, providers, settings.device,
+                                 settings.intra_op_threads, settings.inter_op_threads)
+        meta = parse_metadata(session.get_modelmeta().custom_metadata_map)
+        instance = ModelInstance(entry.name, entry.version, entry.path, session, meta)
+        if settings.warmup:
+            instance.warmup(settings.max_seq_len)
+        instance.engine = ModelEngine(instance, settings, metrics)
+    except DeviceError:
+        raise
+    except Exception as e:
+        entry.state, entry.reason = UNAVAILABLE, f"failed to load {entry.path}: {_first_line(e)}"
+        log.error("model %s version %s is UNAVAILABLE: %s", entry.name, entry.version, entry.reason)
+        return
+    entry.sha256 = sha
+    entry.instance, entry.state, entry.reason = instance, READY, ""
+    log.info("model %s version %s READY (%s; providers %s; vocab %d; state inputs %s)", entry.name,
+             entry.version, meta.arch, ", ".join(instance.providers), meta.vocab_size,
+             instance.state_inputs or "none")
+
+
+class Repository:
+    """Thread-safe table name -> [ModelEntry], oldest version first."""
+
+    def __init__(self, settings: ServeSettings, providers: Sequence[str], metrics=None):
+        self.settings = settings
+        self.providers = list(providers)
+        self.metrics = metrics                  # serve/metrics.py Metrics, or None
+        self._lock = threading.Lock()           # the table
+        self._sync = threading.RLock()          # one load / unload / sync at a time
+        self._models: dict[str, list[ModelEntry]] = {}
+        self._unloaded: set[str] = set()        # unloaded by request: polls leave them alone
+        self._serving = False                   # after load_all a DeviceError only fails that version
+        self._closed = False
+
+    def load_all(self) -> None:
+        """The initial load of every model folder; raises DeviceError if --device cannot be honoured."""
+        self.poll()
+        self._serving = True
+
+    def poll(self) -> list[str]:
+        """Bring every model in line with the repository folder; -> the names that changed.
+        Raises Unavailable if the repository folder itself is gone (nothing is dropped then)."""
+        on_disk = scan_names(self.settings.repository)
+        with self._lock:
+            known = list(self._models)
+        return [name for name in sorted(set(on_disk) | set(known)) if self.sync_model(name)]
+
+    def load_model(self, name: str) -> None:
+        """RepositoryModelLoad: reload every version of one model from disk, unchanged and
+        failed ones too; NotFound (after dropping it) if its folder is gone. Unavailable if a
+        version failed (the others, and what that version served before, keep serving)."""
+        self.sync_model(name, force=True)
+        failed = [e for e in self.entries(name) if e.state != READY or e.reason]
+        if failed:
+            raise Unavailable(f"model '{name}' did not load completely: " + "; ".join(
+                f"version {e.version or '(none)'} is {e.state}: {e.reason}" for e in failed))
+
+    def sync_model(self, name: str, force: bool = False) -> bool:
+        """Load what is new or changed in DIR/<name>/, retire what is gone; True if anything changed."""
+        root = self.settings.repository
+        with self._sync:
+            if self._closed:
+                return False
+            try:
+                found = scan_model(root, name) if _is_model_dir(root, name) else None
+            except FileNotFoundError:   # removed while we looked
+                found = None
+            if found is None:
+                dropped = self._drop(name)
+                if force:
+                    raise NotFound(f"model '{name}' is not in the repository {root}")
+                return dropped
+            if name in self._unloaded and not force:
+                return False
+            self._unloaded.discard(name)
+            with self._lock:
+                current = {e.version: e for e in self._models.get(name, [])}
+            slots = [(d, current.get(d.version)) for d in found]
+            todo = [d for d, c in slots if force or c is None or not _unchanged(c, d)]
+            loading = {id(d) for d in todo}
+            on_disk = {d.version for d, _ in slots}
+            gone = [c for v, c in current.items() if v not in on_disk]
+            if not todo and not gone:
+                return False
+            # While loading, a version that serves keeps serving; a new one shows LOADING.
+            self._publish(name, [c if _serves(c) or (c is not None and id(d) not in loading) else d
+                                 for d, c in slots])
+            for d in todo:
+                self._load(d)
+            final, retired = [], [(c, "was removed from the repository") for c in gone]
+            for d, c in slots:
+                keep = id(d) not in loading or (d.state != READY and _serves(c))
+                final.append(c if keep else d)
+                if keep and id(d) in loading:
+                    c.fingerprint = d.fingerprint      # retried when the file changes again
+                    c.reason = f"reload failed, still serving the previously loaded file: {d.reason}"
+                    log.error("model %s version %s: %s", name, c.version, c.reason)
+                elif not keep and c is not None:
+                    retired.append((c, "is replaced by the new file"))
+            self._publish(name, final)
+            engines = [(c.version, why, c.instance.engine) for c, why in retired if c.instance is not None]
+        for version, why, engine in engines:   # each closes once its in-flight work has finished
+            log.info("model %s version %s %s; retiring the old instance", name, version, why)
+            engine.retire()
+        return True
+
+    def _load(self, entry: ModelEntry) -> None:
+        try:
+            load_entry(entry, self.settings, self.providers, self.metrics)
+        except DeviceError as e:
+            if not self._serving:
+                raise
+            entry.state, entry.reason = UNAVAILABLE, f"failed to load {entry.path}: {e}"
+            log.error("model %s version %s is UNAVAILABLE: %s", entry.name, entry.version, entry.reason)
+
+    def _publish(self, name: str, entries: list[ModelEntry]) -> None:
+        with self._lock:
+            self._models[name] = entries
+
+    def _drop(self, name: str) -> bool:
+        """The model's folder is gone: forget it, retire its engines; True if it was known."""
+        self._unloaded.discard(name)
+        with self._lock:
+            entries = self._models.pop(name, None)
+        if entries is None:
+            return False
+        for engine in _engines(entries):
+            engine.retire()
+        log.info("model %s was removed from the repository; unloaded", name)
+        return True
+
+    def unload_model(self, name: str) -> None:
+        with self._sync:
+            with self._lock:
+                entries = self._models.get(name)
+                if entries is None:
+                    raise NotFound(f"unknown model '{name}'")
+                old = _engines(entries)
+                for e in entries:
+                    e.instance, e.state, e.reason = None, UNLOADED, "unloaded by request"
+            self._unloaded.add(name)
+        # In-flight requests keep their own reference to the instance and finish first.
+        for engine in old:
+            engine.retire()
+        log.info("model %s unloaded", name)
+
+    def close(self) -> None:
+        """Unload everything (after a load in progress); queued work runs first, then the threads stop."""
+        with self._sync:
+            self._closed = True
+            with self._lock:
+                engines = self._all_engines()
+                for name in self._models:
+                    for e in self._models[name]:
+                        e.instance, e.state = None, UNLOADED
+        for engine in engines:
+            engine.close()
+
+    def inflight(self) -> int:
+        """Work in flight on every loaded engine (serve/engine.py ModelEngine.inflight)."""
+        with self._lock:
+            engines = self._all_engines()
+        return sum(engine.inflight() for engine in engines)
+
+    def _all_engines(self) -> list[ModelEngine]:
+        """Every loaded version's engine; the caller holds self._lock."""
+        return [x for entries in self._models.values() for x in _engines(entries)]
+
+    def labels(self, name: str, version: str = "") -> tuple[str, str]:
+        """(model, version) labels for a request's metrics: the version it goes to (the newest
+        READY one when it names none); "" for what the repository does not know."""
+        try:
+            return name, self.entry(name, version).version
+        except NotFound:
+            with self._lock:
+                return (name, "") if name in self._models else ("", "")
+
+    def gauges(self) -> list[tuple[str, str, str, int, int]]:
+        """(model, version, state, live sequences, queued work items) of every entry."""
+        out = []
+        for e in self.entries():
+            engine = e.instance.engine if e.instance is not None else None
+            live, queued = (engine.live_sequences(), engine.batcher.queue_depth()) if engine else (0, 0)
+            out.append((e.name, e.version, e.state, live, queued))
+        return out
+
+    # -- lookups -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def entries(self, name: str = "") -> list[ModelEntry]:
+        with self._lock:
+            if name:
+                return list(self._models.get(name, []))
+            return [e for n in sorted(self._models) for e in self._models[n]]
+
+    def ready_versions(self, name: str) -> list[str]:
+        return [e.version for e in self.entry_list(name) if e.state == READY]
+
+    def entry_list(self, name: str) -> list[ModelEntry]:
+        with self._lock:
+            entries = self._models.get(name)
+            known = sorted(self._models)
+        if entries is None:
+            raise NotFound(f"unknown model '{name}'; models in the repository: {', '.join(known) or 'none'}")
+        return list(entries)
+
+    def entry(self, name: str, version: str = "") -> ModelEntry:
+        """The entry for (name, version); version "" = the newest READY version. NotFound if unknown."""
+        entries = self.entry_list(name)
+        if version:
+            for e in entries:
+                if e.version == version:
+                    return e
+            have = ", ".join(e.version for e in entries if e.version) or "none"
+            raise NotFound(f"model '{name}' has no version '{version}'; versions: {have}")
+        ready = [e for e in entries if e.state == READY]
+        return ready[-1] if ready else entries[-1]
+
+    def get(self, name: str, version: str = "") -> ModelInstance:
+        """The instance serving (name, version): NotFound if unknown, Unavailable if not READY."""
+        e = self.entry(name, version)
+        inst = e.instance
+        if e.state != READY or inst is None:
+            label = f"version {e.version} " if e.version else ""
+            raise Unavailable(f"model '{name}' {label}is {e.state}: {e.reason or 'not loaded'}")
+        return inst

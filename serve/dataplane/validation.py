@@ -1,0 +1,201 @@
+"""Checks every client input before onnxruntime sees it.
+
+onnxruntime aborts the whole process on some empty inputs and silently wraps
+negative token ids, so nothing reaches ModelInstance.run unchecked. Every
+problem raises serve.errors.InvalidArgument with a message that says exactly
+what is wrong. (Raw-byte length against shape is checked by serve/convert.py.)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.contract import INPUT_TOKENS
+from rnnserve.serve.engine.runtime import ModelInstance
+from rnnserve.serve.errors import InvalidArgument
+from rnnserve.serve.wire.types import ParamValue
+
+# numpy dtype (by its .str, e.g. "<i8") -> Open Inference Protocol datatype
+_DATATYPES = {np.dtype(t).str: name for t, name in (
+    (np.bool_, "BOOL"), (np.uint8, "UINT8"), (np.uint16, "UINT16"), (np.uint32, "UINT32"),
+    (np.uint64, "UINT64"), (np.int8, "INT8"), (np.int16, "INT16"), (np.int32, "INT32"), (np.int64, "INT64"),
+    (np.float16, "FP16"), (np.float32, "FP32"), (np.float64, "FP64"))}
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    dt = arr.dtype
+    return _DATATYPES.get(dt.str) or ("BYTES" if dt.kind in "OSU" else str(dt))
+
+
+# -- request parameters ------------------------------------------------------------------------
+@dataclass
+class RequestParams:
+    sequence_id: int | str = 0     # 0 or "" = not part of a sequence
+    sequence_start: bool = False
+    sequence_end: bool = False
+    priority: int = 0
+    timeout_us: int = 0                  # 0 = none
+
+    @property
+    def in_sequence(self) -> bool:
+        return self.sequence_id not in (0, "")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
+    """Validate the reserved parameters; other parameters pass through untouched."""
+    p = RequestParams()
+    if "sequence_id" in params:
+        v = params["sequence_id"]
+        if isinstance(v, str):
+            p.sequence_id = v
+        elif _is_int(v) and v >= 0:
+            p.sequence_id = int(v)
+        else:
+            raise InvalidArgument(f"parameter 'sequence_id' must be a non-negative integer or a string, "
+                                  f"got {type(v).__name__} {v!r}")
+    for key in ("sequence_start", "sequence_end"):
+        if key in params:
+            v = params[key]
+            if not isinstance(v, (bool, np.bool_)):
+                raise InvalidArgument(f"parameter '{key}' must be a bool, got {type(v).__name__} {v!r}")
+            setattr(p, key, bool(v))
+    for key, attr in (("priority", "priority"), ("timeout", "timeout_us")):
+        if key in params:
+            v = params[key]
+            if not _is_int(v) or v < 0:
+                raise InvalidArgument(f"parameter '{key}' must be a non-negative integer"
+                                      f"{' (microseconds)' if key == 'timeout' else ''}, got {type(v).__name__} {v!r}")
+            setattr(p, attr, int(v))
+    if (p.sequence_start or p.sequence_end) and not p.in_sequence:
+        raise InvalidArgument("parameters 'sequence_start'/'sequence_end' need a non-zero 'sequence_id'")
+    return p
+
+
+# -- tensors -----------------------------------------------------------------------------------
+def check_outputs(inst: ModelInstance, requested: Sequence[str] | None) -> list[str]:
+    """The output names to compute: all of them when none are requested."""
+    if not requested:
+        return list(inst.output_names)
+    seen = set()
+    for name in requested:
+        if name not in inst.output_names:
+            raise InvalidArgument(f"unknown output '{name}' requested from model '{inst.name}'; "
+                                  f"its outputs are: {', '.join(inst.output_names)}")
+        if name in seen:
+            raise InvalidArgument(f"output '{name}' is requested twice")
+        seen.add(name)
+    return list(requested)
+
+
+def check_token_ids(inst: ModelInstance, tokens: np.ndarray) -> None:
+    if tokens.min() >= 0 and tokens.max() < inst.vocab_size:  # the fast path: no temporaries
+        return
+    bad = (tokens < 0) | (tokens >= inst.vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        count = int(bad.sum())
+        more = f" ({count} ids out of range in all)" if count > 1 else ""
+        raise InvalidArgument(f"token id {int(tokens[where])} at position {list(where)} is out of range for "
+                              f"model '{inst.name}': valid ids are 0..{inst.vocab_size - 1} "
+                              f"(vocab size {inst.vocab_size}){more}")
+
+
+def _check_dtype(name: str, arr: np.ndarray, declared: str | None, want: str) -> None:
+    got = declared or datatype_of(arr)
+    if got != want:
+        raise InvalidArgument(f"input '{name}' must be {want}, got {got}")
+    if datatype_of(arr) != want:  # the declared type and the data disagree
+        raise InvalidArgument(f"input '{name}' is declared {want} but its data is {datatype_of(arr)}")
+
+
+def check_tokens(inst: ModelInstance, tokens: np.ndarray, max_seq_len: int) -> None:
+    if tokens.ndim != 2:
+        raise InvalidArgument(f"input 'tokens' must have rank 2 [batch, seq], got shape {list(tokens.shape)}")
+    batch, seq = tokens.shape
+    if batch == 0 or seq == 0:
+        raise InvalidArgument(f"input 'tokens' has shape {list(tokens.shape)}: batch and seq must be >= 1")
+    if seq > max_seq_len:
+        raise InvalidArgument(f"input 'tokens' has seq {seq}, over the server's maximum of {max_seq_len}")
+    check_token_ids(inst, tokens)
+
+
+def check_state(inst: ModelInstance, name: str, state: np.ndarray, batch: int) -> None:
+    want = list(inst.state_shape(batch))
+    if list(state.shape) != want:
+        raise InvalidArgument(f"state input '{name}' has shape {list(state.shape)}, expected {want} "
+                              f"[layers*directions, batch, hidden] with batch {batch} as in 'tokens'")
+    if not np.isfinite(state).all():
+        raise InvalidArgument(f"state input '{name}' contains NaN or Inf")
+
+
+def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
+                       datatypes: Mapping[str, str], max_seq_len: int) -> dict[str, np.ndarray]:
+    """Validated, C-contiguous feeds for ModelInstance.run (omitted states stay omitted = zeros)."""
+    for name in inputs:
+        if name in inst.input_names:
+            continue
+        if inst.bidirectional and name in ("h0", "c0"):
+            raise InvalidArgument(f"model '{inst.name}' is bidirectional and takes no state inputs "
+                                  f"(got '{name}'): it reads the whole sequence at once")
+        raise InvalidArgument(f"unknown input '{name}' for model '{inst.name}'; "
+                              f"its inputs are: {', '.join(inst.input_names)}")
+    for name, arr in inputs.items():
+        if not isinstance(arr, np.ndarray):
+            raise InvalidArgument(f"input '{name}' must be a tensor, got {type(arr).__name__}")
+    if INPUT_TOKENS not in inputs:
+        raise InvalidArgument(f"missing input '{INPUT_TOKENS}' (INT64 [batch, seq]) for model '{inst.name}'")
+    tokens = inputs[INPUT_TOKENS]
+    _check_dtype(INPUT_TOKENS, tokens, datatypes.get(INPUT_TOKENS), "INT64")
+    check_tokens(inst, tokens, max_seq_len)
+    feeds = {INPUT_TOKENS: np.ascontiguousarray(tokens)}
+    for name in inst.state_inputs:
+        if name in inputs:
+            state = inputs[name]
+            _check_dtype(name, state, datatypes.get(name), "FP32")
+            check_state(inst, name, state, tokens.shape[0])
+            feeds[name] = np.ascontiguousarray(state)
+    return feeds
+
+
+# -- text --------------------------------------------------------------------------------------
+def encode_text(inst: ModelInstance, text: str, max_seq_len: int, what: str = "text") -> np.ndarray:
+    """Characters -> int64 ids [len]; names every character the vocabulary lacks."""
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(text) > max_seq_len:
+        raise InvalidArgument(f"{what} has {len(text)} characters, over the server's maximum of {max_seq_len}")
+    ids = [inst.char_to_id.get(c, -1) for c in text]
+    if -1 in ids:
+        missing = list(dict.fromkeys(c for c, i in zip(text, ids, strict=False) if i < 0))
+        raise InvalidArgument(f"characters not in the vocabulary of model '{inst.name}': "
+                              f"{', '.join(repr(c) for c in missing)}")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def check_top_k(top_k: int, max_top_k: int) -> int:
+    if not _is_int(top_k) or not 0 <= top_k <= max_top_k:
+        raise InvalidArgument(f"top_k must be an integer in 0..{max_top_k}, got {top_k!r}")
+    return int(top_k)
+
+
+def check_generate_args(max_tokens: int, temperature: float, top_k: int, top_p: float, seed,
+                        stop: Sequence[str], max_generate_tokens: int) -> None:
+    if not _is_int(max_tokens) or not 1 <= max_tokens <= max_generate_tokens:
+        raise InvalidArgument(f"max_tokens must be in 1..{max_generate_tokens}, got {max_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise InvalidArgument(f"top_k must be an integer >= 0 (0 = no limit), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise InvalidArgument(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+        raise InvalidArgument(f"stop must be a list of non-empty strings, got {stop!r}")

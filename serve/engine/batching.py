@@ -1,0 +1,380 @@
+"""Dynamic batching for one model: concurrent work shares one onnxruntime run.
+
+A scheduler thread per model takes what is queued, forms a batch of rows that
+can share a run *exactly*, runs it, and splits the outputs back. With
+`instances` > 1 (Triton's instance count) that many scheduler threads each run
+their own batch at once.
+
+Exactness rules (the model is [batch, seq] in, [batch, seq, vocab] out):
+- Rows of the same seq_len always share a run: the recurrent ops treat batch
+  rows independently, so each row's logits and final state are its own.
+- Unidirectional models whose caller does not need the final state may be
+  right-padded to the longest row: position t only depends on positions
+  <= t, so the logits at the valid positions are unchanged; each row is
+  sliced back to its own length. The final state at the padded end would be
+  wrong, so work that needs hn/cn is only grouped by exact length.
+- Bidirectional models: exact length only (the backward pass sees padding).
+
+Latency: the scheduler never waits for a batch that cannot fill. It runs
+whatever is queued the moment it is free. Only after an idle spell (nothing
+queued up while it ran) does it wait, at most `max_queue_delay_us`, and only
+while the batch is smaller than the largest batch of the last few runs, i.e.
+when recent traffic shows that more callers are about to arrive. At
+concurrency 1 recent batches hold one row, so a request runs as soon as it
+arrives; under steady load the work that queued during a run goes the moment
+the run ends (waiting then would only leave the model idle).
+
+Threads: a caller that is about to block (inline) runs its own work when the model
+is idle and the last runs held a single row each, so concurrency 1 has no hand-off.
+Otherwise the scheduler runs it; a finished run goes to the batcher's completion
+thread, which splits the outputs, records statistics and completes the callers'
+futures while the scheduler starts the next run (waking callers first would have
+them contend for the GIL with the next batch's assembly and leave the model idle).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(eq=False)  # identity: queued work is removed by identity
+class Work:
+    """Rows to run: tokens [b, T] and, for streamable models, states [L, b, H] each."""
+    tokens: np.ndarray
+    states: tuple[np.ndarray, ...] = ()
+    need_state: bool = True
+    deadline: float | None = None                 # time.monotonic()
+    is_cancelled: Callable[[], bool] | None = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    rows: int = field(init=False)        # tokens.shape[0], read often by the scheduler
+    seq_len: int = field(init=False)     # tokens.shape[1]
+
+    def __post_init__(self) -> None:
+        self.rows, self.seq_len = (int(n) for n in self.tokens.shape)
+
+
+@dataclass
+class ModelIO:
+    """The names the batcher needs to assemble feeds and split outputs."""
+    state_inputs: Sequence[str]      # ("h0",) / ("h0", "c0") / ()
+    state_outputs: Sequence[str]     # ("hn",) / ("hn", "cn") / ()
+    streamable: bool
+
+
+class BatchStats:
+    """Counters the data plane reports in ModelStatistics (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inference_count = 0      # rows served
+        self.execution_count = 0      # onnxruntime runs
+        self.queue_ns = 0
+        self.queue_count = 0
+        self.compute_ns = 0
+        self.batch_sizes: dict[int, list[int]] = {}   # rows -> [count, compute ns]
+
+    def record(self, rows: int, queue_ns: Sequence[int], compute_ns: int) -> None:
+        with self.lock:
+            self.inference_count += rows
+            self.execution_count += 1
+            self.queue_ns += sum(queue_ns)
+            self.queue_count += len(queue_ns)
+            self.compute_ns += compute_ns
+            entry = self.batch_sizes.setdefault(rows, [0, 0])
+            entry[0] += 1
+            entry[1] += compute_ns
+
+
+class _Group:
+    """The batch being formed: its rows, lengths and whether any item needs hn/cn."""
+
+    def __init__(self, first: Work) -> None:
+        self.items: list[Work] = []
+        self.rows = self.real = 0
+        self.min_len = self.max_len = first.seq_len
+        self.need_state = False
+        self.add(first)
+
+    def add(self, w: Work) -> None:
+        self.items.append(w)
+        self.rows += w.rows
+        self.real += w.rows * w.seq_len
+        self.min_len = min(self.min_len, w.seq_len)
+        self.max_len = max(self.max_len, w.seq_len)
+        self.need_state = self.need_state or w.need_state
+
+
+class Batcher:
+    """One scheduler thread that merges queued Work into onnxruntime runs."""
+
+    def __init__(self, name: str, run: RunFn, io: ModelIO, *, max_batch_size: int = 32,
+                 max_queue_delay_us: int = 500, max_queue_size: int = 1024,
+                 max_padding_ratio: float = 2.0, instances: int = 1,
+                 on_batch: Callable[[int, Sequence[int], int], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if instances < 1:
+            raise ValueError("instances must be >= 1")
+        self.name = name
+        self._run = run
+        self._io = io
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay_us / 1e6
+        self.max_queue_size = max_queue_size
+        self.max_padding_ratio = max_padding_ratio
+        self.stats = BatchStats()
+        self._on_batch = on_batch
+        self._queue: collections.deque[Work] = collections.deque()
+        self._recent_rows: collections.deque[int] = collections.deque(maxlen=8)   # rows of the last runs
+        self._cv = threading.Condition()
+        self._closed = False
+        self.instances = instances  # runs that may be in progress at once
+        self._running = 0           # runs in progress (scheduler threads or inline callers)
+        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+                         for i in range(instances)]
+        self._done: queue.SimpleQueue = queue.SimpleQueue()   # finished runs, for the completion thread
+        self._done_closed = False   # the completion thread was told to stop: finish on the run's thread
+        self._completer = threading.Thread(target=self._complete_loop, name=f"batcher-{name}-done",
+                                           daemon=True)
+        self._completer.start()
+        for thread in self._threads:
+            thread.start()
+
+    # ---- public -------------------------------------------------------------
+    def submit(self, work: Work, inline: bool = False) -> Future:
+        """Queue work; the Future resolves to its outputs. With `inline`, a caller that is
+        going to wait anyway runs its work on its own thread when the model is idle (no
+        queue, no run in progress) and recent runs held no more rows than this work: no
+        hand-off to the scheduler thread at concurrency 1. Under load it queues, so the
+        rows right behind it can share its run."""
+        with self._cv:
+            if self._closed:
+                raise Unavailable(f"model '{self.name}' is shutting down")
+            if len(self._queue) >= self.max_queue_size:
+                raise Unavailable(f"model '{self.name}': queue full ({self.max_queue_size} requests waiting)")
+            work.enqueued = time.monotonic()
+            run_here = (inline and not self._running and not self._queue
+                        and max(self._recent_rows, default=1) <= work.rows)
+            if run_here:
+                self._running += 1
+                self._recent_rows.append(work.rows)
+            else:
+                self._queue.append(work)
+                self._cv.notify()
+        if run_here:
+            try:
+                self._execute([work], finish_here=True)
+            finally:
+                with self._cv:
+                    self._running -= 1
+                    if self._queue:     # only queued work needs a scheduler woken
+                        self._cv.notify()
+        return work.future
+
+    def cancel(self, work: Work) -> bool:
+        """Remove work that has not started; True when it was still queued."""
+        with self._cv:
+            try:
+                self._queue.remove(work)
+            except ValueError:
+                return False
+        work.future.set_exception(Cancelled("request cancelled by the client"))
+        return True
+
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        until = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, until - time.monotonic()))
+        with self._cv:           # after the runs the schedulers finished: their callers get answers
+            self._done_closed = True
+            self._done.put(None)
+        self._completer.join(max(0.0, until - time.monotonic()))
+
+    # ---- scheduling -----------------------------------------------------------
+    def _compatible(self, group: _Group, w: Work) -> bool:
+        if group.rows + w.rows > self.max_batch_size:
+            return False
+        if group.min_len == group.max_len == w.seq_len:
+            return True  # equal lengths: always exact
+        # Right-padding is exact only for unidirectional logits, without final state.
+        if not self._io.streamable or group.need_state or w.need_state:
+            return False
+        padded = (group.rows + w.rows) * max(group.max_len, w.seq_len)
+        return padded <= self.max_padding_ratio * (group.real + w.rows * w.seq_len)
+
+    def _take(self) -> list[Work]:
+        """Pop the head and every queued item that can share its run (FIFO order)."""
+        first = self._queue.popleft()
+        group = _Group(first)
+        kept: collections.deque[Work] = collections.deque()
+        while self._queue and group.rows < self.max_batch_size:
+            w = self._queue.popleft()
+            if self._compatible(group, w):
+                group.add(w)
+            else:
+                kept.append(w)
+        kept.extend(self._queue)
+        self._queue = kept
+        return group.items
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                idle = not self._queue      # nothing queued up while this scheduler was busy
+                while (not self._queue or self._running >= self.instances) and not self._closed:
+                    self._cv.wait()
+                if not self._queue and self._closed:
+                    return
+                self._running += 1
+                batch = self._take()
+                # After an idle spell, wait for more rows, but only up to what recent runs show is
+                # coming. Work that queued up during a run goes at once: waiting then only idles.
+                target = min(self.max_batch_size, max(self._recent_rows, default=1))
+                if idle and self.max_queue_delay > 0 and sum(w.rows for w in batch) < target:
+                    until = time.monotonic() + self.max_queue_delay
+                    while sum(w.rows for w in batch) < target and not self._closed:
+                        left = until - time.monotonic()
+                        if left <= 0:
+                            break
+                        if not self._queue:
+                            self._cv.wait(left)
+                            continue
+                        self._queue.extendleft(reversed(batch))
+                        batch = self._take()
+                self._recent_rows.append(sum(w.rows for w in batch))
+            try:
+                self._execute(batch)
+            finally:
+                with self._cv:
+                    self._running -= 1
+                    if self._queue and self.instances > 1:   # another scheduler may take it
+                        self._cv.notify()
+
+    def _execute(self, batch: list[Work], finish_here: bool = False) -> None:
+        """Run a batch. The scheduler hands the finishing (split, statistics, callers' futures)
+        to the completion thread and goes straight on to the next run: waking callers first
+        would have them contend for the GIL with the next batch's assembly, idling the model.
+        An inline caller (finish_here) finishes its own run."""
+        now = time.monotonic()
+        live: list[Work] = []
+        for w in batch:
+            if w.future.done():
+                continue
+            if w.is_cancelled is not None and w.is_cancelled():
+                w.future.set_exception(Cancelled("request cancelled by the client"))
+            elif w.deadline is not None and now > w.deadline:
+                w.future.set_exception(DeadlineExceeded(
+                    f"deadline passed after {1e3 * (now - w.enqueued):.1f} ms in the queue, before it ran"))
+            else:
+                live.append(w)
+        if not live:
+            return
+        queue_ns = [int((now - w.enqueued) * 1e9) for w in live]
+        try:
+            feeds = self._assemble(live)
+            t0 = time.perf_counter_ns()
+            out = self._run(feeds)
+            compute_ns = time.perf_counter_ns() - t0
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+            self._fail(live, e)
+            return
+        if not finish_here:
+            with self._cv:   # close() may have stopped the completion thread (a run outlived it)
+                finish_here = self._done_closed
+                if not finish_here:
+                    self._done.put((live, out, queue_ns, compute_ns))
+        if finish_here:
+            self._finish(live, out, queue_ns, compute_ns)
+
+    def _complete_loop(self) -> None:
+        while True:
+            item = self._done.get()
+            if item is None:
+                return
+            self._finish(*item)
+
+    def _finish(self, live: list[Work], out: dict[str, np.ndarray], queue_ns: list[int],
+                compute_ns: int) -> None:
+        """Split the outputs, record statistics (before the callers see their results) and
+        complete the callers. Never raises: a failure fails the batch's callers, so neither the
+        completion thread nor an inline caller is taken down by one batch."""
+        try:
+            results = self._split(live, out)
+            rows = sum(w.rows for w in live)
+            self.stats.record(rows, queue_ns, compute_ns)
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(rows, queue_ns, compute_ns)
+                except Exception:  # metrics must never break serving
+                    log.exception("on_batch hook failed")
+            for w, r in zip(live, results, strict=False):
+                if not w.future.done():
+                    w.future.set_result(r)   # Future runs its callbacks here, catching their errors
+        except BaseException as e:  # noqa: BLE001 - handed to every caller not yet answered
+            self._fail(live, e)
+
+    def _fail(self, live: list[Work], e: BaseException) -> None:
+        log.exception("model %s: batch of %d failed", self.name, len(live), exc_info=e)
+        for w in live:
+            if not w.future.done():
+                w.future.set_exception(e)
+
+    def _assemble(self, batch: list[Work]) -> dict[str, np.ndarray]:
+        if len(batch) == 1:
+            w = batch[0]
+            feeds = {"tokens": w.tokens}
+            feeds.update(zip(self._io.state_inputs, w.states, strict=False))
+            return feeds
+        max_len = max(w.seq_len for w in batch)
+        tokens = np.zeros((sum(w.rows for w in batch), max_len), dtype=np.int64)
+        r = 0
+        for w in batch:
+            tokens[r:r + w.rows, :w.seq_len] = w.tokens
+            r += w.rows
+        feeds = {"tokens": tokens}
+        for i, name in enumerate(self._io.state_inputs):
+            feeds[name] = np.concatenate([w.states[i] for w in batch], axis=1)
+        return feeds
+
+    def _split(self, batch: list[Work], out: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Each item's rows of the outputs. Logits are views of the run's output; states are
+        each item's own contiguous arrays, so a sequence keeping its state holds 2 small arrays,
+        not the whole run's output."""
+        if len(batch) == 1:
+            return [out]
+        # [L, B, H] -> [B, L, H] once; then a row's state is one contiguous slice to copy.
+        by_row = ({name: np.ascontiguousarray(out[name].transpose(1, 0, 2))
+                   for name in self._io.state_outputs}
+                  if any(w.need_state for w in batch) else {})
+        results = []
+        r = 0
+        for w in batch:
+            res = {"logits": out["logits"][r:r + w.rows, :w.seq_len]}
+            if w.need_state:  # exact: need_state work is only grouped by equal length
+                for name, rows in by_row.items():
+                    res[name] = rows[r:r + w.rows].transpose(1, 0, 2).copy()
+            results.append(res)
+            r += w.rows
+        return results

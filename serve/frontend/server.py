@@ -1,0 +1,183 @@
+"""The gRPC server: the inference and text servicers, grpc.health.v1 and reflection.
+
+    server, port = create_server(settings)        # binds settings.host:settings.port (0 = free)
+    server.start()
+    ...
+    server.stop(grace=10)                        # drain: in-flight calls get `grace` seconds
+
+Health: "" is the server (SERVING once every model is loaded), and each model's
+name is that model; the statuses follow the data plane's readiness (refreshed
+after RepositoryModelLoad/Unload and every HEALTH_REFRESH_S; a model removed from
+the repository turns NOT_SERVING).
+
+Metrics (settings.metrics_port >= 0): Prometheus text at http://host:metrics_port/metrics
+(serve/metrics.py), bound by create_server; `server.metrics_port` is the bound port.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from rnnserve.serve.dataplane.plane import DataPlane
+from rnnserve.serve.frontend.grpc_errors import set_observer
+from rnnserve.serve.frontend.priority import handler_initializer
+from rnnserve.serve.frontend.servicers import InferenceServicer, TextServicer
+from rnnserve.serve.metrics import start_endpoint
+from rnnserve.serve.settings import ServeSettings
+from rnnserve.serve.wire.gen import _pool
+from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
+from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.serve.wire.gen import text_service_pb2 as tpb
+from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
+
+logger = logging.getLogger(__name__)
+
+HEALTH_REFRESH_S = 1.0
+DRAIN_POLL_S = 0.01
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    tpb.DESCRIPTOR.services_by_name["TextService"].full_name,
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_pool_lock = threading.Lock()
+
+
+def reflection_pool():
+    """Our private pool, plus the health and reflection protos so reflection lists them all."""
+    with _pool_lock:
+        for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+            try:
+                _pool.POOL.FindFileByName(file.name)
+            except KeyError:
+                _pool.POOL.AddSerializedFile(file.serialized_pb)
+    return _pool.POOL
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """A bound gRPC server over one DataPlane. Not started until start()."""
+
+    def __init__(self, settings: ServeSettings, dataplane, owns_dataplane: bool):
+        self.settings = settings
+        self.dataplane = dataplane
+        self._owns_dataplane = owns_dataplane
+        self._stopping = threading.Event()
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._health_lock = threading.Lock()
+        self._health_names: set = set()
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.grpc_workers,
+                                       thread_name_prefix="rnnserve-grpc",
+                                       initializer=handler_initializer(settings.handler_sched_batch,
+                                                                       settings.handler_nice)),
+            options=[("grpc.max_send_message_length", settings.max_message_bytes),
+                     ("grpc.max_receive_message_length", settings.max_message_bytes),
+                     ("grpc.so_reuseport", 0)])
+        inference = InferenceServicer(dataplane, on_repository_change=self.refresh_health)
+        text = TextServicer(dataplane)
+        metrics = getattr(dataplane, "metrics", None)
+        for servicer in (inference, text):   # request outcomes by status code -> Prometheus
+            set_observer(servicer, metrics.observe_request if metrics is not None else None)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc_server)
+        tpb_grpc.add_TextServiceServicer_to_server(text, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc_server)
+        reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server,
+                                            pool=reflection_pool())
+        self.port = self._bind(settings.host, settings.port)
+        self.address = address(settings.host, self.port)
+        # Bound last, so a failure above leaves no endpoint behind; it serves from now on.
+        self._metrics_endpoint = start_endpoint(metrics, settings.host, settings.metrics_port)
+        self.metrics_port: int | None = getattr(self._metrics_endpoint, "port", None)
+        self._refresher = threading.Thread(target=self._refresh_loop, name="rnnserve-health",
+                                           daemon=True)
+
+    def _bind(self, host: str, port: int) -> int:
+        try:
+            bound = self.grpc_server.add_insecure_port(address(host, port))
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address(host, port)}: {exc}") from exc
+        if bound == 0:
+            raise OSError(f"cannot listen on {address(host, port)}")
+        return bound
+
+    def start(self) -> Server:
+        self.refresh_health()
+        self.grpc_server.start()
+        self._refresher.start()
+        return self
+
+    def refresh_health(self) -> None:
+        """Set every health status from the data plane's readiness."""
+        if self._stopping.is_set():
+            return
+        with self._health_lock:
+            try:
+                statuses = {"": self.dataplane.server_ready()}
+                for name in self.dataplane.model_names():
+                    statuses[name] = self.dataplane.model_ready(name)
+            except Exception:  # noqa: BLE001 - a failed probe means not serving
+                logger.exception("health refresh failed")
+                statuses = {"": False}
+            for name in self._health_names - statuses.keys():   # removed from the repository
+                statuses[name] = False
+            self._health_names = set(statuses)
+            for name, ready in statuses.items():
+                self._health.set(name, _SERVING if ready else _NOT_SERVING)
+
+    def _refresh_loop(self) -> None:
+        while not self._stopping.wait(HEALTH_REFRESH_S):
+            self.refresh_health()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain, then stop: new inference requests get UNAVAILABLE (retryable elsewhere) and
+        readiness turns false while the work in flight finishes, for up to `grace` seconds in
+        all; then gRPC stops (what is still open gets the rest of the grace) and the models
+        are released."""
+        grace = self.settings.grace if grace is None else grace
+        until = time.monotonic() + grace
+        self._stopping.set()
+        self._health.enter_graceful_shutdown()   # every status NOT_SERVING from now on
+        logger.info("draining: up to %.1fs for in-flight calls", grace)
+        self.dataplane.start_draining()
+        while self.dataplane.inflight() > 0 and time.monotonic() < until:
+            time.sleep(DRAIN_POLL_S)
+        self.grpc_server.stop(max(0.0, until - time.monotonic())).wait()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
+        if self._owns_dataplane:
+            self.dataplane.close()
+        logger.info("stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def create_server(settings: ServeSettings, dataplane=None) -> tuple[Server, int]:
+    """-> (server, bound port). Without a dataplane, one is made and loaded from settings."""
+    owns = dataplane is None
+    if owns:
+        dataplane = DataPlane(settings)
+        try:
+            dataplane.load()
+        except BaseException:
+            dataplane.close()
+            raise
+    try:
+        server = Server(settings, dataplane, owns_dataplane=owns)
+    except BaseException:
+        if owns:
+            dataplane.close()
+        raise
+    return server, server.port

@@ -1,0 +1,154 @@
+"""The docker-compose deployment, without a Docker engine.
+
+1. `docker-compose config -q` validates the file (skipped, with the reason,
+   where the tool is absent; .ci/run installs Debian's docker-compose).
+2. The commands the `train`, `export` and `server` services run are run here as
+   plain processes, with the compose file's own environment, the named volumes
+   mapped to temp folders and the server bound to loopback. The server must
+   answer health (with the service's own healthcheck command), predictions and
+   Prometheus metrics (the port the server writes to <port-file>.metrics).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures import ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def load_compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_config_is_valid():
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose; .ci/run does)")
+    res = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+
+
+def test_compose_declares_the_deployment():
+    services = load_compose()["services"]
+    assert {"server", "server-gpu", "train", "export", "prometheus", "lb"} <= set(services)
+    assert services["server-gpu"]["profiles"] == ["gpu"]
+    assert services["server-gpu"]["environment"]["RNNSERVE_DEVICE"] == "cuda"
+    gpu = services["server-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["train"]["profiles"] == services["export"]["profiles"] == ["tools"]
+    assert "models:/models:ro" in services["server"]["volumes"]
+    for name in ("deploy/prometheus.yml", "deploy/envoy.yaml", "docker/server.Dockerfile",
+                 "docker/server-gpu.Dockerfile", "docker/tools.Dockerfile"):
+        assert (ROOT / name).is_file(), name
+    # The server image must not carry torch.
+    server_image = (ROOT / "docker/server.Dockerfile").read_text()
+    assert "torch" not in server_image.replace("no torch", "")
+    assert "[cpu]" in server_image and "train" not in server_image.split("pip install")[1]
+
+
+def _volume_map(service: dict, tmp: Path) -> dict:
+    """container path -> host temp folder, for the service's named volumes."""
+    out = {}
+    for spec in service.get("volumes", []):
+        name, target = spec.split(":")[:2]
+        out[target] = str(tmp / name)
+        (tmp / name).mkdir(exist_ok=True)
+    return out
+
+
+def _localize(value: str, volumes: dict) -> str:
+    for target, host in volumes.items():
+        if value == target or value.startswith(target + "/"):
+            return host + value[len(target):]
+    return value
+
+
+def _script(name: str) -> str:
+    """A console script of this installation (the images install the same ones)."""
+    assert name.startswith("rnnserve-"), f"compose commands run our console scripts, not {name!r}"
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.access(path, os.X_OK), f"{name} is not installed beside {sys.executable}"
+    return path
+
+
+def _process(service: dict, tmp: Path, overrides: dict | None = None):
+    """(argv, env) that run a compose service's command as a local process."""
+    volumes = _volume_map(service, tmp)
+    command = service["command"]
+    argv = [_script(command[0])] + [_localize(a, volumes) for a in command[1:]]
+    env = dict(os.environ)
+    for key, value in (service.get("environment") or {}).items():
+        env[key] = _localize(str(value), volumes)
+    env.update(overrides or {})
+    return argv, env
+
+
+def test_compose_commands_run_as_plain_processes(tmp_path):
+    services = load_compose()["services"]
+    for job in ("train", "export"):
+        argv, env = _process(services[job], tmp_path)
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert res.returncode == 0, f"{job}: {res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")) == \
+        sorted(["rnncell", "rnn", "emb-rnn", "emb-lstm", "emb-gru"])
+
+    server = services["server"]
+    assert int(server["environment"]["RNNSERVE_METRICS_PORT"]) > 0
+    port_file = tmp_path / "port"
+    argv, env = _process(server, tmp_path, {
+        "RNNSERVE_HOST": "127.0.0.1", "RNNSERVE_PORT": "0", "RNNSERVE_PORT_FILE": str(port_file),
+        "RNNSERVE_METRICS_PORT": "0",
+    })
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        address = f"127.0.0.1:{int(port_file.read_text())}"
+        # The service's own healthcheck command, pointed at this server.
+        check = [a.replace("127.0.0.1:8001", address) for a in server["healthcheck"]["test"][1:]]
+        res = subprocess.run([_script(check[0])] + check[1:], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = subprocess.run([sys.executable, "-m", "rnnserve.serve.client", "--address", address, "--json",
+                              "predict", "emb-lstm", "hello"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "ohlol" in res.stdout, res.stdout + res.stderr
+        metrics_file = tmp_path / "port.metrics"   # written before the gRPC port file
+        assert metrics_file.is_file(), "the server did not write <port-file>.metrics"
+        body = urllib.request.urlopen(f"http://127.0.0.1:{int(metrics_file.read_text())}/metrics",
+                                      timeout=10).read().decode()
+        families = list(text_string_to_metric_families(body))
+        samples = [s for f in families for s in f.samples]
+
+        def value(name, **labels):
+            return sum(s.value for s in samples
+                       if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        assert value("rnnserve_requests_total", model="emb-lstm", method="Predict", code="OK") == 1
+        assert value("rnnserve_requests_total") == 1                            # the predict above
+        assert value("rnnserve_model_state", model="emb-lstm", version="1", state="READY") == 1
+        assert value("rnnserve_executions_total", model="emb-lstm") >= 1
+        assert {"rnnserve_requests", "rnnserve_inferences", "rnnserve_executions", "rnnserve_batch_size",
+                "rnnserve_queue_duration_seconds", "rnnserve_compute_duration_seconds",
+                "rnnserve_request_duration_seconds", "rnnserve_live_sequences",
+                "rnnserve_model_state"} <= {f.name for f in families}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
+

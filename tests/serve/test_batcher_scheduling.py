@@ -1,0 +1,228 @@
+"""The Batcher's scheduling and threads over a real exported model and a real onnxruntime
+session: backpressure, deadlines, cancellation, the queue delay, inline runs, instances and
+the completion thread."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rnnserve.serve.engine.batching import Batcher, Work
+from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
+from tests.batching_models import CountingRun, GatedRun, build_models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("scheduling"), names=["lstm"])
+
+
+def test_backpressure_deadline_and_cancel(models):
+    m = models["lstm"]
+    run = GatedRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=1, max_queue_size=3)
+    try:
+        toks = np.ones((1, 5), np.int64)
+        busy = b.submit(Work(toks, m.zero(1)))
+        assert run.entered.wait(10)              # the scheduler is inside a run
+        late = Work(toks, m.zero(1), deadline=time.monotonic() + 0.01)
+        cancelled = Work(toks, m.zero(1))
+        ok = Work(toks, m.zero(1))
+        for w in (late, cancelled, ok):
+            b.submit(w)
+        with pytest.raises(Unavailable, match="queue full"):
+            b.submit(Work(toks, m.zero(1)))
+        assert b.cancel(cancelled) and b.queue_depth() == 2
+        with pytest.raises(Cancelled):
+            cancelled.future.result(timeout=1)
+        time.sleep(0.05)                         # let the deadline pass while queued
+        run.gate.set()
+        busy.result(timeout=30)
+        with pytest.raises(DeadlineExceeded):
+            late.future.result(timeout=30)
+        np.testing.assert_array_equal(ok.future.result(timeout=30)["logits"],
+                                      m.alone(toks, m.zero(1))["logits"])
+    finally:
+        run.gate.set()
+        b.close()
+
+
+def test_no_added_wait_at_concurrency_one(models):
+    """A lone request never waits for a batch that cannot fill, even with a long
+    queue delay configured."""
+    m = models["lstm"]
+    b = Batcher("lstm", m.run, m.io, max_batch_size=32, max_queue_delay_us=3_000_000)
+    try:
+        toks = np.ones((1, 8), np.int64)
+        t0 = time.monotonic()
+        for _ in range(3):
+            b.submit(Work(toks, m.zero(1))).result(timeout=30)
+        assert time.monotonic() - t0 < 3.0       # one 3 s delay would exceed this
+        assert b.stats.execution_count == 3
+    finally:
+        b.close()
+
+
+def test_inline_runs_on_the_callers_thread_only_when_idle(models):
+    """A blocking caller at concurrency 1 runs its own work (no hand-off); when the
+    model is busy the work queues and is batched as usual."""
+    m = models["lstm"]
+    seen = []
+
+    def run(feeds):
+        seen.append(threading.current_thread().name)
+        return m.run(feeds)
+
+    gated = GatedRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=8)
+    try:
+        toks = np.ones((1, 6), np.int64)
+        fut = b.submit(Work(toks, m.zero(1)), inline=True)
+        assert fut.done() and seen == [threading.current_thread().name]
+        np.testing.assert_array_equal(fut.result()["logits"], m.alone(toks, m.zero(1))["logits"])
+    finally:
+        b.close()
+    b = Batcher("lstm", gated, m.io, max_batch_size=8)
+    try:
+        first = b.submit(Work(toks, m.zero(1)))          # the scheduler thread takes it
+        assert gated.entered.wait(10)
+        queued = b.submit(Work(toks, m.zero(1)), inline=True)
+        assert not queued.done() and b.queue_depth() == 1  # busy: it queued instead of running
+        gated.gate.set()
+        first.result(timeout=30)
+        queued.result(timeout=30)
+        assert b.stats.execution_count == 2
+    finally:
+        gated.gate.set()
+        b.close()
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_bound_the_runs_in_progress(models, instances):
+    """--instances N: up to N onnxruntime runs of one model at once, each on its own batch;
+    beyond that, work queues. Every answer still equals the request run alone."""
+    m = models["lstm"]
+    run = CountingRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=0, instances=instances)
+    try:
+        toks = [np.full((1, 4), i, np.int64) for i in range(3)]
+        futs = [b.submit(Work(toks[0], m.zero(1)))]
+        assert run.wait_running(1)
+        futs.append(b.submit(Work(toks[1], m.zero(1))))
+        assert run.wait_running(instances)        # a second scheduler took it, if there is one
+        time.sleep(0.1)
+        assert run.running == instances and b.queue_depth() == 2 - instances
+        futs.append(b.submit(Work(toks[2], m.zero(1))))
+        for _ in range(3):
+            run.gate.release()
+        for t, fut in zip(toks, futs, strict=False):
+            np.testing.assert_array_equal(fut.result(timeout=30)["logits"], m.alone(t, m.zero(1))["logits"])
+        assert run.peak == instances
+    finally:
+        for _ in range(3):
+            run.gate.release()
+        b.close()
+    with pytest.raises(ValueError):
+        Batcher("lstm", m.run, m.io, instances=0)
+
+
+def test_work_queued_during_a_run_goes_without_the_queue_delay(models):
+    """The queue delay is only for an idle model about to see a burst: work that queued while a
+    run was in progress goes the moment the model is free, even when recent batches were bigger."""
+    m = models["lstm"]
+    run = CountingRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=3_000_000)
+    try:
+        toks = np.ones((1, 5), np.int64)
+        first = b.submit(Work(toks, m.zero(1)))
+        assert run.wait_running(1)
+        four = [b.submit(Work(toks, m.zero(1))) for _ in range(4)]   # queue while the model is busy
+        run.gate.release()
+        first.result(timeout=30)
+        assert run.wait_running(1)                 # the four went at once, as one batch
+        assert run.rows == [1, 4]
+        late = b.submit(Work(toks, m.zero(1)))     # recent batches held 4 rows; this one is alone
+        t0 = time.monotonic()
+        run.gate.release()
+        run.gate.release()
+        for fut in four + [late]:
+            fut.result(timeout=30)
+        assert time.monotonic() - t0 < 2.0         # the 3 s delay for 3 more rows was not taken
+        assert run.rows == [1, 4, 1]
+    finally:
+        for _ in range(3):
+            run.gate.release()
+        b.close()
+
+
+def test_inline_only_while_recent_runs_held_one_row(models):
+    """A caller that finds the model idle runs inline only while recent runs held a single row:
+    under load (recent runs batched more) it queues, so rows arriving right behind it can share
+    its run; once eight runs in a row held one row, callers run inline again."""
+    m = models["lstm"]
+    threads = []
+
+    def run(feeds):
+        threads.append(threading.current_thread().name)
+        return m.run(feeds)
+
+    b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=0)
+    try:
+        me = threading.current_thread().name
+        b.submit(Work(np.ones((3, 5), np.int64), m.zero(3)), inline=True).result(timeout=30)
+        toks = np.ones((1, 5), np.int64)
+        for _ in range(9):
+            b.submit(Work(toks, m.zero(1)), inline=True).result(timeout=30)
+        assert threads[0] == me                                    # nothing recent: inline
+        assert all(t.startswith("batcher-lstm-") for t in threads[1:9])  # a 3-row run is recent
+        assert threads[9] == me                                    # eight 1-row runs since
+    finally:
+        b.close()
+
+
+def test_the_next_run_does_not_wait_for_callers_to_be_completed(models):
+    """Finished runs are handed to the batcher's completion thread: a slow completion (here a
+    caller's done-callback that blocks) does not hold up the next run."""
+    m = models["lstm"]
+    run = CountingRun(m)
+    b = Batcher("lstm", run, m.io, max_batch_size=1)
+    release = threading.Event()
+    try:
+        toks = np.ones((1, 5), np.int64)
+        first = b.submit(Work(toks, m.zero(1)))
+        first.add_done_callback(lambda _f: release.wait(30))
+        second = b.submit(Work(toks, m.zero(1)))
+        run.gate.release()                                   # the first run goes through
+        until = time.monotonic() + 10
+        while len(run.rows) < 2 and time.monotonic() < until:
+            time.sleep(0.005)
+        assert run.rows == [1, 1]        # the second run started while the first's callback blocks
+        release.set()
+        run.gate.release()
+        np.testing.assert_array_equal(second.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+        np.testing.assert_array_equal(first.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+    finally:
+        release.set()
+        run.gate.release()
+        run.gate.release()
+        b.close()
+
+
+def test_a_run_that_outlives_close_still_answers_its_caller(models):
+    """close() stops the completion thread after its timeout; a run still in progress then
+    completes its own callers."""
+    m = models["lstm"]
+    run = GatedRun(m)
+    b = Batcher("lstm", run, m.io)
+    try:
+        toks = np.ones((1, 5), np.int64)
+        fut = b.submit(Work(toks, m.zero(1)))
+        assert run.entered.wait(10)
+        b.close(timeout=0.1)
+        run.gate.set()
+        np.testing.assert_array_equal(fut.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+    finally:
+        run.gate.set()
+        b.close()
