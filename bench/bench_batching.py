@@ -264,7 +264,7 @@ def local_steps(session, tokens: np.ndarray, rows: int) -> np.ndarray:
         feeds = _feeds(session, tokens[lo:lo + rows, :1])
         state = {k: v for k, v in feeds.items() if k != "tokens"}
         for t in range(steps):
-            out = dict(zip(names, session.run(None, {"tokens": tokens[lo:lo + rows, t:t + 1], **state}), strict=False))
+            out = dict(zip(names, session.run(None, {"tokens": tokens[lo:lo + rows, t:t + 1], **state})))
             state = {k: out[k.replace("0", "n")] for k in state}
         last.append(out["logits"][:, -1])
     return np.concatenate(last)

@@ -310,7 +310,7 @@ def format_table(rows: list[Row]) -> str:
              "-" if r.agreement is None else f"{r.agreement:.2%}", _size(r.size), _fmt(r.p50_ms, ".3f"),
              _fmt(r.version), r.status] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
     out.append("parity max diff: models = the parity gate vs PyTorch; variants = max |logit diff| vs the fp32 "
                "model on the eval text. top-1 agree: variants vs fp32 on the eval text.")

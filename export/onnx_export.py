@@ -109,7 +109,7 @@ def check_io(proto: onnx.ModelProto, meta: ModelMeta) -> str:
         if got_names != [w.name for w in want_list]:
             problems.append(f"{kind}s are {got_names}, expected {[w.name for w in want_list]}")
             continue
-        for v, w in zip(got_list, want_list, strict=False):
+        for v, w in zip(got_list, want_list):
             if v.type.tensor_type.elem_type != _ONNX_DTYPES[w.dtype]:
                 problems.append(f"{v.name}: dtype {onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}, "
                                 f"expected {w.dtype}")

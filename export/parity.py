@@ -88,7 +88,7 @@ def _argmax_check(ref: np.ndarray, got: np.ndarray, atol: float) -> dict[str, in
 
 
 def _compare(names: Sequence[str], ref: list[np.ndarray], got: list[np.ndarray], atol: float) -> dict[str, Any]:
-    diffs = {n: _max_abs(r, g) for n, r, g in zip(names, ref, got, strict=False)}
+    diffs = {n: _max_abs(r, g) for n, r, g in zip(names, ref, got)}
     argmax = _argmax_check(ref[0], got[0], atol)
     return {"logits_max_abs_diff": diffs[names[0]],
             "state_max_abs_diff": {n: diffs[n] for n in names[1:]},
@@ -131,7 +131,7 @@ def _stepwise_case(sess, meta, rng, batch: int, seq: int, atol: float) -> dict[s
         for t in range(seq):
             outs = sess.run(names, {INPUT_TOKENS: feeds[INPUT_TOKENS][:, t:t + 1], **state})
             step_logits.append(outs[0])
-            state = dict(zip(meta.state_inputs, outs[1:], strict=False))
+            state = dict(zip(meta.state_inputs, outs[1:]))
         case["ort_s"] = round(time.perf_counter() - t0, 4)
         stepped = [np.concatenate(step_logits, axis=1), *(state[n] for n in meta.state_inputs)]
         case.update(_compare(names, whole, stepped, atol))

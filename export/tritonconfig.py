@@ -71,7 +71,7 @@ def triton_config(name: str, meta: ModelMeta, *, max_batch_size: int = DEFAULT_M
                    + [_tensor(n, "TYPE_FP32", state_dims) for n in meta.state_outputs]),
         ]
         states = []
-        for s_in, s_out in zip(meta.state_inputs, meta.state_outputs, strict=False):
+        for s_in, s_out in zip(meta.state_inputs, meta.state_outputs):
             states.append(
                 "    {\n"
                 f'      input_name: "{s_in}"\n'

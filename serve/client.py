@@ -173,7 +173,7 @@ def _parse_tokens(text: str) -> np.ndarray:
 def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 def _cmd_health(client: RnnClient, args) -> dict:

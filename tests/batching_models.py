@@ -43,7 +43,7 @@ class Model:
 
     def run(self, feeds):
         self.runs += 1
-        return dict(zip(self.outputs, self.sess.run(None, feeds), strict=False))
+        return dict(zip(self.outputs, self.sess.run(None, feeds)))
 
     def zero(self, batch):
         shape = self.meta.state_shape(batch)
@@ -54,7 +54,7 @@ class Model:
         return tuple(rng.standard_normal(shape).astype(np.float32) for _ in self.io.state_inputs)
 
     def alone(self, tokens, states):
-        return self.run({"tokens": tokens, **dict(zip(self.io.state_inputs, states, strict=False))})
+        return self.run({"tokens": tokens, **dict(zip(self.io.state_inputs, states))})
 
 
 def build_models(root: Path, names: Iterable[str] | None = None) -> dict[str, Model]:

@@ -17,9 +17,9 @@ def plot_losses(events: list[dict[str, Any]], path: str) -> None:
     val = [(e["step"], e["val_nats"]) for e in events if e.get("event") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot(*zip(*train, strict=False), label="train (nats/char)", linewidth=1)
+        ax.plot(*zip(*train), label="train (nats/char)", linewidth=1)
     if val:
-        ax.plot(*zip(*val, strict=False), "o-", label="validation (nats/char)", markersize=3)
+        ax.plot(*zip(*val), "o-", label="validation (nats/char)", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy, nats/char")
     ax.grid(alpha=0.3)

@@ -173,7 +173,7 @@ def encode_text(inst: ModelInstance, text: str, max_seq_len: int, what: str = "t
         raise InvalidArgument(f"{what} has {len(text)} characters, over the server's maximum of {max_seq_len}")
     ids = [inst.char_to_id.get(c, -1) for c in text]
     if -1 in ids:
-        missing = list(dict.fromkeys(c for c, i in zip(text, ids, strict=False) if i < 0))
+        missing = list(dict.fromkeys(c for c, i in zip(text, ids) if i < 0))
         raise InvalidArgument(f"characters not in the vocabulary of model '{inst.name}': "
                               f"{', '.join(repr(c) for c in missing)}")
     return np.asarray(ids, dtype=np.int64)

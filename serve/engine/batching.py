@@ -329,7 +329,7 @@ class Batcher:
                     self._on_batch(rows, queue_ns, compute_ns)
                 except Exception:  # metrics must never break serving
                     log.exception("on_batch hook failed")
-            for w, r in zip(live, results, strict=False):
+            for w, r in zip(live, results):
                 if not w.future.done():
                     w.future.set_result(r)   # Future runs its callbacks here, catching their errors
         except BaseException as e:  # noqa: BLE001 - handed to every caller not yet answered
@@ -345,7 +345,7 @@ class Batcher:
         if len(batch) == 1:
             w = batch[0]
             feeds = {"tokens": w.tokens}
-            feeds.update(zip(self._io.state_inputs, w.states, strict=False))
+            feeds.update(zip(self._io.state_inputs, w.states))
             return feeds
         max_len = max(w.seq_len for w in batch)
         tokens = np.zeros((sum(w.rows for w in batch), max_len), dtype=np.int64)

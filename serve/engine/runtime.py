@@ -156,7 +156,7 @@ class ModelInstance:
 
     def state_pairs(self):
         """[(input name, output name)]: h0<-hn, c0<-cn."""
-        return list(zip(self.state_inputs, self.state_outputs, strict=False))
+        return list(zip(self.state_inputs, self.state_outputs))
 
     def _check_graph(self) -> None:
         """The graph must have exactly the I/O that the metadata promises."""
@@ -187,7 +187,7 @@ class ModelInstance:
         self.stats.record_execution(batch, time.perf_counter_ns() - t0)
         with self._count_lock:
             self.run_count += 1
-        return dict(zip(names, values, strict=False))
+        return dict(zip(names, values))
 
     def warmup(self, max_seq_len: int) -> None:
         """A few runs at a few shapes; statistics are reset afterwards (run_count is not)."""

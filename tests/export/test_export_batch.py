@@ -82,7 +82,7 @@ def check_repository(repo: str) -> dict:
             assert cfg.max_batch_size == 0 and cfg.WhichOneof("scheduling_choice") == "sequence_batching"
             assert list(cfg.input[0].dims) == [1, -1]
             states = cfg.sequence_batching.state
-            assert [(s.input_name, s.output_name) for s in states] == list(zip(meta.state_inputs, meta.state_outputs, strict=False))
+            assert [(s.input_name, s.output_name) for s in states] == list(zip(meta.state_inputs, meta.state_outputs))
             for s in states:
                 assert list(s.dims) == list(meta.state_shape(1))
                 assert s.initial_state[0].zero_data and list(s.initial_state[0].dims) == list(s.dims)

@@ -117,7 +117,7 @@ def test_instances_bound_the_runs_in_progress(models, instances):
         futs.append(b.submit(Work(toks[2], m.zero(1))))
         for _ in range(3):
             run.gate.release()
-        for t, fut in zip(toks, futs, strict=False):
+        for t, fut in zip(toks, futs):
             np.testing.assert_array_equal(fut.result(timeout=30)["logits"], m.alone(t, m.zero(1))["logits"])
         assert run.peak == instances
     finally:

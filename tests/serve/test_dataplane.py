@@ -35,7 +35,7 @@ def reference(path: str, feeds: dict) -> dict:
         if i.name not in feeds:
             feeds[i.name] = np.zeros([d if isinstance(d, int) else batch for d in i.shape], np.float32)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds), strict=False))
+    return dict(zip(names, sess.run(names, feeds)))
 
 
 def model_path(repo: str, name: str, version: str = "1") -> str:
@@ -84,10 +84,10 @@ def test_omitted_state_is_zero_state(hello_dataplane, name):
     zeros = {n: np.zeros(inst.state_shape(2), np.float32) for n in inst.state_inputs}
     a = infer(hello_dataplane, name, feeds).outputs
     b = infer(hello_dataplane, name, feeds | zeros).outputs
-    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b, strict=False))
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
     # Only some state given: the rest is zeros.
     c = infer(hello_dataplane, name, feeds | {inst.state_inputs[0]: zeros[inst.state_inputs[0]]}).outputs
-    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, c, strict=False))
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, c))
 
 
 def test_requested_outputs_in_requested_order(hello_dataplane):

@@ -77,7 +77,7 @@ def test_concurrent_infers_equal_alone_and_share_runs(charlm_dataplane):
     with ThreadPoolExecutor(12) as ex:
         got = [r for part in ex.map(client, [reqs[i::12] for i in range(12)]) for r in part]
     alone = [a for i in range(12) for a in alone[i::12]]
-    for a, g in zip(alone, got, strict=False):
+    for a, g in zip(alone, got):
         assert list(a) == list(g)
         for name in a:
             assert g[name].shape == a[name].shape
@@ -283,7 +283,7 @@ def test_text_stream_equals_predict(request, fixture, model, text):
         assert "".join(part.decoded for part in parts) == whole.decoded
         assert [(p.index, p.input_char, p.char) for p in got] == \
             [(p.index, p.input_char, p.char) for p in whole.positions]
-        for g, w in zip(got, whole.positions, strict=False):
+        for g, w in zip(got, whole.positions):
             assert [c.char for c in g.top] == [c.char for c in w.top]
             np.testing.assert_allclose([c.prob for c in g.top], [c.prob for c in w.top], rtol=0, atol=1e-5)
     with dp.open_text_stream(model) as stream:

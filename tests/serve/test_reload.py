@@ -218,7 +218,7 @@ def test_changed_file_switches_after_warmup_and_inflight_work_finishes_on_the_ol
     answers.append(next(stream))
     assert [a.version for a in answers] == ["1", "1"]
     assert answers[1].decoded == reference.decoded[len(first):]
-    for got, want in zip(answers[1].positions, reference.positions[len(first):], strict=False):
+    for got, want in zip(answers[1].positions, reference.positions[len(first):]):
         assert got.char == want.char and got.prob == pytest.approx(want.prob, abs=1e-5)
     assert list(stream) == []
     wait_for(lambda: old_engine.closed, "the old engine to close after its stream")

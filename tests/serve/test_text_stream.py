@@ -40,7 +40,7 @@ def _assert_same(streamed: list[dict], whole: dict, atol: float = 1e-5) -> None:
     assert [r["chunk"] for r in streamed] == list(range(len(streamed)))
     assert "".join(r["decoded"] for r in streamed) == whole["decoded"]
     assert len(positions) == len(whole["positions"])
-    for got, want in zip(positions, whole["positions"], strict=False):
+    for got, want in zip(positions, whole["positions"]):
         assert (got["index"], got["input_char"], got["char"]) == \
             (want["index"], want["input_char"], want["char"])
         assert abs(got["prob"] - want["prob"]) <= atol
@@ -82,7 +82,7 @@ def test_versions_and_many_streams_at_once(charlm_address):
         for _ in range(len(_chunks(TEXT, 7))):
             for i, it in enumerate(iters):
                 got[i].append(next(it))
-        for streamed, whole in zip(got, wants, strict=False):
+        for streamed, whole in zip(got, wants):
             _assert_same(streamed, whole)
         assert got[0][0]["version"] == "1" and got[1][0]["version"] == "2"
 

@@ -110,7 +110,7 @@ def test_infer_bit_identical(client, sessions, model):
     result = client.infer(model, [_input("tokens", tokens, "INT64")])
     expected = _reference(sessions[model], tokens)
     names = [o.name for o in sessions[model].get_outputs()]
-    for name, want in zip(names, expected, strict=False):
+    for name, want in zip(names, expected):
         got = result.as_numpy(name)
         assert got.dtype == want.dtype and got.shape == want.shape
         assert got.tobytes() == want.tobytes(), f"{model}.{name} differs"
@@ -129,7 +129,7 @@ def test_infer_with_state_bit_identical(client, sessions, model):
     result = client.infer(model, inputs, outputs=[tc.InferRequestedOutput(n) for n in wanted])
     expected = _reference(session, tokens, states, wanted)
     assert set(result.get_response().outputs[i].name for i in range(2)) == set(wanted)
-    for name, want in zip(wanted, expected, strict=False):
+    for name, want in zip(wanted, expected):
         assert result.as_numpy(name).tobytes() == want.tobytes(), f"{model}.{name} differs"
     # carrying the state by hand: two halves == the whole
     whole = client.infer(model, [_input("tokens", tokens, "INT64")])
