@@ -4,6 +4,13 @@ serve imports this module and never imports torch or onnx, so everything the ser
 needs to know about a model's I/O is derived here from plain dicts: the metadata keys,
 the graph I/O names, the state rule, the file and platform names. docs/design.md
 describes the contract; all values stored in the ONNX file are strings.
+
+Two formats share the keys:
+- "1", our char models (tokens -> logits, states h0/c0 -> hn/cn): vocabulary, model and
+  train config are required, and the I/O follows from the config (char_model_spec);
+- "2", any recurrent model (forecasters, a user's own module): the I/O is a ModelSpec
+  stored as JSON under `rnnserve.io`; vocabulary, class names, feature names and configs
+  are optional.
 """
 from __future__ import annotations
 
@@ -13,7 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = "1"
+from rnnserve.modelspec import ModelSpec, SpecError, StatePair, TensorDecl
+
+FORMAT_VERSION = "1"          # char models
+FORMAT_GENERAL = "2"          # models described by a ModelSpec
 
 KEY_FORMAT = "rnnserve.format"
 KEY_VOCAB = "rnnserve.vocab"
@@ -25,7 +35,11 @@ KEY_ONNX_VERSION = "rnnserve.onnx_version"
 KEY_OPSET = "rnnserve.opset"
 KEY_STATE_INPUTS = "rnnserve.state_inputs"
 KEY_STATE_OUTPUTS = "rnnserve.state_outputs"
+KEY_IO = "rnnserve.io"                        # format 2: ModelSpec.to_json()
+KEY_CLASS_NAMES = "rnnserve.class_names"      # optional JSON list: names of a classifier's classes
+KEY_FEATURE_NAMES = "rnnserve.feature_names"  # optional JSON list: the order of a feature input's last axis
 
+GENERAL_REQUIRED_KEYS = (KEY_FORMAT, KEY_IO, KEY_TORCH_VERSION, KEY_ONNX_VERSION, KEY_OPSET)
 REQUIRED_KEYS = (
     KEY_FORMAT, KEY_VOCAB, KEY_MODEL_CONFIG, KEY_TRAIN_CONFIG, KEY_CHECKPOINT_SHA256,
     KEY_TORCH_VERSION, KEY_ONNX_VERSION, KEY_OPSET, KEY_STATE_INPUTS, KEY_STATE_OUTPUTS,
@@ -105,6 +119,15 @@ class ModelMeta:
     versions: dict[str, str]  # {"torch", "onnx", "opset"}
     state_inputs: list[str] = field(default_factory=list)
     state_outputs: list[str] = field(default_factory=list)
+    spec: ModelSpec | None = None               # always set by parse_metadata
+    format: str = FORMAT_VERSION
+    class_names: list[str] = field(default_factory=list)
+    feature_names: list[str] = field(default_factory=list)
+
+    @property
+    def is_char_model(self) -> bool:
+        """Format 1: config, vocabulary and the tokens/logits/h0/c0 names are all there."""
+        return self.format == FORMAT_VERSION
 
     @property
     def arch(self) -> str:
@@ -148,6 +171,77 @@ class ModelMeta:
         return inputs, outputs
 
 
+def char_model_spec(config: Mapping[str, Any], state_in: list[str], state_out: list[str]) -> ModelSpec:
+    """Our char models as a ModelSpec: tokens [batch, seq] -> logits [batch, seq, vocab], states batch axis 1."""
+    state = (int(config["num_layers"]) * (2 if config["bidirectional"] else 1), DIM_BATCH,
+             int(config["hidden_size"]))
+    return ModelSpec(
+        inputs=(TensorDecl(INPUT_TOKENS, "int64", (DIM_BATCH, DIM_SEQ), batch_axis=0, time_axis=1),),
+        outputs=(TensorDecl(OUTPUT_LOGITS, "float32", (DIM_BATCH, DIM_SEQ, int(config["vocab_size"])),
+                            batch_axis=0, time_axis=1),),
+        states=tuple(StatePair(i, o, "float32", state, batch_axis=1) for i, o in zip(state_in, state_out)))
+
+
+def build_general_metadata(*, spec: ModelSpec, torch_version: str, onnx_version: str, opset: int,
+                           vocab: list[str] | None = None, class_names: list[str] | None = None,
+                           feature_names: list[str] | None = None, model_config: Mapping[str, Any] | None = None,
+                           train_config: Mapping[str, Any] | None = None,
+                           checkpoint_sha256: str | None = None) -> dict[str, str]:
+    """The metadata_props dict (format 2) for any recurrent model; validated by parse_metadata."""
+    props = {
+        KEY_FORMAT: FORMAT_GENERAL,
+        KEY_IO: spec.to_json(),
+        KEY_TORCH_VERSION: str(torch_version),
+        KEY_ONNX_VERSION: str(onnx_version),
+        KEY_OPSET: str(int(opset)),
+    }
+    optional = {KEY_VOCAB: vocab, KEY_CLASS_NAMES: class_names, KEY_FEATURE_NAMES: feature_names}
+    for key, names in optional.items():
+        if names is not None:
+            props[key] = json.dumps(list(names), ensure_ascii=False)
+    if model_config is not None:
+        props[KEY_MODEL_CONFIG] = json.dumps(dict(model_config), sort_keys=True)
+    if train_config is not None:
+        props[KEY_TRAIN_CONFIG] = json.dumps(dict(train_config), sort_keys=True, default=str)
+    if checkpoint_sha256 is not None:
+        props[KEY_CHECKPOINT_SHA256] = checkpoint_sha256
+    parse_metadata(props)  # never write metadata the server would reject
+    return props
+
+
+def _string_list(props: Mapping[str, str], key: str) -> list[str]:
+    if key not in props:
+        return []
+    value = _json(props, key, list)
+    if not all(isinstance(t, str) for t in value):
+        raise ValueError(f"metadata {key!r} must be a list of strings")
+    return value
+
+
+def _parse_general(props: Mapping[str, str]) -> ModelMeta:
+    missing = [k for k in GENERAL_REQUIRED_KEYS if k not in props]
+    if missing:
+        raise ValueError(f"not an rnnserve model: metadata_props lacks {missing}")
+    try:
+        spec = ModelSpec.from_json(props[KEY_IO])
+    except SpecError as e:
+        raise ValueError(f"metadata {KEY_IO!r}: {e}") from None
+    opset = props[KEY_OPSET]
+    if not isinstance(opset, str) or not opset.isdigit():
+        raise ValueError(f"metadata {KEY_OPSET!r} must be an integer, got {opset!r}")
+    sha = props.get(KEY_CHECKPOINT_SHA256, "")
+    if sha and not _SHA256_RE.match(sha):
+        raise ValueError(f"metadata {KEY_CHECKPOINT_SHA256!r} must be 64 lowercase hex digits")
+    versions = {"torch": str(props[KEY_TORCH_VERSION]), "onnx": str(props[KEY_ONNX_VERSION]), "opset": opset}
+    return ModelMeta(
+        vocab=_string_list(props, KEY_VOCAB),
+        config=_json(props, KEY_MODEL_CONFIG, dict) if KEY_MODEL_CONFIG in props else {},
+        train_config=_json(props, KEY_TRAIN_CONFIG, dict) if KEY_TRAIN_CONFIG in props else {},
+        checkpoint_sha256=sha, versions=versions, state_inputs=spec.state_inputs,
+        state_outputs=spec.state_outputs, spec=spec, format=FORMAT_GENERAL,
+        class_names=_string_list(props, KEY_CLASS_NAMES), feature_names=_string_list(props, KEY_FEATURE_NAMES))
+
+
 def _json(props: Mapping[str, str], key: str, kind: type) -> Any:
     raw = props[key]
     if not isinstance(raw, str):
@@ -163,11 +257,14 @@ def _json(props: Mapping[str, str], key: str, kind: type) -> Any:
 
 def parse_metadata(props: Mapping[str, str]) -> ModelMeta:
     """Validate and decode metadata_props; raises ValueError with a clear message on missing/bad keys."""
+    if props.get(KEY_FORMAT) == FORMAT_GENERAL:
+        return _parse_general(props)
     missing = [k for k in REQUIRED_KEYS if k not in props]
     if missing:
         raise ValueError(f"not an rnnserve model: metadata_props lacks {missing}")
     if props[KEY_FORMAT] != FORMAT_VERSION:
-        raise ValueError(f"unsupported {KEY_FORMAT} {props[KEY_FORMAT]!r} (expected {FORMAT_VERSION!r})")
+        raise ValueError(f"unsupported {KEY_FORMAT} {props[KEY_FORMAT]!r} "
+                         f"(expected {FORMAT_VERSION!r} or {FORMAT_GENERAL!r})")
 
     vocab = _json(props, KEY_VOCAB, list)
     if not vocab or not all(isinstance(t, str) for t in vocab):
@@ -202,4 +299,5 @@ def parse_metadata(props: Mapping[str, str]) -> ModelMeta:
                          f"(expected {want_in}/{want_out})")
     versions = {"torch": str(props[KEY_TORCH_VERSION]), "onnx": str(props[KEY_ONNX_VERSION]), "opset": opset}
     return ModelMeta(vocab=vocab, config=config, train_config=train_config, checkpoint_sha256=sha,
-                     versions=versions, state_inputs=state_in, state_outputs=state_out)
+                     versions=versions, state_inputs=state_in, state_outputs=state_out,
+                     spec=char_model_spec(config, state_in, state_out))
