@@ -287,8 +287,3 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
     log.info("%s of %s: agreement %.4f, max logit diff %.3g%s", variant, base_ref, cmp["top1_agreement"],
              cmp["max_logit_diff"], f"; refused: {refuse}" if refuse else "")
     return VariantResult(variant, not refuse, refuse, report, parity)
-
-
-def variant_names(name: str, variants: list[str]) -> dict[str, str]:
-    """variant -> published model name (REPO/<name>-<variant>/...)."""
-    return {v: f"{name}-{v}" for v in variants}

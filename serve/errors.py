@@ -22,10 +22,6 @@ class Unavailable(ServeError):
     code = "UNAVAILABLE"
 
 
-class ResourceExhausted(ServeError):
-    code = "RESOURCE_EXHAUSTED"
-
-
 class DeadlineExceeded(ServeError):
     """The request's deadline passed before it ran."""
     code = "DEADLINE_EXCEEDED"

@@ -6,8 +6,9 @@ when it named none); a request naming no model the repository knows counts under
 model="" version="", one naming an unknown version of a known model under version="".
 `method` is the RPC: ModelInfer, ModelStreamInfer (each streamed request), Predict,
 Generate, Score, Stream (each call). `code` is the gRPC status name the client got
-(OK, INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...), counted where serve/grpc_errors.py
-decides it.
+(OK, INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...), as the front end's request
+observation (serve/frontend/observe.py) saw it. Every count comes from one record of
+serve/stats.py, which feeds ModelStatistics at the same time.
 
 | metric | type | labels | what |
 |---|---|---|---|
@@ -28,7 +29,6 @@ Warm-up runs are not counted. The series of a version removed from the repositor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -41,9 +41,6 @@ SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_LABELS = ("model", "version")
-
-BatchRecorder = Callable[[int, Sequence[int], int], None]   # (rows, queue ns per item, compute ns)
-
 
 class Metrics:
     """The metrics of one server. `watch(repository)` adds the gauges read at scrape time."""
@@ -66,37 +63,39 @@ class Metrics:
                                        buckets=SECONDS_BUCKETS, registry=reg)
         self.compute_seconds = Histogram("rnnserve_compute_duration_seconds", "Time of each onnxruntime run",
                                          MODEL_LABELS, buckets=SECONDS_BUCKETS, registry=reg)
-        self._repository = None
 
     def watch(self, repository) -> None:
-        """Read model states, live sequences and queue depth from a serve.repository.Repository,
-        which also resolves request labels."""
-        self._repository = repository
+        """Read model states, live sequences and queue depth from a serve.admin.repository.Repository."""
         self.registry.register(_RepositoryCollector(repository))
 
-    def batch_recorder(self, model: str, version: str) -> BatchRecorder:
-        """The per-batch hook of one model version's engine (ModelEngine._on_batch)."""
-        inferences = self.inferences.labels(model, version)
-        executions = self.executions.labels(model, version)
-        batch_size = self.batch_size.labels(model, version)
-        queue = self.queue_seconds.labels(model, version)
-        compute = self.compute_seconds.labels(model, version)
-
-        def record(rows: int, queue_ns: Sequence[int], compute_ns: int) -> None:
-            inferences.inc(rows)
-            executions.inc()
-            batch_size.observe(rows)
-            compute.observe(compute_ns / 1e9)
-            for ns in queue_ns:
-                queue.observe(ns / 1e9)
-        return record
+    def model(self, model: str, version: str) -> ModelMetrics:
+        """The per-run series of one model version (fed by its serve.stats.ModelCounters)."""
+        return ModelMetrics(self, model, version)
 
     def observe_request(self, method: str, model: str, version: str, code: str, seconds: float) -> None:
-        """One inference request's outcome (called by serve/grpc_errors.py)."""
-        if self._repository is not None:
-            model, version = self._repository.labels(model, version)
+        """One inference request's outcome, labelled by the version it went to (DataPlane.record_request)."""
         self.requests.labels(model, version, method, code).inc()
         self.request_seconds.labels(model, version, method).observe(seconds)
+
+
+class ModelMetrics:
+    """The per-run series of one model version, bound to its labels."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        self._inferences = metrics.inferences.labels(model, version)
+        self._executions = metrics.executions.labels(model, version)
+        self._batch_size = metrics.batch_size.labels(model, version)
+        self._queue = metrics.queue_seconds.labels(model, version)
+        self._compute = metrics.compute_seconds.labels(model, version)
+
+    def record_run(self, run) -> None:
+        """One serve.stats.RunRecord."""
+        self._inferences.inc(run.rows)
+        self._executions.inc()
+        self._batch_size.observe(run.rows)
+        self._compute.observe(run.compute_ns / 1e9)
+        for ns in run.queue_ns:
+            self._queue.observe(ns / 1e9)
 
 
 class _RepositoryCollector:

@@ -1,27 +1,51 @@
-"""Per-model-version statistics (thread-safe counters behind ModelStatistics).
+"""Per-model-version statistics: the one place runs and requests are counted.
 
-One StatsRecorder lives on each ModelInstance:
-- ModelInstance.run records every onnxruntime run: execution_count, and batch_stats
-  (real batch size -> runs, compute ns);
-- the model's Batcher records, per batch, every work item it ran (record_batch):
-  queue time, and compute_infer as Triton counts it (each item is charged its whole
-  batch's compute time). compute_input/compute_output are counted per item there
-  too, so queue, compute_input, compute_infer and compute_output always have the
-  same count (perf_analyzer refuses statistics where they differ). An item is a
-  tensor request, a text request, a text-stream chunk or one generate step;
-- the data plane records each request's outcome: inference_count (rows),
-  success/fail, and the nanoseconds of compute_input (validation, queueing) and
-  compute_output (building the response).
+Two records, each produced once and fed to ModelStatistics and (with --metrics-port)
+the Prometheus metrics together, so the two sources cannot disagree:
+
+- RunRecord: one per onnxruntime run of a batch, made by the model's Batcher when the
+  run finishes (before its callers see their results). It counts, Triton's way,
+  execution_count (runs) and inference_count (rows served: every row of every work
+  item, so inference_count >= execution_count), batch_stats by real batch size, and
+  per work item queue, compute_input (assembling the batch's feeds), compute_infer
+  (onnxruntime) and compute_output (splitting the outputs), each item charged its
+  whole run's times. The four item counts are therefore always equal (perf_analyzer
+  refuses statistics where they differ). A work item is a tensor request, a text
+  request, a text-stream chunk or one generate step. Warm-up runs are not counted.
+- RequestRecord: one per answered inference request, made by the front end's request
+  observation (serve/frontend/observe.py) with the status code the client got. It
+  counts success / fail (with their durations) for the version the request went to,
+  and rnnserve_requests_total / rnnserve_request_duration_seconds.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from rnnserve.serve.errors import ServeError
 from rnnserve.serve.wire.types import DurationStat, ModelStats
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One onnxruntime run of a batch of work items."""
+    rows: int                      # rows run: the sum of the items' rows
+    queue_ns: Sequence[int]        # each item's wait in the queue
+    input_ns: int                  # assembling the feeds
+    compute_ns: int                # the onnxruntime run
+    output_ns: int                 # splitting the outputs back to the items
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One answered inference request. `code` is the gRPC status name the client got (OK, ...);
+    `model` / `version` are what the request named (version "" = the newest READY one)."""
+    method: str
+    model: str
+    version: str
+    code: str
+    seconds: float
 
 
 def _add(stat: DurationStat, ns: int, count: int = 1) -> None:
@@ -29,48 +53,35 @@ def _add(stat: DurationStat, ns: int, count: int = 1) -> None:
     stat.ns += int(ns)
 
 
-class StatsRecorder:
-    def __init__(self, name: str, version: str):
+class ModelCounters:
+    """The counters of one model version (thread-safe). `metrics` is the version's bound
+    Prometheus series (serve/metrics.py ModelMetrics) or None."""
+
+    def __init__(self, name: str, version: str, metrics=None):
         self._lock = threading.Lock()
-        self._name = name
-        self._version = version
-        self.reset()
+        self._stats = ModelStats(name=name, version=version)
+        self._metrics = metrics
 
-    def reset(self) -> None:
-        with self._lock:
-            self._stats = ModelStats(name=self._name, version=self._version)
-
-    def record_execution(self, batch_size: int, infer_ns: int) -> None:
-        """One onnxruntime run over `batch_size` rows."""
+    def record_run(self, run: RunRecord) -> None:
+        items = len(run.queue_ns)
         with self._lock:
             s = self._stats
+            s.inference_count += run.rows
             s.execution_count += 1
-            _add(s.batch_stats.setdefault(batch_size, DurationStat()), infer_ns)
+            _add(s.batch_stats.setdefault(run.rows, DurationStat()), run.compute_ns)
+            _add(s.queue, sum(run.queue_ns), items)
+            _add(s.compute_input, run.input_ns * items, items)
+            _add(s.compute_infer, run.compute_ns * items, items)
+            _add(s.compute_output, run.output_ns * items, items)
+            s.last_inference_ms = int(time.time() * 1000)
+        if self._metrics is not None:
+            self._metrics.record_run(run)
 
-    def record_batch(self, queue_ns: Sequence[int], infer_ns: int) -> None:
-        """One batch of work items (the Batcher's on_batch hook): each item's queue time, and
-        the batch's compute time charged to every item."""
-        items = len(queue_ns)
+    def record_request(self, ok: bool, ns: int) -> None:
+        """One request's outcome in ModelStatistics (the Prometheus side is labelled by method
+        and code, so the data plane counts it: DataPlane.record_request)."""
         with self._lock:
-            s = self._stats
-            _add(s.queue, sum(queue_ns), items)
-            _add(s.compute_infer, infer_ns * items, items)
-            s.compute_input.count += items
-            s.compute_output.count += items
-
-    def record_request(self, ok: bool, total_ns: int, rows: int = 1, input_ns: int = 0,
-                       output_ns: int = 0) -> None:
-        """One request's outcome (rows = batch rows it carried)."""
-        with self._lock:
-            s = self._stats
-            if ok:
-                s.inference_count += rows
-                _add(s.success, total_ns)
-                _add(s.compute_input, input_ns, 0)     # counted per item in record_batch
-                _add(s.compute_output, output_ns, 0)
-                s.last_inference_ms = int(time.time() * 1000)
-            else:
-                _add(s.fail, total_ns)
+            _add(self._stats.success if ok else self._stats.fail, ns)
 
     def snapshot(self) -> ModelStats:
         with self._lock:
@@ -82,25 +93,3 @@ class StatsRecorder:
                 compute_output=replace(s.compute_output),
                 batch_stats={k: replace(v) for k, v in sorted(s.batch_stats.items())},
             )
-
-
-class RequestTimer:
-    """Context manager recording one request's outcome in a StatsRecorder.
-
-    A serve.errors.* exception counts as a failure; success counts only when
-    `count` (a generate call records once, at its end); other exceptions are
-    internal errors and are left to the log.
-    """
-
-    def __init__(self, stats: StatsRecorder, count: bool = True):
-        self.stats, self.count = stats, count
-
-    def __enter__(self) -> RequestTimer:
-        self.t0 = time.perf_counter_ns()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        failed = exc_type is not None and issubclass(exc_type, ServeError)
-        if failed or (self.count and exc_type is None):
-            self.stats.record_request(not failed, time.perf_counter_ns() - self.t0)
-        return False

@@ -111,3 +111,27 @@ class CountingRun:
                     return True
             time.sleep(0.005)
         return False
+
+
+class Runs:
+    """A Batcher's on_run hook that keeps every serve.stats.RunRecord (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: list = []
+
+    def __call__(self, record) -> None:
+        with self._lock:
+            self.records.append(record)
+
+    @property
+    def execution_count(self) -> int:
+        return len(self.records)
+
+    @property
+    def inference_count(self) -> int:
+        return sum(r.rows for r in self.records)
+
+    @property
+    def batch_sizes(self) -> set[int]:
+        return {r.rows for r in self.records}

@@ -40,10 +40,6 @@ def encode(text: str, vocab: list[str]) -> torch.Tensor:
         raise CorpusError(f"character {e.args[0]!r} is not in the vocabulary") from e
 
 
-def decode(ids, vocab: list[str]) -> str:
-    return "".join(vocab[int(i)] for i in ids)
-
-
 def split_ids(ids: torch.Tensor, val_fraction: float = VAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
     """The first (1 - val_fraction) for training, the last val_fraction for validation."""
     n_val = int(len(ids) * val_fraction)

@@ -48,7 +48,7 @@ class ModelEntry:
     path: str
     state: str = LOADING
     reason: str = ""
-    instance: ModelInstance | None = None
+    engine: ModelEngine | None = None            # the loaded version (it owns its ModelInstance)
     fingerprint: tuple[int, ...] | None = None   # stat facts of `path` when it was last (tried to be) loaded
     sha256: str = ""                                 # of the loaded model.onnx
 
@@ -79,7 +79,7 @@ def scan_model(root: str, name: str) -> list[ModelEntry]:
 
 
 def _engines(entries: Sequence[ModelEntry]) -> list[ModelEngine]:
-    return [e.instance.engine for e in entries if e.instance is not None and e.instance.engine is not None]
+    return [e.engine for e in entries if e.engine is not None]
 
 
 def _is_model_dir(root: str, name: str) -> bool:
@@ -93,7 +93,7 @@ def scan_names(root: str) -> list[str]:
 
 
 def _serves(e: ModelEntry | None) -> bool:
-    return e is not None and e.state == READY and e.instance is not None
+    return e is not None and e.state == READY and e.engine is not None
 
 
 def _unchanged(current: ModelEntry, found: ModelEntry) -> bool:
@@ -132,7 +132,7 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
         instance = ModelInstance(entry.name, entry.version, entry.path, session, meta)
         if settings.warmup:
             instance.warmup(settings.max_seq_len)
-        instance.engine = ModelEngine(instance, settings, metrics)
+        engine = ModelEngine(instance, settings, metrics)
     except DeviceError:
         raise
     except Exception as e:
@@ -140,7 +140,7 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
         log.error("model %s version %s is UNAVAILABLE: %s", entry.name, entry.version, entry.reason)
         return
     entry.sha256 = sha
-    entry.instance, entry.state, entry.reason = instance, READY, ""
+    entry.engine, entry.state, entry.reason = engine, READY, ""
     log.info("model %s version %s READY (%s; providers %s; vocab %d; state inputs %s)", entry.name,
              entry.version, meta.arch, ", ".join(instance.providers), meta.vocab_size,
              instance.state_inputs or "none")
@@ -226,7 +226,7 @@ class Repository:
                 elif not keep and c is not None:
                     retired.append((c, "is replaced by the new file"))
             self._publish(name, final)
-            engines = [(c.version, why, c.instance.engine) for c, why in retired if c.instance is not None]
+            engines = [(c.version, why, c.engine) for c, why in retired if c.engine is not None]
         for version, why, engine in engines:   # each closes once its in-flight work has finished
             log.info("model %s version %s %s; retiring the old instance", name, version, why)
             engine.retire()
@@ -265,9 +265,9 @@ class Repository:
                     raise NotFound(f"unknown model '{name}'")
                 old = _engines(entries)
                 for e in entries:
-                    e.instance, e.state, e.reason = None, UNLOADED, "unloaded by request"
+                    e.engine, e.state, e.reason = None, UNLOADED, "unloaded by request"
             self._unloaded.add(name)
-        # In-flight requests keep their own reference to the instance and finish first.
+        # In-flight requests keep their own reference to the engine and finish first.
         for engine in old:
             engine.retire()
         log.info("model %s unloaded", name)
@@ -280,12 +280,12 @@ class Repository:
                 engines = self._all_engines()
                 for name in self._models:
                     for e in self._models[name]:
-                        e.instance, e.state = None, UNLOADED
+                        e.engine, e.state = None, UNLOADED
         for engine in engines:
             engine.close()
 
     def inflight(self) -> int:
-        """Work in flight on every loaded engine (serve/engine.py ModelEngine.inflight)."""
+        """Work in flight on every loaded engine (ModelEngine.inflight)."""
         with self._lock:
             engines = self._all_engines()
         return sum(engine.inflight() for engine in engines)
@@ -307,7 +307,7 @@ class Repository:
         """(model, version, state, live sequences, queued work items) of every entry."""
         out = []
         for e in self.entries():
-            engine = e.instance.engine if e.instance is not None else None
+            engine = e.engine
             live, queued = (engine.live_sequences(), engine.batcher.queue_depth()) if engine else (0, 0)
             out.append((e.name, e.version, e.state, live, queued))
         return out
@@ -346,11 +346,11 @@ class Repository:
         ready = [e for e in entries if e.state == READY]
         return ready[-1] if ready else entries[-1]
 
-    def get(self, name: str, version: str = "") -> ModelInstance:
-        """The instance serving (name, version): NotFound if unknown, Unavailable if not READY."""
+    def get(self, name: str, version: str = "") -> ModelEngine:
+        """The engine serving (name, version): NotFound if unknown, Unavailable if not READY."""
         e = self.entry(name, version)
-        inst = e.instance
-        if e.state != READY or inst is None:
+        engine = e.engine
+        if e.state != READY or engine is None:
             label = f"version {e.version} " if e.version else ""
             raise Unavailable(f"model '{name}' {label}is {e.state}: {e.reason or 'not loaded'}")
-        return inst
+        return engine

@@ -1,33 +1,32 @@
-"""DataPlane: everything the server does, with no gRPC in it.
+"""DataPlane: inference and metadata, with no gRPC in it.
 
-The gRPC servicers convert protobuf to the plain types of serve/types.py, call
-these methods, and map the serve.errors.* they raise to status codes. All model
-execution of requests goes through each loaded version's ModelEngine
-(serve/engine.py): a dynamic Batcher, plus a SequenceManager for streamable
-models, in front of ModelInstance.run. Concurrent requests of one model share
-onnxruntime runs.
+The gRPC servicers convert protobuf to the plain types of serve/wire/types.py, call
+these methods, and map the serve.errors.* they raise to status codes. Repository
+administration (the initial load, load/unload, the index, polling) is beside it in
+serve/admin/admin.py (RepositoryAdmin, `dataplane.admin`); the data plane only looks
+models up. All model execution of requests goes through each loaded version's
+ModelEngine (serve/engine/model_engine.py): a dynamic Batcher, plus a SequenceManager
+for streamable models, in front of ModelInstance.run. Concurrent requests of one model
+share onnxruntime runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from rnnserve import __version__
 from rnnserve.contract import PLATFORM
-from rnnserve.serve.admin.reload import RepositoryPoller
+from rnnserve.serve.admin.admin import RepositoryAdmin
 from rnnserve.serve.admin.repository import READY, Repository
 from rnnserve.serve.dataplane import inference, textgen, validation
 from rnnserve.serve.dataplane.textstream import TextStream
-from rnnserve.serve.engine.model_engine import wait
-from rnnserve.serve.engine.runtime import ModelInstance, choose_providers
-from rnnserve.serve.errors import InvalidArgument, ServeError, Unavailable
+from rnnserve.serve.engine.model_engine import ModelEngine
+from rnnserve.serve.errors import InvalidArgument, NotFound, ServeError, Unavailable
 from rnnserve.serve.metrics import Metrics
 from rnnserve.serve.settings import ServeSettings
-from rnnserve.serve.stats import RequestTimer
+from rnnserve.serve.stats import RequestRecord
 from rnnserve.serve.wire.types import (
     GenerateEvent,
     InferRequest,
@@ -36,7 +35,6 @@ from rnnserve.serve.wire.types import (
     ModelMetadata,
     ModelStats,
     PredictResult,
-    RepositoryEntry,
     ScoreResult,
     ServerMetadata,
     StateSpec,
@@ -52,53 +50,24 @@ EXTENSIONS = ("model_configuration", "model_repository", "statistics", "paramete
 class DataPlane:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self._repo: Repository | None = None
-        self._requested_providers: list[str] = []
         self._ready = False
         self._closed = False
         self._draining = False
-        self._lock = threading.Lock()
-        # Loads and unloads requested over gRPC run here, not on the handler thread: the model
-        # threads they start inherit the starter's CPU priority (serve/priority.py). Its thread
-        # is started now, from the thread that makes the data plane.
-        self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnserve-admin")
-        self._admin.submit(lambda: None).result()
-        self.poller: RepositoryPoller | None = None
         # Prometheus metrics (serve/metrics.py) when settings.metrics_port >= 0; the server serves them.
         self.metrics: Metrics | None = Metrics() if settings.metrics_port >= 0 else None
+        self.admin = RepositoryAdmin(settings, self.metrics)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
-        """Load and warm every model; raises DeviceError (an Unavailable) if --device cannot be honoured."""
-        t0 = time.perf_counter()
-        self._requested_providers = choose_providers(self.settings.device)
-        repo = Repository(self.settings, self._requested_providers, self.metrics)
-        if self.metrics is not None:
-            self.metrics.watch(repo)
-        with self._lock:
-            self._repo = repo
-        repo.load_all()
-        entries = repo.entries()
-        ready = sum(e.state == READY for e in entries)
-        log.info("repository %s: %d of %d model versions READY in %.2f s; active providers: %s",
-                 self.settings.repository, ready, len(entries), time.perf_counter() - t0,
-                 ", ".join(self.providers()))
+        """Load and warm every model (RepositoryAdmin.load); raises DeviceError (an Unavailable)
+        if --device cannot be honoured."""
+        self.admin.load()
         self._ready = True
-        if self.settings.poll_interval > 0:
-            self.poller = RepositoryPoller(repo.poll, self.settings.poll_interval).start()
-
-    def poll_repository(self) -> list[str]:
-        """One pass over the repository folder (what --poll-interval runs); -> the models that changed."""
-        return self.repo.poll()
 
     def close(self) -> None:
         self._ready = False
         self._closed = True
-        self._admin.shutdown(wait=False)
-        if self.poller is not None:
-            self.poller.stop()
-        if self._repo is not None:
-            self._repo.close()
+        self.admin.close()
 
     def server_live(self) -> bool:
         return not self._closed
@@ -108,13 +77,10 @@ class DataPlane:
 
     @property
     def repo(self) -> Repository:
-        if self._repo is None or self._closed:
-            raise Unavailable("the server is not ready: models are not loaded" if not self._closed
-                              else "the server is shutting down")
-        return self._repo
+        return self.admin.repository
 
-    def instance(self, name: str, version: str = "") -> ModelInstance:
-        """The READY instance for (name, version): NotFound if unknown, Unavailable if not loaded
+    def engine(self, name: str, version: str = "") -> ModelEngine:
+        """The READY engine for (name, version): NotFound if unknown, Unavailable if not loaded
         or if the server is draining (new requests then go to another replica; work already
         in flight finishes)."""
         if self._draining:
@@ -128,7 +94,7 @@ class DataPlane:
 
     def inflight(self) -> int:
         """Inference work in flight across every model (queued, running, open streams)."""
-        return 0 if self._repo is None or self._closed else self._repo.inflight()
+        return self.repo.inflight() if self.admin.loaded else 0
 
     # -- metadata --------------------------------------------------------------------------------
     def model_ready(self, name: str, version: str = "") -> bool:
@@ -139,20 +105,19 @@ class DataPlane:
 
     def providers(self) -> list[str]:
         """Active onnxruntime providers across the loaded models (the requested ones if none loaded)."""
-        if self._repo is None:
-            return list(self._requested_providers)
         active: list[str] = []
-        for e in self._repo.entries():
-            if e.instance is not None:
-                active += [p for p in e.instance.providers if p not in active]
-        return active or list(self._requested_providers)
+        if self.admin.loaded:
+            for e in self.repo.entries():
+                if e.engine is not None:
+                    active += [p for p in e.engine.inst.providers if p not in active]
+        return active or list(self.admin.requested_providers)
 
     def server_metadata(self) -> ServerMetadata:
         extensions = list(EXTENSIONS) + [f"onnxruntime_provider:{p}" for p in self.providers()]
         return ServerMetadata(name=self.settings.server_name, version=__version__, extensions=extensions)
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        inst = self.repo.get(name, version)        # metadata still answers while draining
+        inst = self.repo.get(name, version).inst        # metadata still answers while draining
         return ModelMetadata(name=name, versions=self.repo.ready_versions(name), platform=PLATFORM,
                              inputs=list(inst.inputs), outputs=list(inst.outputs), parameters=inst.describe())
 
@@ -164,7 +129,7 @@ class DataPlane:
         sequence_batching with their state pairs (h0 <- hn, c0 <- cn), which makes perf_analyzer
         run its sequence mode. State inputs are `optional`: omitted = the zero state (stateless
         requests) or the server-kept state (sequence requests after START)."""
-        inst = self.repo.get(name, version)
+        inst = self.repo.get(name, version).inst
         s = self.settings
         inputs = [dataclasses.replace(t, optional=t.name in inst.state_inputs) for t in inst.inputs]
         dims = {t.name: list(t.shape) for t in inst.inputs}
@@ -184,14 +149,7 @@ class DataPlane:
         sequence_start / sequence_end, Triton's semantics). Waits with cancellation polling:
         a cancelled call leaves the queue (Cancelled), a queued request past its deadline
         is dropped (DeadlineExceeded)."""
-        inst = self.instance(req.model_name, req.model_version)
-        pending = inference.submit(inst, req, self.settings.max_seq_len, inline=True)
-        try:
-            out = wait(pending.raw, pending.cancel, req.is_cancelled, pending.deadline)
-        except ServeError:
-            pending.failed()
-            raise
-        return pending.respond(out)
+        return inference.infer(self.engine(req.model_name, req.model_version), req, self.settings.max_seq_len)
 
     def infer_async(self, req: InferRequest) -> Future[InferResponse]:
         """Queue one request and return at once, for pipelined streams (ModelStreamInfer).
@@ -200,12 +158,11 @@ class DataPlane:
         sequences, START required, deadline, cancellation) comes through the future as a
         serve.errors.* exception. Validation and queueing happen before it returns, so
         requests submitted in arrival order keep that order, and the steps of one sequence
-        run in it. The future completes; the caller decides how long to wait (serve.engine.wait
-        polls cancellation the way infer() does).
+        run in it. The future completes; the caller decides how long to wait.
         """
         try:
-            inst = self.instance(req.model_name, req.model_version)
-            return inference.submit(inst, req, self.settings.max_seq_len).response_future()
+            engine = self.engine(req.model_name, req.model_version)
+            return inference.submit(engine, req, self.settings.max_seq_len).response_future()
         except ServeError as e:
             failed: Future = Future()
             failed.set_exception(e)
@@ -214,43 +171,44 @@ class DataPlane:
     # -- text --------------------------------------------------------------------------------------
     def predict_text(self, model: str, text: str, top_k: int = 3, version: str = "") -> PredictResult:
         """top_k 0 = no top list (argmax only); top_k above the vocabulary size lists the whole vocabulary."""
-        inst = self.instance(model, version)
-        with self._request(inst):
-            k = validation.check_top_k(top_k, self.settings.max_top_k)
-            ids = validation.encode_text(inst, text, self.settings.max_seq_len)
-            decoded, positions = textgen.predict(inst.engine, ids, k)
+        engine = self.engine(model, version)
+        inst = engine.inst
+        k = validation.check_top_k(top_k, self.settings.max_top_k)
+        ids = validation.encode_text(inst, text, self.settings.max_seq_len)
+        decoded, positions = textgen.predict(engine, ids, k)
         return PredictResult(model_name=inst.name, model_version=inst.version, decoded=decoded, positions=positions)
 
     def generate(self, model: str, prompt: str, max_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] = (), version: str = "") -> Iterator[GenerateEvent]:
         """Validates now (errors raise here, not on the first next()), then streams one event per token."""
-        inst = self.instance(model, version)
-        with self._request(inst, count=False):
-            if not inst.streamable:
-                raise InvalidArgument(f"model '{inst.name}' is bidirectional: it needs the whole sequence "
-                                      f"at once, so it cannot generate text")
-            validation.check_generate_args(max_tokens, temperature, top_k, top_p, seed, stop,
-                                           self.settings.max_generate_tokens)
-            ids = validation.encode_text(inst, prompt, self.settings.max_seq_len, what="prompt")
-        return self._generate_stream(inst, ids, max_tokens, float(temperature), int(top_k), float(top_p),
+        engine = self.engine(model, version)
+        inst = engine.inst
+        if not inst.streamable:
+            raise InvalidArgument(f"model '{inst.name}' is bidirectional: it needs the whole sequence "
+                                  f"at once, so it cannot generate text")
+        validation.check_generate_args(max_tokens, temperature, top_k, top_p, seed, stop,
+                                       self.settings.max_generate_tokens)
+        ids = validation.encode_text(inst, prompt, self.settings.max_seq_len, what="prompt")
+        return self._generate_stream(engine, ids, max_tokens, float(temperature), int(top_k), float(top_p),
                                      seed, list(stop))
 
-    def _generate_stream(self, inst, ids, *args) -> Iterator[GenerateEvent]:
-        with self._request(inst), inst.engine.hold():
-            yield from textgen.generate(inst.engine, ids, *args)
+    @staticmethod
+    def _generate_stream(engine: ModelEngine, ids, *args) -> Iterator[GenerateEvent]:
+        with engine.hold():
+            yield from textgen.generate(engine, ids, *args)
 
     def score(self, model: str, text: str, version: str = "") -> ScoreResult:
-        inst = self.instance(model, version)
-        with self._request(inst):
-            if inst.bidirectional:
-                raise InvalidArgument(f"model '{inst.name}' is bidirectional: its predictions see the "
-                                      f"characters they would score, so it cannot score text")
-            ids = validation.encode_text(inst, text, self.settings.max_seq_len)
-            if len(ids) < 2:
-                raise InvalidArgument("text to score needs at least 2 characters "
-                                      "(each character is scored given the ones before it)")
-            n, ll = textgen.score(inst.engine, ids)
+        engine = self.engine(model, version)
+        inst = engine.inst
+        if inst.bidirectional:
+            raise InvalidArgument(f"model '{inst.name}' is bidirectional: its predictions see the "
+                                  f"characters they would score, so it cannot score text")
+        ids = validation.encode_text(inst, text, self.settings.max_seq_len)
+        if len(ids) < 2:
+            raise InvalidArgument("text to score needs at least 2 characters "
+                                  "(each character is scored given the ones before it)")
+        n, ll = textgen.score(engine, ids)
         nats, bits = textgen.per_char(n, ll)
         return ScoreResult(model_name=inst.name, model_version=inst.version, num_predicted=n,
                            log_likelihood=ll, nats_per_char=nats, bits_per_char=bits)
@@ -259,39 +217,40 @@ class DataPlane:
         """A stream for TextService.Stream: feed(chunk) -> that chunk's PredictResult, the state kept
         between chunks; close() when done. Counts as a live sequence (Unavailable past
         max_sequences); bidirectional models refuse (InvalidArgument)."""
-        inst = self.instance(model, version)
+        engine = self.engine(model, version)
         k = validation.check_top_k(top_k, self.settings.max_top_k)
-        return TextStream(inst.engine, k, self.settings.max_seq_len)
+        return TextStream(engine, k, self.settings.max_seq_len)
 
-    @staticmethod
-    def _request(inst: ModelInstance, count: bool = True) -> RequestTimer:
-        return RequestTimer(inst.stats, count)
-
-    # -- statistics and repository -----------------------------------------------------------------
+    # -- statistics --------------------------------------------------------------------------------
     def model_statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
-        """Per version: requests (inference_count = rows served) vs onnxruntime runs
-        (execution_count), batch_stats by real batch size, queue and compute time (serve/stats.py)."""
+        """Per version: rows served (inference_count) and onnxruntime runs (execution_count), batch_stats
+        by real batch size, queue and compute times, request outcomes (serve/stats.py)."""
         repo = self.repo
         if name:
             entries = [repo.entry(name, version)] if version else repo.entry_list(name)
         else:
             entries = repo.entries()
-        return [e.instance.stats.snapshot() for e in entries if e.instance is not None]
+        return [e.engine.counters.snapshot() for e in entries if e.engine is not None]
+
+    def record_request(self, record: RequestRecord) -> None:
+        """One answered request (the front end's observation, serve/frontend/observe.py): into the
+        Prometheus request series and the success / fail counts of the version it went to. The
+        labels are that version (the newest READY one when it named none); "" for what the
+        repository does not know."""
+        if not self.admin.loaded:
+            return
+        model, version = self.repo.labels(record.model, record.version)
+        if self.metrics is not None:
+            self.metrics.observe_request(record.method, model, version, record.code, record.seconds)
+        if version:
+            try:
+                engine = self.repo.entry(model, version).engine
+            except NotFound:      # removed meanwhile
+                return
+            if engine is not None:
+                engine.counters.record_request(record.code == "OK", int(record.seconds * 1e9))
 
     def live_sequences(self, name: str, version: str = "") -> int:
         """Live server-side sequences of a model version, text streams included (0 if not loaded)."""
-        inst = self.repo.entry(name, version).instance
-        return inst.engine.live_sequences() if inst is not None and inst.engine is not None else 0
-
-    def repository_index(self) -> list[RepositoryEntry]:
-        return [RepositoryEntry(e.name, e.version, e.state, e.reason) for e in self.repo.entries()]
-
-    def load_model(self, name: str) -> None:
-        """Reload every version of the model from disk (NotFound if its folder is gone). A version that
-        fails keeps its previously loaded file serving, if it had one; the reason is in the index."""
-        repo = self.repo
-        self._admin.submit(repo.load_model, name).result()
-
-    def unload_model(self, name: str) -> None:
-        repo = self.repo
-        self._admin.submit(repo.unload_model, name).result()
+        engine = self.repo.entry(name, version).engine
+        return engine.live_sequences() if engine is not None else 0

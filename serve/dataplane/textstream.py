@@ -19,7 +19,6 @@ import threading
 from rnnserve.serve.dataplane import textgen, validation
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.errors import InvalidArgument
-from rnnserve.serve.stats import RequestTimer
 from rnnserve.serve.wire.types import PredictResult
 
 
@@ -52,7 +51,7 @@ class TextStream:
     def feed(self, text: str) -> PredictResult:
         """Predictions for this chunk's positions, continuing from the state the earlier chunks left."""
         inst = self.engine.inst
-        with self._lock, RequestTimer(inst.stats):
+        with self._lock:
             if self._closed:
                 raise InvalidArgument("the text stream is closed")
             if text == "":  # nothing to predict; no run

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
+from rnnserve.serve.stats import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +77,6 @@ class ModelIO:
     streamable: bool
 
 
-class BatchStats:
-    """Counters the data plane reports in ModelStatistics (thread-safe)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.inference_count = 0      # rows served
-        self.execution_count = 0      # onnxruntime runs
-        self.queue_ns = 0
-        self.queue_count = 0
-        self.compute_ns = 0
-        self.batch_sizes: dict[int, list[int]] = {}   # rows -> [count, compute ns]
-
-    def record(self, rows: int, queue_ns: Sequence[int], compute_ns: int) -> None:
-        with self.lock:
-            self.inference_count += rows
-            self.execution_count += 1
-            self.queue_ns += sum(queue_ns)
-            self.queue_count += len(queue_ns)
-            self.compute_ns += compute_ns
-            entry = self.batch_sizes.setdefault(rows, [0, 0])
-            entry[0] += 1
-            entry[1] += compute_ns
-
-
 class _Group:
     """The batch being formed: its rows, lengths and whether any item needs hn/cn."""
 
@@ -125,7 +102,7 @@ class Batcher:
     def __init__(self, name: str, run: RunFn, io: ModelIO, *, max_batch_size: int = 32,
                  max_queue_delay_us: int = 500, max_queue_size: int = 1024,
                  max_padding_ratio: float = 2.0, instances: int = 1,
-                 on_batch: Callable[[int, Sequence[int], int], None] | None = None) -> None:
+                 on_run: Callable[[RunRecord], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if instances < 1:
@@ -137,8 +114,7 @@ class Batcher:
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self.max_padding_ratio = max_padding_ratio
-        self.stats = BatchStats()
-        self._on_batch = on_batch
+        self._on_run = on_run   # each finished run's RunRecord (the model's statistics)
         self._queue: collections.deque[Work] = collections.deque()
         self._recent_rows: collections.deque[int] = collections.deque(maxlen=8)   # rows of the last runs
         self._cv = threading.Condition()
@@ -293,10 +269,11 @@ class Batcher:
             return
         queue_ns = [int((now - w.enqueued) * 1e9) for w in live]
         try:
-            feeds = self._assemble(live)
             t0 = time.perf_counter_ns()
+            feeds = self._assemble(live)
+            t1 = time.perf_counter_ns()
             out = self._run(feeds)
-            compute_ns = time.perf_counter_ns() - t0
+            times = (queue_ns, t1 - t0, time.perf_counter_ns() - t1)
         except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
             self._fail(live, e)
             return
@@ -304,9 +281,9 @@ class Batcher:
             with self._cv:   # close() may have stopped the completion thread (a run outlived it)
                 finish_here = self._done_closed
                 if not finish_here:
-                    self._done.put((live, out, queue_ns, compute_ns))
+                    self._done.put((live, out, times))
         if finish_here:
-            self._finish(live, out, queue_ns, compute_ns)
+            self._finish(live, out, times)
 
     def _complete_loop(self) -> None:
         while True:
@@ -315,20 +292,22 @@ class Batcher:
                 return
             self._finish(*item)
 
-    def _finish(self, live: list[Work], out: dict[str, np.ndarray], queue_ns: list[int],
-                compute_ns: int) -> None:
-        """Split the outputs, record statistics (before the callers see their results) and
+    def _finish(self, live: list[Work], out: dict[str, np.ndarray],
+                times: tuple[list[int], int, int]) -> None:
+        """Split the outputs, record the run (before the callers see their results) and
         complete the callers. Never raises: a failure fails the batch's callers, so neither the
-        completion thread nor an inline caller is taken down by one batch."""
+        completion thread nor an inline caller is taken down by one batch.
+        times: (each item's queue ns, assembling ns, onnxruntime ns)."""
         try:
+            t0 = time.perf_counter_ns()
             results = self._split(live, out)
-            rows = sum(w.rows for w in live)
-            self.stats.record(rows, queue_ns, compute_ns)
-            if self._on_batch is not None:
+            if self._on_run is not None:
+                queue_ns, input_ns, compute_ns = times
                 try:
-                    self._on_batch(rows, queue_ns, compute_ns)
-                except Exception:  # metrics must never break serving
-                    log.exception("on_batch hook failed")
+                    self._on_run(RunRecord(sum(w.rows for w in live), queue_ns, input_ns, compute_ns,
+                                           time.perf_counter_ns() - t0))
+                except Exception:  # statistics must never break serving
+                    log.exception("on_run hook failed")
             for w, r in zip(live, results):
                 if not w.future.done():
                     w.future.set_result(r)   # Future runs its callbacks here, catching their errors

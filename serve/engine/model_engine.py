@@ -5,6 +5,9 @@ Every onnxruntime run the data plane makes for a request goes through here
 steps, text predict/score, every generate step and every text-stream chunk.
 Concurrent work of one model therefore shares onnxruntime runs.
 
+The engine owns its ModelInstance (`inst`) and the version's statistics
+(`counters`, serve/stats.py): its Batcher reports every run there.
+
 Lifecycle: the repository creates one engine per loaded version and retires it
 on unload or reload. Retiring lets in-flight work (a queued request, a generate
 stream, an open text stream) finish on the old version; the scheduler and
@@ -30,6 +33,7 @@ from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.engine.sequences import SequenceManager
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from rnnserve.serve.settings import ServeSettings
+from rnnserve.serve.stats import ModelCounters
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +47,16 @@ class ModelEngine:
     """Batching, sequences and in-flight accounting for one model version."""
 
     def __init__(self, inst: ModelInstance, settings: ServeSettings, metrics=None):
+        """metrics: the server's serve.metrics.Metrics (with --metrics-port), else None."""
         self.inst = inst
-        # Prometheus batch metrics (serve/metrics.py), bound to this model version's labels.
-        self._record_batch = metrics.batch_recorder(inst.name, inst.version) if metrics is not None else None
+        self.counters = ModelCounters(inst.name, inst.version,
+                                      metrics.model(inst.name, inst.version) if metrics is not None else None)
         self.io = ModelIO(tuple(inst.state_inputs), tuple(inst.state_outputs), inst.streamable)
         label = f"{inst.name}:{inst.version}" if inst.version else inst.name
         self.batcher = Batcher(label, inst.run, self.io, max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
                                max_queue_size=settings.max_queue_size, instances=settings.instances,
-                               on_batch=self._on_batch)
+                               on_run=self.counters.record_run)
         self.sequences: SequenceManager | None = None
         if inst.streamable:
             self.sequences = SequenceManager(label, self.batcher, self.io, self.zero_states,
@@ -64,13 +69,6 @@ class ModelEngine:
         self._retired = False
         self._retire_after = 0.0      # time.monotonic() before which a retired engine stays open
         self._closed = False
-
-    def _on_batch(self, rows: int, queue_ns, compute_ns: int) -> None:
-        """Per batch, on the scheduler thread: queue and compute time into ModelStatistics and,
-        with --metrics-port, into the Prometheus metrics."""
-        self.inst.stats.record_batch(queue_ns, compute_ns)
-        if self._record_batch is not None:
-            self._record_batch(rows, queue_ns, compute_ns)
 
     # -- states ------------------------------------------------------------------------------
     def zero_states(self, batch: int) -> States:
@@ -205,8 +203,9 @@ class ModelEngine:
         if self.sequences is not None:
             self.sequences.close()
         self.batcher.close()
+        stats = self.counters.snapshot()
         log.info("model %s version %s: batcher closed (%d executions, %d rows)", self.inst.name,
-                 self.inst.version, self.batcher.stats.execution_count, self.batcher.stats.inference_count)
+                 self.inst.version, stats.execution_count, stats.inference_count)
 
     @property
     def closed(self) -> bool:

@@ -1,24 +1,22 @@
 """onnxruntime sessions: execution providers (--device cpu|cuda|auto), threads,
 warm-up, and ModelInstance, the one place where a model's session runs.
 
-Every onnxruntime call of the server goes through ModelInstance.run(feeds), so
-issue 4's dynamic batcher and sequence-state manager can sit in front of exactly
-that call.
+Every onnxruntime call of the server goes through ModelInstance.run(feeds); the
+model's engine (serve/engine/model_engine.py: batcher, sequences) sits in front of
+exactly that call and owns its instance.
 """
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from rnnserve.contract import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta
 from rnnserve.serve.errors import ServeError, Unavailable
-from rnnserve.serve.stats import StatsRecorder
 from rnnserve.serve.wire.types import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -98,10 +96,10 @@ def _spec(node) -> TensorSpec:
 
 
 class ModelInstance:
-    """One loaded version of one model: metadata, session, I/O specs, statistics.
+    """One loaded version of one model: metadata, session, I/O specs.
 
     `run(feeds)` is the only method that runs onnxruntime. It fills zero h0/c0
-    for state inputs the caller omitted and counts every run (`run_count`).
+    for state inputs the caller omitted.
     """
 
     def __init__(self, name: str, version: str, path: str, session: ort.InferenceSession,
@@ -120,12 +118,7 @@ class ModelInstance:
         self.state_outputs: list[str] = list(meta.state_outputs)
         self.vocab: list[str] = list(meta.vocab)
         self.char_to_id: dict[str, int] = {c: i for i, c in enumerate(self.vocab)}
-        self.stats = StatsRecorder(name, version)
         self._zeros: dict[int, np.ndarray] = {}
-        self.run_count = 0
-        self._count_lock = threading.Lock()
-        # The batcher and sequences in front of run() (serve/engine.py); set by the repository at load.
-        self.engine = None
         self._check_graph()
 
     # -- facts -------------------------------------------------------------------------------
@@ -169,35 +162,28 @@ class ModelInstance:
             raise ValueError(f"graph dtypes {dtypes} do not match the I/O contract (tokens INT64, logits FP32)")
 
     # -- the one onnxruntime call --------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray],
-            output_names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the session on validated feeds; omitted state inputs are zeros. Returns {name: array}."""
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session on validated feeds; omitted state inputs are zeros. Returns {output name: array}."""
         feeds = dict(feeds)
         batch = int(feeds[INPUT_TOKENS].shape[0])
         for name in self.state_inputs:
             if name not in feeds:
                 feeds[name] = self.zeros(batch)
-        names = list(output_names) if output_names else list(self.output_names)
-        t0 = time.perf_counter_ns()
         try:
-            values = self.session.run(names, feeds)
+            values = self.session.run(self.output_names, feeds)
         except Exception as e:  # validation ran first, so this is our fault, not the client's
             log.exception("onnxruntime failed on model %s version %s", self.name, self.version)
             raise ServeError(f"onnxruntime failed running model '{self.name}': {type(e).__name__}") from e
-        self.stats.record_execution(batch, time.perf_counter_ns() - t0)
-        with self._count_lock:
-            self.run_count += 1
-        return dict(zip(names, values))
+        return dict(zip(self.output_names, values))
 
     def warmup(self, max_seq_len: int) -> None:
-        """A few runs at a few shapes; statistics are reset afterwards (run_count is not)."""
+        """A few runs at a few shapes, before the engine exists: they are not counted in the statistics."""
         t0 = time.perf_counter()
         for batch, seq in WARMUP_SHAPES:
             seq = min(seq, max_seq_len)
             tokens = np.zeros((batch, seq), np.int64)
             for _ in range(WARMUP_REPEATS):
                 self.run({INPUT_TOKENS: tokens})
-        self.stats.reset()
         log.info("warmed up %s version %s in %.1f ms", self.name, self.version, (time.perf_counter() - t0) * 1e3)
 
     def describe(self) -> dict[str, str]:

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rnnserve.serve.dataplane.plane import DataPlane
-from rnnserve.serve.frontend.grpc_errors import set_observer
+from rnnserve.serve.frontend.observe import RequestObservation
 from rnnserve.serve.frontend.priority import handler_initializer
 from rnnserve.serve.frontend.servicers import InferenceServicer, TextServicer
 from rnnserve.serve.metrics import start_endpoint
@@ -77,19 +77,21 @@ class Server:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         self._health_lock = threading.Lock()
         self._health_names: set = set()
+        # Every answered inference request -> ModelStatistics and the Prometheus request series.
+        observation = RequestObservation(dataplane.record_request)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers,
                                        thread_name_prefix="rnnserve-grpc",
                                        initializer=handler_initializer(settings.handler_sched_batch,
                                                                        settings.handler_nice)),
+            interceptors=[observation],
             options=[("grpc.max_send_message_length", settings.max_message_bytes),
                      ("grpc.max_receive_message_length", settings.max_message_bytes),
                      ("grpc.so_reuseport", 0)])
-        inference = InferenceServicer(dataplane, on_repository_change=self.refresh_health)
+        inference = InferenceServicer(dataplane, dataplane.admin, on_repository_change=self.refresh_health,
+                                      observe_stream_request=observation.stream_request)
         text = TextServicer(dataplane)
-        metrics = getattr(dataplane, "metrics", None)
-        for servicer in (inference, text):   # request outcomes by status code -> Prometheus
-            set_observer(servicer, metrics.observe_request if metrics is not None else None)
+        metrics = dataplane.metrics
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc_server)
         tpb_grpc.add_TextServiceServicer_to_server(text, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc_server)
@@ -159,9 +161,6 @@ class Server:
         if self._owns_dataplane:
             self.dataplane.close()
         logger.info("stopped")
-
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.grpc_server.wait_for_termination(timeout)
 
 
 def create_server(settings: ServeSettings, dataplane=None) -> tuple[Server, int]:

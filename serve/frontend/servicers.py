@@ -1,7 +1,8 @@
 """Thin gRPC servicers over the data plane.
 
-Each method converts the request with serve.convert, calls one DataPlane method,
-and converts the answer back. Errors become status codes in serve.grpc_errors
+Each method converts the request with serve/wire/convert.py, calls one DataPlane
+(inference, metadata) or RepositoryAdmin (load, unload, index) method, and converts
+the answer back. Errors become status codes in serve.grpc_errors
 (`@handles_errors`); ModelStreamInfer answers them in-stream as error_message,
 as Triton does, and the stream goes on.
 """
@@ -17,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
-from rnnserve.serve.frontend.grpc_errors import code_for, handles_errors, observer_of, report, status_for
+from rnnserve.serve.frontend.grpc_errors import handles_errors, status_for
 from rnnserve.serve.wire import convert
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
@@ -49,9 +50,10 @@ class _PipelinedStream:
     _CALL_DONE = object()   # the RPC ended (client cancelled, deadline, server stop)
     POLL_S = 0.5
 
-    def __init__(self, dataplane, request_iterator, context: grpc.ServicerContext, observer=None):
+    def __init__(self, dataplane, request_iterator, context: grpc.ServicerContext, observe=None):
         self._dp, self._requests, self._context = dataplane, request_iterator, context
-        self._observer = observer   # metrics: each streamed request's outcome (grpc_errors.report)
+        # each streamed request's outcome: observe(request, exception or None, answer, t0) (observe.py)
+        self._observe = observe
         self._submitted: queue.Queue = queue.Queue()
         self._ended = threading.Event()
         context.add_callback(self._on_call_done)
@@ -96,8 +98,8 @@ class _PipelinedStream:
             if not self._wait(fut):
                 return
             answer = _stream_answer(request, fut)
-            report(self._observer, "ModelStreamInfer", request, code_for(fut.exception()), t0,
-                   answer.infer_response)
+            if self._observe is not None:
+                self._observe(request, fut.exception(), answer.infer_response, t0)
             yield answer
 
 
@@ -119,9 +121,13 @@ def _stream_answer(request: pb.ModelInferRequest, fut: Future) -> pb.ModelStream
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: the Open Inference Protocol, Triton's dialect."""
 
-    def __init__(self, dataplane, on_repository_change: Callable[[], None] | None = None):
+    def __init__(self, dataplane, admin, on_repository_change: Callable[[], None] | None = None,
+                 observe_stream_request=None):
+        """observe_stream_request: RequestObservation.stream_request (serve/frontend/observe.py), or None."""
         self._dp = dataplane
+        self._admin = admin
         self._on_repository_change = on_repository_change or (lambda: None)
+        self._observe_stream_request = observe_stream_request
 
     @handles_errors
     def ServerLive(self, request, context):
@@ -164,16 +170,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         order (Triton, non-decoupled), each as soon as it and the ones before it are done.
         An error is answered in-stream (error_message, plus the request's id in infer_response)
         and the stream goes on."""
-        yield from _PipelinedStream(self._dp, request_iterator, context, observer_of(self)).responses()
+        yield from _PipelinedStream(self._dp, request_iterator, context, self._observe_stream_request).responses()
 
     @handles_errors
     def RepositoryIndex(self, request, context):
-        return convert.repository_index_to_proto(self._dp.repository_index(), request.ready)
+        return convert.repository_index_to_proto(self._admin.repository_index(), request.ready)
 
     @handles_errors
     def RepositoryModelLoad(self, request, context):
         try:
-            self._dp.load_model(request.model_name)
+            self._admin.load_model(request.model_name)
         finally:
             self._on_repository_change()
         return pb.RepositoryModelLoadResponse()
@@ -181,7 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @handles_errors
     def RepositoryModelUnload(self, request, context):
         try:
-            self._dp.unload_model(request.model_name)
+            self._admin.unload_model(request.model_name)
         finally:
             self._on_repository_change()
         return pb.RepositoryModelUnloadResponse()

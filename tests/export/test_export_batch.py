@@ -139,7 +139,7 @@ def test_publish_skip_new_version_and_prune(hello_ckpts, tmp_path, capsys):
 
     dp = make_dataplane(repo)  # the server's own loader serves what was published
     try:
-        assert {e.name: e.state for e in dp.repository_index()} == {p: "READY" for p in PRESET_NAMES}
+        assert {e.name: e.state for e in dp.admin.repository_index()} == {p: "READY" for p in PRESET_NAMES}
         assert dp.model_metadata("emb-gru").versions == ["2"]
     finally:
         dp.close()
@@ -241,7 +241,7 @@ def test_int8_and_optimized_variants(charlm_ckpt, tmp_path, capsys):
 
     dp = make_dataplane(repo)
     try:
-        assert {e.name: e.state for e in dp.repository_index()} == {
+        assert {e.name: e.state for e in dp.admin.repository_index()} == {
             "charlm": "READY", "charlm-int8": "READY", "charlm-optimized": "READY"}
     finally:
         dp.close()

@@ -11,7 +11,7 @@ import pytest
 
 from rnnserve.serve.engine.batching import Batcher, Work
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
-from tests.batching_models import CountingRun, GatedRun, build_models
+from tests.batching_models import CountingRun, GatedRun, Runs, build_models
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,15 @@ def test_no_added_wait_at_concurrency_one(models):
     """A lone request never waits for a batch that cannot fill, even with a long
     queue delay configured."""
     m = models["lstm"]
-    b = Batcher("lstm", m.run, m.io, max_batch_size=32, max_queue_delay_us=3_000_000)
+    runs = Runs()
+    b = Batcher("lstm", m.run, m.io, max_batch_size=32, max_queue_delay_us=3_000_000, on_run=runs)
     try:
         toks = np.ones((1, 8), np.int64)
         t0 = time.monotonic()
         for _ in range(3):
             b.submit(Work(toks, m.zero(1))).result(timeout=30)
         assert time.monotonic() - t0 < 3.0       # one 3 s delay would exceed this
-        assert b.stats.execution_count == 3
+        assert runs.execution_count == 3
     finally:
         b.close()
 
@@ -84,7 +85,8 @@ def test_inline_runs_on_the_callers_thread_only_when_idle(models):
         np.testing.assert_array_equal(fut.result()["logits"], m.alone(toks, m.zero(1))["logits"])
     finally:
         b.close()
-    b = Batcher("lstm", gated, m.io, max_batch_size=8)
+    runs = Runs()
+    b = Batcher("lstm", gated, m.io, max_batch_size=8, on_run=runs)
     try:
         first = b.submit(Work(toks, m.zero(1)))          # the scheduler thread takes it
         assert gated.entered.wait(10)
@@ -93,7 +95,7 @@ def test_inline_runs_on_the_callers_thread_only_when_idle(models):
         gated.gate.set()
         first.result(timeout=30)
         queued.result(timeout=30)
-        assert b.stats.execution_count == 2
+        assert runs.execution_count == 2
     finally:
         gated.gate.set()
         b.close()

@@ -12,7 +12,7 @@ import pytest
 from rnnserve.serve.engine.batching import Batcher, Work
 from rnnserve.serve.engine.sequences import SequenceManager
 from rnnserve.serve.errors import InvalidArgument, Unavailable
-from tests.batching_models import ARCHS, UNIDIRECTIONAL, build_models
+from tests.batching_models import ARCHS, UNIDIRECTIONAL, Runs, build_models
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def test_batched_equals_alone(models, arch):
     give each request exactly what it gets when run alone."""
     m = models[arch]
     rng = np.random.default_rng(1)
-    b = Batcher(arch, m.run, m.io, max_batch_size=16, max_queue_delay_us=2000)
+    runs = Runs()
+    b = Batcher(arch, m.run, m.io, max_batch_size=16, max_queue_delay_us=2000, on_run=runs)
     try:
         works = []
         for i in range(40):
@@ -44,8 +45,8 @@ def test_batched_equals_alone(models, arch):
                 for name in m.io.state_outputs:
                     np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=1e-6)
         # The work really was merged: fewer runs than requests.
-        assert b.stats.execution_count < len(works)
-        assert b.stats.inference_count == sum(w.rows for w in works)
+        assert runs.execution_count < len(works)
+        assert runs.inference_count == sum(w.rows for w in works)
     finally:
         b.close()
 
@@ -78,7 +79,8 @@ def test_sequence_chunks_equal_whole(models, arch):
 
 def test_many_sequences_interleaved_batch_together(models):
     m = models["lstm"]
-    b = Batcher("lstm", m.run, m.io, max_batch_size=32)
+    runs = Runs()
+    b = Batcher("lstm", m.run, m.io, max_batch_size=32, on_run=runs)
     sm = SequenceManager("lstm", b, m.io, m.zero)
     rng = np.random.default_rng(3)
     seqs = {i: rng.integers(0, 12, (1, 40)).astype(np.int64) for i in range(16)}
@@ -94,8 +96,8 @@ def test_many_sequences_interleaved_batch_together(models):
         for i, toks in seqs.items():
             np.testing.assert_allclose(results[i], m.alone(toks, m.zero(1))["logits"], rtol=0, atol=1e-5)
         # Steps of different sequences shared runs.
-        assert b.stats.execution_count < 16 * 40
-        assert max(b.stats.batch_sizes) > 1
+        assert runs.execution_count < 16 * 40
+        assert max(runs.batch_sizes) > 1
     finally:
         sm.close()
         b.close()

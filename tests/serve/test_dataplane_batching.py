@@ -31,7 +31,7 @@ def seq_params(seq_id, start=False, end=False):
 
 
 def totals(dp, model):
-    [s] = dp.model_statistics(model, dp.instance(model).version)
+    [s] = dp.model_statistics(model, dp.engine(model).inst.version)
     return s
 
 
@@ -48,7 +48,7 @@ def busy(dp):
     """Start a long request and wait until the scheduler is running it (the queue is then empty)."""
     fut = dp.infer_async(InferRequest(model_name="charlm", inputs={"tokens": np.zeros(LONG, np.int64)},
                                       requested_outputs=["hn"]))
-    engine = dp.instance("charlm").engine
+    engine = dp.engine("charlm")
     deadline = time.monotonic() + 10
     while engine.batcher.queue_depth() and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -58,7 +58,7 @@ def busy(dp):
 # -- stateless batching -------------------------------------------------------------------------------
 def test_concurrent_infers_equal_alone_and_share_runs(charlm_dataplane):
     dp, model = charlm_dataplane, "charlm"
-    inst = dp.instance(model)
+    inst = dp.engine(model).inst
     rng = np.random.default_rng(0)
     reqs = []
     for i in range(48):
@@ -120,7 +120,7 @@ def test_sequence_chunks_equal_whole(request, fixture, model):
     of sending the sequence whole. Chunks 1 and 3 are pipelined, interleaved, through infer_async
     (their steps share runs); chunk 17 uses the blocking infer with an integer id."""
     dp = request.getfixturevalue(fixture)
-    inst = dp.instance(model)
+    inst = dp.engine(model).inst
     tokens = np.random.default_rng(len(model)).integers(0, inst.vocab_size, (1, 40)).astype(np.int64)
     whole = infer(dp, model, {"tokens": tokens})
     pieces = {c: [(p, tokens[:, p:p + c]) for p in range(0, 40, c)] for c in (1, 3, 17)}
@@ -145,7 +145,7 @@ def test_sequence_chunks_equal_whole(request, fixture, model):
 
 def test_sequence_rules(charlm_dataplane):
     dp, model = charlm_dataplane, "charlm"
-    inst = dp.instance(model)
+    inst = dp.engine(model).inst
     rng = np.random.default_rng(1)
     toks = rng.integers(0, inst.vocab_size, (2, 12)).astype(np.int64)
     with pytest.raises(InvalidArgument, match="START is required"):
@@ -210,7 +210,7 @@ def test_queue_full_deadline_and_cancel(tight_dp):
     flag = threading.Event()
     with ThreadPoolExecutor(1) as ex:
         waiting = ex.submit(infer, dp, "charlm", {"tokens": toks}, is_cancelled=flag.is_set)
-        while dp.instance("charlm").engine.batcher.queue_depth() < 2 and not long.done():
+        while dp.engine("charlm").batcher.queue_depth() < 2 and not long.done():
             time.sleep(0.001)
         # The queue (2 slots) is full: refused at once, nothing grows.
         full = dp.infer_async(InferRequest(model_name="charlm", inputs={"tokens": toks}))
@@ -253,8 +253,8 @@ def test_concurrent_generates_equal_alone(charlm_dataplane):
         return "".join(e.text for e in dp.generate("charlm", job["prompt"], 30, temperature=job["temperature"],
                                                    seed=job["seed"]))
     alone = [gen(j) for j in jobs]
-    inst = dp.instance("charlm")
-    runs = inst.run_count
+    engine = dp.engine("charlm")
+    runs = engine.counters.snapshot().execution_count
     gate = threading.Barrier(len(jobs))
 
     def gen_together(job):
@@ -264,7 +264,8 @@ def test_concurrent_generates_equal_alone(charlm_dataplane):
     with ThreadPoolExecutor(len(jobs)) as ex:
         together = list(ex.map(gen_together, jobs))
     assert together == alone
-    assert inst.run_count - runs < 30 * len(jobs)     # steps of different generates shared runs
+    # steps of different generates shared runs
+    assert engine.counters.snapshot().execution_count - runs < 30 * len(jobs)
 
 
 @pytest.mark.parametrize("fixture, model, text", [
@@ -313,12 +314,12 @@ def test_model_config_reports_batching_and_sequence_state(charlm_dataplane):
 def test_reload_retires_old_engine_after_inflight_work(charlm_repo, tmp_path):
     dp = make_dataplane(copy_repo(charlm_repo, str(tmp_path / "repo")), warmup=False)
     try:
-        old = dp.instance("charlm").engine
+        old = dp.engine("charlm")
         stream = dp.generate("charlm", "abc", 20, temperature=0)
         first = [next(stream) for _ in range(3)]
         text = dp.open_text_stream("charlm")
-        dp.load_model("charlm")                     # reload: a new engine serves new requests
-        assert dp.instance("charlm").engine is not old and not old.closed
+        dp.admin.load_model("charlm")                     # reload: a new engine serves new requests
+        assert dp.engine("charlm") is not old and not old.closed
         rest = list(stream)                         # in-flight work finishes on the old version
         assert len(first + rest) == 20 and not old.closed
         assert text.feed("more").model_version == "2" and not old.closed
@@ -330,7 +331,7 @@ def test_reload_retires_old_engine_after_inflight_work(charlm_repo, tmp_path):
         with pytest.raises(Unavailable, match="unloaded"):
             wait(*old.submit(np.ones((1, 2), np.int64), old.zero_states(1), False))
         assert infer(dp, "charlm", {"tokens": np.ones((1, 2), np.int64)})["logits"].shape == (1, 2, 32)
-        dp.unload_model("chargru")
+        dp.admin.unload_model("chargru")
         assert dp.live_sequences("chargru") == 0
     finally:
         dp.close()

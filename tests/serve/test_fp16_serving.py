@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     dp = DataPlane(ServeSettings(repository=sys.argv[1], device="cpu", intra_op_threads=1))
     dp.load()
     tokens = np.array([[int(t) for t in sys.argv[2].split(",")]], dtype=np.int64)
-    out = {"index": {e.name: [e.state, e.reason] for e in dp.repository_index()}}
+    out = {"index": {e.name: [e.state, e.reason] for e in dp.admin.repository_index()}}
     for model in ("charlm", "charlm-fp16"):
         resp = dp.infer(InferRequest(model_name=model, inputs={"tokens": tokens}, requested_outputs=["logits"]))
         out[model] = dict(resp.outputs)["logits"].tolist()

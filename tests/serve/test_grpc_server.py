@@ -317,7 +317,6 @@ def test_error_map(caplog):
     for exc, code in [(errors.InvalidArgument("x"), INVALID), (errors.NotFound("x"), NOT_FOUND),
                       (errors.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
                       (errors.DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
-                      (errors.ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
                       (errors.Cancelled("x"), grpc.StatusCode.CANCELLED)]:
         assert status_for(exc, "test") == (code, "x")
     with caplog.at_level(logging.ERROR, logger="rnnserve.serve.frontend.grpc_errors"):

@@ -33,7 +33,7 @@ def _policy(tid: int):
 
 
 def _batcher_tids(server, model: str) -> list:
-    engine = server.dataplane.instance(model).engine
+    engine = server.dataplane.engine(model)
     return [t.native_id for t in engine.batcher._threads]
 
 

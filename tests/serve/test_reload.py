@@ -169,7 +169,7 @@ def test_changed_file_switches_after_warmup_and_inflight_work_finishes_on_the_ol
     first, second = "the quick brown ", "fox jumps"
     reference = text.Predict(tpb.PredictRequest(model="chargru", text=first + second), timeout=30)
     _, old_logits = infer(client, "chargru")
-    old_engine = server.dataplane.instance("chargru").engine
+    old_engine = server.dataplane.engine("chargru")
 
     # An open text stream (state on the server) holds the old instance.
     answers = []
@@ -252,8 +252,8 @@ def test_removed_models_and_versions_are_not_found(repo, polled):
 
     # A model unloaded by request stays unloaded while polls go by, until it is loaded again.
     client.unload_model("chargru")
-    passes = server.dataplane.poller.passes
-    wait_for(lambda: server.dataplane.poller.passes >= passes + 3, "three polls")
+    passes = server.dataplane.admin.poller.passes
+    wait_for(lambda: server.dataplane.admin.poller.passes >= passes + 3, "three polls")
     assert not client.is_model_ready("chargru") and index(client)[("chargru", "1")][0] == "UNLOADED"
     client.load_model("chargru")
     assert client.is_model_ready("chargru") and infer(client, "chargru")[0] == "1"

@@ -1,0 +1,145 @@
+"""Request observation: one serve.stats.RequestRecord per answered inference request.
+
+A gRPC server interceptor wraps the inference calls from outside the error map
+(serve/frontend/grpc_errors.py) and reads the status code that map gave the call,
+so it sees exactly what the client got: OK, a serve.errors code, INTERNAL, or
+CANCELLED when the client went away. ModelStreamInfer answers each streamed request
+in-stream, so its servicer reports every one with `stream_request`.
+
+The records go to one function (DataPlane.record_request), which feeds the
+Prometheus request series and ModelStatistics' success / fail counts together.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+
+from rnnserve.serve.frontend.grpc_errors import code_for
+from rnnserve.serve.stats import RequestRecord
+from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
+from rnnserve.serve.wire.gen import text_service_pb2 as tpb
+
+log = logging.getLogger(__name__)
+
+Record = Callable[[RequestRecord], None]
+
+
+def _full_names(service, names: Iterable[str]) -> dict[str, str]:
+    return {f"/{service.full_name}/{n}": n for n in names if n in service.methods_by_name}
+
+
+# Calls that are one inference request each: "/package.Service/Method" -> method label.
+OBSERVED = (_full_names(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], ["ModelInfer"])
+            | _full_names(tpb.DESCRIPTOR.services_by_name["TextService"],
+                          ["Predict", "Generate", "Score", "Stream"]))
+STREAM_METHOD = "ModelStreamInfer"
+
+
+def _field(message: Any, *names: str) -> str:
+    """The first of `names` that the protobuf message has (model_name / model, ...), else ""."""
+    fields = getattr(getattr(message, "DESCRIPTOR", None), "fields_by_name", {})
+    for name in names:
+        if name in fields:
+            return getattr(message, name)
+    return ""
+
+
+def _status(context: grpc.ServicerContext, raised: bool) -> str:
+    """The status the call ends with: what the error map set, else CANCELLED if the client is gone."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if not context.is_active():
+        return "CANCELLED"
+    return "UNKNOWN" if raised else "OK"
+
+
+class RequestObservation(grpc.ServerInterceptor):
+    """The interceptor, plus `stream_request` for the requests of ModelStreamInfer."""
+
+    def __init__(self, record: Record):
+        self._record = record
+        self._lock = threading.Lock()
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def report(self, method: str, request: Any, answer: Any, code: str, t0: float) -> None:
+        """Record one request's outcome (t0: time.perf_counter() at its arrival). The version is the
+        one the answer names, else the one the request named. Never raises."""
+        try:
+            model = _field(request, "model_name", "model")
+            version = _field(answer, "model_version", "version") or _field(request, "model_version", "version")
+            self._record(RequestRecord(method, model, version, code, time.perf_counter() - t0))
+        except Exception:  # noqa: BLE001 - statistics must never break serving
+            log.exception("recording a request failed")
+
+    def stream_request(self, request: Any, exc: BaseException | None, answer: Any, t0: float) -> None:
+        """One request of a ModelStreamInfer call, answered in-stream (exc None = OK)."""
+        self.report(STREAM_METHOD, request, answer, code_for(exc).name, t0)
+
+    # -- the interceptor -------------------------------------------------------------------------
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = OBSERVED.get(handler_call_details.method)
+        if handler is None or method is None:
+            return handler
+        with self._lock:
+            cached = self._wrapped.get(handler_call_details.method)
+            if cached is None or cached[0] is not handler:
+                cached = (handler, self._wrap(method, handler))
+                self._wrapped[handler_call_details.method] = cached
+        return cached[1]
+
+    def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        codec = {"request_deserializer": h.request_deserializer, "response_serializer": h.response_serializer}
+        if h.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, h.unary_unary), **codec)
+        if h.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self._streaming(method, h.unary_stream, False), **codec)
+        if h.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(self._streaming(method, h.stream_stream, True), **codec)
+        return h
+
+    def _unary(self, method: str, behavior):
+        def call(request, context):
+            t0, answer, raised = time.perf_counter(), None, True
+            try:
+                answer = behavior(request, context)
+                raised = False
+                return answer
+            finally:
+                self.report(method, request, answer, _status(context, raised), t0)
+        return call
+
+    def _streaming(self, method: str, behavior, request_stream: bool):
+        def call(request, context):
+            t0, seen, raised = time.perf_counter(), _Seen(None if request_stream else request), True
+            try:
+                with contextlib.closing(behavior(seen.requests(request) if request_stream else request,
+                                                 context)) as answers:
+                    for answer in answers:
+                        seen.answer = answer
+                        yield answer
+                raised = False
+            finally:   # also when the call is closed under us (GeneratorExit): CANCELLED
+                self.report(method, seen.request, seen.answer, _status(context, raised), t0)
+        return call
+
+
+class _Seen:
+    """The request (the first message of a request stream) and the last answer of one call."""
+
+    def __init__(self, request: Any):
+        self.request = request
+        self.answer = None
+
+    def requests(self, iterator):
+        for message in iterator:
+            if self.request is None:
+                self.request = message
+            yield message
