@@ -78,8 +78,8 @@ class ModelCounters:
             self._metrics.record_run(run)
 
     def record_request(self, ok: bool, ns: int) -> None:
-        """One request's outcome in ModelStatistics (the Prometheus side is labelled by method
-        and code, so the data plane counts it: DataPlane.record_request)."""
+        """One request's outcome in ModelStatistics. DataPlane.record_request calls it together
+        with the Prometheus request series (labelled by method and code, which it resolves)."""
         with self._lock:
             _add(self._stats.success if ok else self._stats.fail, ns)
 
