@@ -1,6 +1,6 @@
 """--poll-interval: a thread that re-scans the model repository while the server runs.
 
-Each pass calls Repository.poll() (serve/repository.py): new models and versions are
+Each pass calls Repository.poll() (serve/admin/repository.py): new models and versions are
 loaded and warmed up before they serve, changed files are reloaded, removed ones are
 retired after their in-flight work. A pass that fails (e.g. the repository folder is
 gone for a moment) is logged and changes nothing; the next pass tries again.

@@ -1,7 +1,7 @@
 """Text on top of a model's engine: per-position predictions, sampling, streaming
 generation that carries the recurrent state, and scoring.
 
-Every run goes through ModelEngine.run (serve/engine.py), so concurrent text
+Every run goes through ModelEngine.run (serve/engine/model_engine.py), so concurrent text
 requests share onnxruntime runs with each other and with tensor requests.
 Inputs arrive validated (serve/validation.py). Probabilities are computed in
 float64 from the float32 logits.
