@@ -294,14 +294,15 @@ class Repository:
         """Every loaded version's engine; the caller holds self._lock."""
         return [x for entries in self._models.values() for x in _engines(entries)]
 
-    def labels(self, name: str, version: str = "") -> tuple[str, str]:
-        """(model, version) labels for a request's metrics: the version it goes to (the newest
-        READY one when it names none); "" for what the repository does not know."""
+    def resolve(self, name: str, version: str = "") -> tuple[str, str, ModelEntry | None]:
+        """(model, version, entry) of a request for its statistics: the version it goes to (the
+        newest READY one when it names none); "" and None for what the repository does not know."""
         try:
-            return name, self.entry(name, version).version
+            entry = self.entry(name, version)
+            return name, entry.version, entry
         except NotFound:
             with self._lock:
-                return (name, "") if name in self._models else ("", "")
+                return (name, "", None) if name in self._models else ("", "", None)
 
     def gauges(self) -> list[tuple[str, str, str, int, int]]:
         """(model, version, state, live sequences, queued work items) of every entry."""

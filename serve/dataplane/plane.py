@@ -23,7 +23,7 @@ from rnnserve.serve.admin.repository import READY, Repository
 from rnnserve.serve.dataplane import inference, textgen, validation
 from rnnserve.serve.dataplane.textstream import TextStream
 from rnnserve.serve.engine.model_engine import ModelEngine
-from rnnserve.serve.errors import InvalidArgument, NotFound, ServeError, Unavailable
+from rnnserve.serve.errors import InvalidArgument, ServeError, Unavailable
 from rnnserve.serve.metrics import Metrics
 from rnnserve.serve.settings import ServeSettings
 from rnnserve.serve.stats import RequestRecord
@@ -239,16 +239,12 @@ class DataPlane:
         repository does not know."""
         if not self.admin.loaded:
             return
-        model, version = self.repo.labels(record.model, record.version)
+        model, version, entry = self.repo.resolve(record.model, record.version)
         if self.metrics is not None:
             self.metrics.observe_request(record.method, model, version, record.code, record.seconds)
-        if version:
-            try:
-                engine = self.repo.entry(model, version).engine
-            except NotFound:      # removed meanwhile
-                return
-            if engine is not None:
-                engine.counters.record_request(record.code == "OK", int(record.seconds * 1e9))
+        engine = entry.engine if entry is not None else None
+        if engine is not None:
+            engine.counters.record_request(record.code == "OK", int(record.seconds * 1e9))
 
     def live_sequences(self, name: str, version: str = "") -> int:
         """Live server-side sequences of a model version, text streams included (0 if not loaded)."""

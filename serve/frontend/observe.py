@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -65,7 +64,6 @@ class RequestObservation(grpc.ServerInterceptor):
 
     def __init__(self, record: Record):
         self._record = record
-        self._lock = threading.Lock()
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def report(self, method: str, request: Any, answer: Any, code: str, t0: float) -> None:
@@ -88,11 +86,10 @@ class RequestObservation(grpc.ServerInterceptor):
         method = OBSERVED.get(handler_call_details.method)
         if handler is None or method is None:
             return handler
-        with self._lock:
-            cached = self._wrapped.get(handler_call_details.method)
-            if cached is None or cached[0] is not handler:
-                cached = (handler, self._wrap(method, handler))
-                self._wrapped[handler_call_details.method] = cached
+        cached = self._wrapped.get(handler_call_details.method)   # one wrapper per method handler
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._wrapped[handler_call_details.method] = cached
         return cached[1]
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
