@@ -4,10 +4,16 @@ the two sources agree, and the counts mean what Triton's do (inference_count = r
 execution_count = onnxruntime runs, so inference_count >= execution_count)."""
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
 import numpy as np
 import tritonclient.grpc as tc
 
 from rnnserve.serve.client import main as client_main
+from rnnserve.serve.wire.gen import text_service_pb2 as tpb
+from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
 from tests.fixtures import serving
 from tests.serve.test_metrics import by, code, scrape, tokens
 
@@ -71,12 +77,33 @@ def test_requests_runs_and_rows_agree_with_prometheus(charlm_repo):
         assert {b.batch_size: b.compute_infer.count for b in s.batch_stats} == {1: 7, 3: 2}
         _agree(scrape(server.metrics_port), s, ("chargru", "1"))
 
-        # one-row requests from several clients at once share runs: rows > runs
-        from concurrent.futures import ThreadPoolExecutor
+        # one-row requests from several clients at once: every row counted, runs at most rows
         with ThreadPoolExecutor(8) as ex:
             assert list(ex.map(lambda _: code(client.infer, "bigru", [tokens([[5, 6, 7, 8]])]), range(32))) == \
                 ["OK"] * 32
         b = _stats(client, "bigru")
         assert b.inference_count == 32 >= b.execution_count
         _agree(scrape(server.metrics_port), b, ("bigru", "1"))
+        client.close()
+
+
+def test_a_generate_the_client_abandons_counts_as_cancelled_in_both(charlm_repo):
+    """The observation sits outside the error map: a call the client cancels mid-stream is
+    CANCELLED in Prometheus and a failure in ModelStatistics."""
+    with serving(charlm_repo, metrics_port=0) as (server, address), grpc.insecure_channel(address) as channel:
+        call = tpb_grpc.TextServiceStub(channel).Generate(
+            tpb.GenerateRequest(model="chargru", prompt="ab", max_tokens=1000, temperature=0), timeout=60)
+        next(call), next(call)
+        call.cancel()
+        client = tc.InferenceServerClient(address)
+        deadline = time.monotonic() + 30
+        while _stats(client, "chargru").inference_stats.fail.count == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s = _stats(client, "chargru")
+        assert s.inference_stats.fail.count == 1 and s.inference_stats.success.count == 0
+        assert 2 <= s.execution_count < 1000
+        m = scrape(server.metrics_port)
+        assert by(m, "rnnserve_requests_total", "model", "version", "method", "code") == {
+            ("chargru", "1", "Generate", "CANCELLED"): 1}
+        _agree(m, s, ("chargru", "1"))
         client.close()
