@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import torch
 
-from rnnserve.export.batch import BatchOptions, format_report, run_batch
+from rnnserve.cli import EXIT_INTERRUPTED, user_error
+from rnnserve.export.batch import BatchOptions, discover, format_report, run_batch
 from rnnserve.export.onnx_export import DEFAULT_OPSET, ExportError, export_checkpoint
 from rnnserve.export.parity import ATOL, format_summary
 from rnnserve.export.tritonconfig import DEFAULT_MAX_BATCH_SIZE
@@ -31,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for model.onnx and parity.json")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for the gate")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for the gate (default: onnxruntime's)")
     p.add_argument("--no-gate", action="store_true", help="skip the parity gate (not for models you serve)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -66,7 +68,7 @@ def _batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", required=True, action="append",
                    help="a directory (every **/checkpoint.pt under it), a checkpoint file, or a glob; repeatable")
     p.add_argument("--repository", required=True, help="model repository to publish into (created if missing)")
-    p.add_argument("--keep", type=_positive, default=None, help="keep only the newest N versions of each model")
+    p.add_argument("--keep", type=_positive, default=None, help="keep only the newest N versions of each model (default: keep all)")
     p.add_argument("--variants", type=_variant_list, default=[],
                    help=f"comma-separated extra models per checkpoint: {','.join(VARIANTS)} "
                         f"(published as REPO/<model>-<variant>/)")
@@ -81,9 +83,10 @@ def _batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for onnxruntime (gate, variants, latency) and PyTorch")
+                   help="threads for onnxruntime (gate, variants, latency) and PyTorch (default: theirs)")
     p.add_argument("--max-batch-size", type=_positive, default=DEFAULT_MAX_BATCH_SIZE,
-                   help="config.pbtxt max_batch_size for stateless (bidirectional) models")
+                   help=f"config.pbtxt max_batch_size for stateless (bidirectional) models "
+                        f"(default {DEFAULT_MAX_BATCH_SIZE})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0, help="info logging (-vv: debug)")
     return p
@@ -105,7 +108,17 @@ def batch_main(argv: list[str]) -> int:
                         variants=args.variants, name_from=args.name_from, eval_text=args.eval_text,
                         min_agreement=args.min_agreement, threads=args.threads, atol=args.atol,
                         opset=args.opset, max_batch_size=args.max_batch_size, progress=not args.no_progress)
-    outcome = run_batch(opts)
+    # SIGTERM (e.g. `docker stop`) stops like Ctrl-C: the staging folder is removed on the way out.
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+    if not discover(args.checkpoints):
+        return user_error(f"no checkpoint.pt found in {', '.join(args.checkpoints)}; give the folder "
+                          f"rnnserve-train wrote into (e.g. runs/hello), a checkpoint file or a glob")
+    try:
+        outcome = run_batch(opts)
+    except KeyboardInterrupt:  # a model is published whole or not at all, so the repository stays sound
+        print("interrupted: the models published so far are complete; rerun to export the rest "
+              "(unchanged checkpoints are skipped)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(format_report(outcome))
     return 0 if outcome.ok else 1
 
@@ -120,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = export_checkpoint(args.checkpoint, args.out, opset=args.opset, gate=not args.no_gate,
                                 atol=args.atol, threads=args.threads)
-    except (CheckpointError, ExportError) as e:
+    except CheckpointError as e:
+        return user_error(str(e))
+    except ExportError as e:  # e.g. the parity gate failed: not the user's mistake
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     print(f"model:   {res.onnx_path}")
     print(f"shapes:  {res.io}  (declared shapes checked: batch, seq symbolic)")
     if res.parity is not None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import sys
 
+from rnnserve.cli import EXIT_INTERRUPTED, user_error
 from rnnserve.train.charlm import CHAR_PRESET_NAMES, MODEL_OVERRIDES, TrainConfig, train_charlm
 from rnnserve.train.checkpoint import CheckpointError
 from rnnserve.train.data import CorpusError
 from rnnserve.train.hello import DEFAULT_SEED, train_hello
 from rnnserve.train.model import ARCHS, ENCODINGS, PRESET_NAMES
+from rnnserve.train.stopping import TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__  # defaults live in one place: the dataclass
     p = argparse.ArgumentParser(prog="rnnserve-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("hello", "charlm"), required=True)
+    p.add_argument("--task", choices=("hello", "charlm"), required=True,
+                   help="hello: the lecture notes' hello -> ohlol presets; charlm: a character language model "
+                        "on --corpus")
     p.add_argument("--model", help=f"hello: one of {PRESET_NAMES} or all; charlm: one of {CHAR_PRESET_NAMES} "
                                    "(default char-lstm)")
     p.add_argument("--out", help="output directory (default runs/<task>/<model>/)")
@@ -42,16 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = p.add_argument_group("charlm")
     c.add_argument("--corpus", help="UTF-8 text file")
-    c.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    c.add_argument("--time-budget", type=float, help="minutes; stop, evaluate and save when spent")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt (--max-steps stays a total; --time-budget is this run's time)")
+    c.add_argument("--time-budget", type=float,
+                   help="minutes of training; then evaluate and save (on --resume: minutes more; default none)")
     c.add_argument("--max-steps", type=int, help=f"step limit (default {d['max_steps'].default or 'none'}; "
                                                  "3000 when no time budget is given)")
-    for name, typ in (("seq_len", int), ("batch_size", int), ("min_lr_ratio", float),
-                      ("weight_decay", float), ("beta2", float), ("warmup", int), ("grad_clip", float),
-                      ("eval_interval", int), ("eval_windows", int), ("eval_window", int),
-                      ("log_interval", int)):
+    for name, typ, what in (
+            ("seq_len", int, "characters per training window"),
+            ("batch_size", int, "windows per step"),
+            ("min_lr_ratio", float, "the cosine ends at lr times this"),
+            ("weight_decay", float, "AdamW weight decay (weight matrices only)"),
+            ("beta2", float, "AdamW beta2"),
+            ("warmup", int, "steps of linear learning-rate warm-up"),
+            ("grad_clip", float, "clip the gradient norm to this (0 = off)"),
+            ("eval_interval", int, "steps between evaluations (each saves last.pt and maybe checkpoint.pt)"),
+            ("eval_windows", int, "validation windows per periodic evaluation (the final one uses all)"),
+            ("eval_window", int, "characters per validation window (state reset per window)"),
+            ("log_interval", int, "steps between metrics.jsonl train lines")):
         c.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name].default,
-                       help=f"default {d[name].default}")
+                       help=f"{what} (default {d[name].default})")
     c.add_argument("--threads", type=int, default=d["threads"].default,
                    help="torch threads; 0 (default): the faster of 1 and all cores, re-timed while "
                         "training (a shared CPU can make 2 threads slower than 1)")
@@ -59,14 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast for training (true/false, default %(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
-    m = p.add_argument_group("charlm model overrides (on top of --model)")
-    m.add_argument("--arch", choices=ARCHS)
-    m.add_argument("--encoding", choices=ENCODINGS)
-    m.add_argument("--emb-size", type=int)
-    m.add_argument("--hidden-size", type=int)
-    m.add_argument("--num-layers", type=int)
-    m.add_argument("--dropout", type=float)
-    m.add_argument("--bidirectional", type=_bool, help="true/false")
+    m = p.add_argument_group("charlm model overrides (default: the --model preset's value, 2x512, emb 64, "
+                             "dropout 0.3)")
+    m.add_argument("--arch", choices=ARCHS, help="recurrent layer type")
+    m.add_argument("--encoding", choices=ENCODINGS, help="how tokens enter the network")
+    m.add_argument("--emb-size", type=int, help="embedding size (encoding embedding)")
+    m.add_argument("--hidden-size", type=int, help="recurrent state size")
+    m.add_argument("--num-layers", type=int, help="stacked recurrent layers")
+    m.add_argument("--dropout", type=float, help="dropout between layers and before the head")
+    m.add_argument("--bidirectional", type=_bool, help="true/false (default false; not streamable)")
     return p
 
 
@@ -86,7 +103,7 @@ def _run_hello(args, p: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _run_charlm(args, p: argparse.ArgumentParser) -> int:
+def _run_charlm(args, p: argparse.ArgumentParser, argv: list[str]) -> int:
     if not args.corpus:
         p.error("--task charlm needs --corpus FILE")
     model = args.model or "char-lstm"
@@ -110,19 +127,45 @@ def _run_charlm(args, p: argparse.ArgumentParser) -> int:
     try:
         train_charlm(cfg)
     except (CorpusError, CheckpointError) as e:
-        log.error("%s", e)
-        return 1
+        return user_error(str(e))
+    except TrainingInterrupted as e:
+        print(f"{e.signame}: stopped at step {e.step}; saved {os.path.join(cfg.out, 'last.pt')} and loss.png. "
+              f"Resume with: {resume_command(argv, e)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
 
 
+def resume_command(argv: list[str], stopped: TrainingInterrupted) -> str:
+    """The same command with --resume, and --time-budget set to what was left of the budget."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--resume",) or a.startswith("--time-budget="):
+            pass
+        elif a == "--time-budget":
+            skip = True
+        else:
+            rest.append(a)
+    rest.append("--resume")
+    if stopped.budget_s:
+        rest += ["--time-budget", f"{max(stopped.budget_s - stopped.elapsed_s, 0.0) / 60.0:.2f}"]
+    return shlex.join(["rnnserve-train", *rest])
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.task == "hello":
-        return _run_hello(args, p)
-    return _run_charlm(args, p)
+    try:
+        if args.task == "hello":
+            return _run_hello(args, p)
+        return _run_charlm(args, p, argv)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during the hello task
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -13,8 +13,13 @@ Files in the output directory:
     loss.png        train and validation curves
 
 The learning rate warms up linearly, then follows a cosine to lr * min_lr_ratio.
-Progress along the cosine is max(step / max_steps, elapsed / time_budget), so a
-time-budgeted run ends its decay when the budget is spent.
+Progress along the cosine is max(step / max_steps, elapsed / budget), so a
+time-budgeted run ends its decay when the budget is spent.  On --resume,
+time_budget is the time for this run: the budget becomes the time already spent
+plus time_budget (so a finished run can be continued); max_steps stays a total.
+
+SIGINT or SIGTERM stops after the current step: last.pt and loss.png are saved
+and TrainingInterrupted is raised (train/stopping.py).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from rnnserve.train.data import CharData, random_windows
 from rnnserve.train.evaluate import evaluate_windows, to_bits
 from rnnserve.train.model import CharRNN, ModelConfig
 from rnnserve.train.plot import plot_losses
+from rnnserve.train.stopping import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnserve.train.threads import ThreadTuner
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,10 @@ CHAR_PRESET_NAMES = tuple(CHAR_PRESETS)
 # Model fields that command-line flags may override.
 MODEL_OVERRIDES = ("arch", "encoding", "emb_size", "hidden_size", "num_layers", "dropout", "bidirectional")
 DEFAULT_MAX_STEPS = 3000  # used when neither max_steps nor time_budget is given
+# The first EARLY_LOG_INTERVALS * log_interval steps, where the loss falls fastest, are logged
+# EARLY_LOG_INTERVALS times as often, so the curve of a short run has a shape.
+EARLY_LOG_INTERVALS = 5
+THREAD_PROBE_FRACTION = 0.05  # of the time budget, at most, for timing thread counts that lose
 
 
 @dataclass
@@ -112,17 +122,20 @@ class CharLMResult:
 
 
 class Schedule:
-    """Linear warm-up, then cosine decay by step or by elapsed time, whichever is further."""
+    """Linear warm-up, then cosine decay by step or by elapsed time, whichever is further.
 
-    def __init__(self, cfg: TrainConfig):
+    `prior_elapsed` is the time spent before a resume: the time budget adds to it."""
+
+    def __init__(self, cfg: TrainConfig, prior_elapsed: float = 0.0):
         self.cfg = cfg
+        self.budget_s = prior_elapsed + cfg.time_budget * 60.0 if cfg.time_budget else None
 
     def progress(self, step: int, elapsed: float) -> float:
         p = 0.0
         if self.cfg.max_steps:
             p = max(p, step / self.cfg.max_steps)
-        if self.cfg.time_budget:
-            p = max(p, elapsed / (self.cfg.time_budget * 60.0))
+        if self.budget_s:
+            p = max(p, elapsed / self.budget_s)
         return min(p, 1.0)
 
     def lr(self, step: int, elapsed: float) -> float:
@@ -191,8 +204,27 @@ def _metrics(step: int, best: float, elapsed: float, train_loss: float | None) -
             "elapsed_s": elapsed, "train_loss": train_loss}
 
 
+def _bar(cfg: TrainConfig, sched: Schedule, step: int, elapsed: float) -> tqdm:
+    """Progress in percent of the run (by steps or by the time budget, whichever is further), so the bar
+    has a total and an ETA either way; the step, loss and best validation loss ride in the postfix."""
+    return tqdm(total=100.0, initial=100.0 * sched.progress(step, elapsed), disable=not cfg.progress,
+                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
+
+
+def _plot(cfg: TrainConfig, model: CharRNN, mlog: MetricsLog, step: int, elapsed: float) -> None:
+    m = model.cfg
+    title = (f"{cfg.model} ({m.arch} {m.num_layers}x{m.hidden_size}, {model.num_params() / 1e6:.2f}M params): "
+             f"{step} steps, {elapsed / 60:.1f} min")
+    plot_losses(mlog.read(), os.path.join(cfg.out, "loss.png"), title=title)
+
+
 def train_charlm(cfg: TrainConfig) -> CharLMResult:
-    tuner = ThreadTuner() if cfg.threads == 0 else None
+    """Train; raises TrainingInterrupted on SIGINT/SIGTERM (after saving last.pt and loss.png)."""
+    with stop_on_signals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopRequest) -> CharLMResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -200,7 +232,6 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
     data = CharData.from_file(cfg.corpus, min_window=cfg.seq_len)
     model = CharRNN(cfg.model_config(len(data.vocab)))
     opt = _optimizer(model, cfg)
-    sched = Schedule(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     best_path, last_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "last.pt")
 
@@ -208,6 +239,12 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
     if cfg.resume:
         st = _resume_state(cfg, model, opt, gen)
         step, prior_elapsed, best = st["step"], st["elapsed"], st["best_val_nats"]
+    sched = Schedule(cfg, prior_elapsed)
+    if cfg.resume and sched.done(step, prior_elapsed):
+        log.warning("nothing to train: step %d already reached --max-steps %s; raise --max-steps or give "
+                    "--time-budget MINUTES (on --resume: the time for this run)", step, cfg.max_steps)
+    tuner = ThreadTuner(max_probe_s=THREAD_PROBE_FRACTION * sched.budget_s if sched.budget_s else None) \
+        if cfg.threads == 0 else None
     mlog = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if cfg.resume else None)
     log.info("model %s: %s, %d params", cfg.model, model.cfg, model.num_params())
 
@@ -242,10 +279,19 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
         save(last_path, train_loss, with_state=True)
         log.info("step %d: val %.4f nats/char (%.4f bits), best %.4f", step, val, to_bits(val), best)
 
+    def show(bar: tqdm) -> None:
+        bar.update(100.0 * sched.progress(step, elapsed()) - bar.n)
+        text = f"step {step}"
+        if last_loss is not None:
+            text += f", loss {last_loss:.3f}"
+        if best < float("inf"):
+            text += f", best_val {best:.3f}"
+        bar.set_postfix_str(text, refresh=False)
+
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = _bar(cfg, sched, step, prior_elapsed)
     loss_sum, loss_n, last_loss, t_log = 0.0, 0, None, time.perf_counter()
-    while not sched.done(step, elapsed()):
+    while not stop and not sched.done(step, elapsed()):
         if tuner:
             tuner.start_step()
         lr = sched.lr(step, elapsed())
@@ -264,20 +310,27 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
             tuner.end_step()
         step += 1
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        bar.update(1)
-        if step % cfg.log_interval == 0:
+        if step % cfg.log_interval == 0 or (step <= EARLY_LOG_INTERVALS * cfg.log_interval
+                                            and step % max(1, cfg.log_interval // EARLY_LOG_INTERVALS) == 0):
             last_loss = loss_sum / loss_n
             now = time.perf_counter()
             mlog.write({"event": "train", "step": step, "loss": last_loss, "lr": lr, "elapsed_s": elapsed(),
                         "tokens_per_s": loss_n * cfg.batch_size * cfg.seq_len / (now - t_log),
                         "threads": torch.get_num_threads()})
-            bar.set_postfix(loss=f"{last_loss:.3f}", best_val=f"{best:.3f}")
             loss_sum, loss_n, t_log = 0.0, 0, now
         if step % cfg.eval_interval == 0:
             eval_and_save(last_loss)
+        show(bar)
     bar.close()
     if loss_n:
         last_loss = loss_sum / loss_n
+        mlog.write({"event": "train", "step": step, "loss": last_loss, "elapsed_s": elapsed(),
+                    "threads": torch.get_num_threads()})
+    if stop:
+        save(last_path, last_loss, with_state=True)
+        mlog.write({"event": "interrupted", "step": step, "elapsed_s": elapsed(), "signal": stop.signame})
+        _plot(cfg, model, mlog, step, elapsed())
+        raise TrainingInterrupted(stop.signame, step, elapsed(), sched.budget_s)
     if step % cfg.eval_interval != 0 or not os.path.exists(best_path):
         eval_and_save(last_loss)
     train_elapsed = elapsed()
@@ -291,7 +344,7 @@ def train_charlm(cfg: TrainConfig) -> CharLMResult:
     save_checkpoint(best_path, model, data.vocab, cfg.to_dict(), metrics)
     mlog.write({"event": "final", "step": step, "checkpoint_step": metrics["step"], "val_full_nats": full,
                 "val_full_bits": to_bits(full), "elapsed_s": train_elapsed})
-    plot_losses(mlog.read(), os.path.join(cfg.out, "loss.png"))
+    _plot(cfg, model, mlog, step, train_elapsed)
     log.info("done: %d steps in %.0f s; best checkpoint (step %d) %.4f nats/char, %.4f bits/char over "
              "the whole validation split -> %s", step, train_elapsed, metrics["step"], full, to_bits(full),
              best_path)

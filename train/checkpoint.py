@@ -20,6 +20,7 @@ from rnnserve.train.model import CharRNN, ModelConfig
 log = logging.getLogger(__name__)
 
 FORMAT = "rnnserve-checkpoint/1"
+WHAT_TO_GIVE = "give a checkpoint.pt written by rnnserve-train (e.g. runs/hello/emb-lstm/checkpoint.pt)"
 REQUIRED_KEYS = ("state_dict", "model_config", "vocab", "train_config", "metrics", "torch_version")
 
 
@@ -50,19 +51,20 @@ def save_checkpoint(path: str, model: CharRNN, vocab: list[str], train_config: d
 def read_checkpoint(path: str) -> dict[str, Any]:
     """Load and validate the checkpoint dict, with clear errors."""
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}; {WHAT_TO_GIVE}")
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; {WHAT_TO_GIVE}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: not a valid torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise CheckpointError(f"{path} is not a torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); {WHAT_TO_GIVE}") from e
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} is not an rnnserve checkpoint (got {type(ckpt).__name__})")
+        raise CheckpointError(f"{path} is not an rnnserve checkpoint (it holds a {type(ckpt).__name__}); "
+                              f"{WHAT_TO_GIVE}")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not an rnnserve checkpoint: missing keys {missing}")
+        raise CheckpointError(f"{path} is not an rnnserve checkpoint (no {', '.join(missing)}); {WHAT_TO_GIVE}")
     return ckpt
 
 

@@ -18,12 +18,12 @@ class CorpusError(Exception):
 
 def read_corpus(path: str) -> str:
     if not os.path.isfile(path):
-        raise CorpusError(f"corpus not found: {path}")
+        raise CorpusError(f"corpus not found: {path}; give a UTF-8 text file (e.g. ../shared/data/tinyshakespeare.txt)")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise CorpusError(f"corpus {path} is not valid UTF-8: {e}") from e
+        raise CorpusError(f"corpus {path} is not UTF-8 text ({e}); give a UTF-8 text file") from e
     return text
 
 

@@ -18,8 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rnnserve.train.checkpoint import load_checkpoint
-from rnnserve.train.data import encode, read_corpus, split_ids
+from rnnserve.cli import EXIT_INTERRUPTED, user_error
+from rnnserve.train.checkpoint import CheckpointError, load_checkpoint
+from rnnserve.train.data import CorpusError, encode, read_corpus, split_ids
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +74,50 @@ def to_bits(nats: float) -> float:
     return nats / LN2
 
 
+def _val_ids(args) -> tuple[object, torch.Tensor]:
+    """The model and the chosen split's ids; CheckpointError/CorpusError say what is wrong."""
+    model, ckpt = load_checkpoint(args.checkpoint)
+    text = read_corpus(args.corpus)
+    try:
+        ids = encode(text, ckpt["vocab"])
+    except CorpusError as e:
+        trained_on = ckpt["train_config"].get("corpus")
+        raise CorpusError(f"the checkpoint's vocabulary does not match the corpus: {e} of {args.checkpoint} "
+                          f"({len(ckpt['vocab'])} characters); evaluate on the text the model was trained on"
+                          + (f" ({trained_on})" if trained_on else "")) from e
+    train_ids, val_ids = split_ids(ids)
+    return model, (val_ids if args.split == "val" else train_ids)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rnnserve.train.evaluate",
                                 description="Validation loss of a char-LM checkpoint, in windows "
-                                            "with the state reset per window.")
-    p.add_argument("checkpoint")
+                                            "with the state reset per window.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint.pt written by rnnserve-train --task charlm")
     p.add_argument("--corpus", required=True, help="the UTF-8 text the model was trained on")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--window", type=int, default=256,
+                   help="characters per window; the state is reset for each window")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument("--split", choices=("val", "train"), default="val",
+                   help="val: the corpus's last 10%%; train: the first 90%%")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.window < 1:
+        p.error("--window must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, ckpt = load_checkpoint(args.checkpoint)
-    ids = encode(read_corpus(args.corpus), ckpt["vocab"])
-    train_ids, val_ids = split_ids(ids)
-    ids = val_ids if args.split == "val" else train_ids
-    nats = evaluate_windows(model, ids, window=args.window, batch_size=args.batch_size)
+    try:
+        model, ids = _val_ids(args)
+        if len(ids) < 2:
+            return user_error(f"the {args.split} split of {args.corpus} has {len(ids)} characters; "
+                              "give a longer corpus")
+        nats = evaluate_windows(model, ids, window=args.window, batch_size=args.batch_size)
+    except (CheckpointError, CorpusError) as e:
+        return user_error(str(e))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     print(f"{args.split}: {len(ids)} chars, window {args.window}: "
           f"{nats:.4f} nats/char, {to_bits(nats):.4f} bits/char")
     return 0
