@@ -137,6 +137,22 @@ def test_charlm_resume_continues_the_step_count(corpus, tmp_path):
     assert steps == list(range(2, 31, 2))  # the first run's history kept, continued from 20
 
 
+def test_resume_after_a_finished_run_gets_time_budget_more(corpus, tmp_path, caplog):
+    """--time-budget on --resume is this run's time, so a finished run can be continued; --max-steps
+    stays a total, and a resume that has nothing left to do says so."""
+    out = tmp_path / "run"
+    budget = 0.01   # minutes
+    first = train_charlm(_cfg(corpus, out, max_steps=None, time_budget=budget, eval_interval=10**6))
+    assert first.elapsed_s >= budget * 60
+    again = train_charlm(_cfg(corpus, out, max_steps=None, time_budget=budget, eval_interval=10**6, resume=True))
+    assert again.step > first.step
+    assert again.elapsed_s >= first.elapsed_s + budget * 60
+    caplog.clear()
+    done = train_charlm(_cfg(corpus, out, max_steps=again.step, resume=True))
+    assert done.step == again.step
+    assert "nothing to train" in caplog.text and "raise --max-steps" in caplog.text
+
+
 def test_charlm_cli_and_determinism(corpus, tmp_path):
     args = ["--task", "charlm", "--corpus", corpus, "--max-steps", "10", "--eval-interval", "10",
             "--eval-windows", "4", "--eval-window", "64", "--seq-len", "16", "--batch-size", "8",
