@@ -10,9 +10,11 @@
     rnnserve-client stream MODEL [CHUNK ...]   (no CHUNK: one chunk per stdin line)
     rnnserve-client infer MODEL --tokens 0,1,2;3,2,1
 
---address defaults to $RNNSERVE_ADDRESS, else 127.0.0.1:8001. Output is readable
-by default; --json prints one JSON object for scripts. A failed call prints the
-gRPC status and exits 1.
+--address defaults to $RNNSERVE_ADDRESS, else 127.0.0.1:8001 (HOST:PORT, [IPv6]:PORT,
+or a gRPC target with a scheme such as unix:/path or dns:///host:port). Output is
+readable by default; --json prints one JSON object for scripts. A failed call prints
+the gRPC status and exits 1; a bad flag exits 2; a closed output pipe (`| head`)
+ends quietly with 141, as a process killed by SIGPIPE would.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from rnnserve.serve.wire.gen import text_service_pb2 as tpb
 from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, what shells report for a writer whose reader went away
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 MAX_MESSAGE_BYTES = 2**31 - 1
 
 
@@ -161,6 +165,33 @@ class RnnClient:
 
 # ---- CLI ---------------------------------------------------------------------------------
 
+def parse_address(text: str) -> str:
+    """HOST:PORT with a port in 1..65535 (gRPC would dial 443 for a missing or empty port), or a target
+    with a scheme (unix:..., dns:///..., ipv4:..., ipv6:...), passed as it is."""
+    if ":" in text.split("/", 1)[0] and text.split(":", 1)[0] in ("unix", "unix-abstract", "dns", "ipv4", "ipv6",
+                                                                   "vsock"):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or host == "[]" or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT with a port 1-65535 "
+                                         f"(e.g. 127.0.0.1:8001 or [::1]:8001)")
+    return text
+
+
+def unescape(text: str) -> str:
+    """--stop's escapes: \\n newline, \\t tab, \\r carriage return, \\\\ backslash; any other
+    backslash stays as it is."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPES:
+            out.append(ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def _parse_tokens(text: str) -> np.ndarray:
     """"0,1,2;3,2,1" -> int64 [[0,1,2],[3,2,1]] (rows split by ';')."""
     try:
@@ -219,12 +250,17 @@ def _cmd_generate(client: RnnClient, args) -> dict:
     events = []
     if not args.json:
         print(args.prompt, end="", flush=True)
-    for event in client.generate(args.model, args.prompt, args.max_tokens, args.temperature,
-                                 args.top_k, args.top_p, args.seed, tuple(args.stop),
-                                 args.version):
-        events.append(event)
+    try:
+        for event in client.generate(args.model, args.prompt, args.max_tokens, args.temperature,
+                                     args.top_k, args.top_p, args.seed, tuple(args.stop),
+                                     args.version):
+            events.append(event)
+            if not args.json:
+                print(event["text"], end="", flush=True)
+    except grpc.RpcError:
         if not args.json:
-            print(event["text"], end="", flush=True)
+            print(flush=True)   # end the partial line, so the error starts on its own
+        raise
     finish = events[-1]["finish_reason"] if events else ""
     if not args.json:
         print(f"\n[{len(events)} tokens, finish: {finish}]")
@@ -274,49 +310,55 @@ def _cmd_infer(client: RnnClient, args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnnserve-client", description="rnnserve client")
-    parser.add_argument("--address", default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
-                        help="server HOST:PORT [env RNNSERVE_ADDRESS] (default %(default)s)")
+    parser = argparse.ArgumentParser(prog="rnnserve-client", description="rnnserve client",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--address", type=parse_address,
+                        default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
+                        help="server HOST:PORT [env RNNSERVE_ADDRESS]")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
+    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds (none: no deadline)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)   # the same flags after the subcommand
-    common.add_argument("--address", default=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS)
+    common.add_argument("--address", type=parse_address, default=argparse.SUPPRESS,
+                        help="server HOST:PORT (default: $RNNSERVE_ADDRESS, else 127.0.0.1:8001)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help="per-call deadline, seconds (default: none)")
 
     def command(name, func, help_text, model=False):
-        p = sub.add_parser(name, help=help_text, parents=[common])
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(func=func)
         if model:
-            p.add_argument("model")
-            p.add_argument("--version", default="", help="model version ('' = newest)")
+            p.add_argument("model", help="model name")
+            p.add_argument("--version", default="", help="model version (default %(default)r: the newest)")
         return p
 
     command("health", _cmd_health, "grpc.health.v1 status").add_argument(
-        "--service", default="", help="a model name ('' = the server)")
+        "--service", default="", help="a model name (default %(default)r: the server)")
     command("models", _cmd_models, "list the repository's models")
     p = command("metadata", _cmd_metadata, "server or model metadata")
-    p.add_argument("model", nargs="?", default="")
-    p.add_argument("--version", default="")
+    p.add_argument("model", nargs="?", default="", help="a model (default %(default)r: the server's metadata)")
+    p.add_argument("--version", default="", help="model version (default %(default)r: every version)")
     p = command("predict", _cmd_predict, "next-character predictions for TEXT", model=True)
-    p.add_argument("text")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("text", help="input text")
+    p.add_argument("--top-k", type=int, default=3, help="candidates shown per position")
     p = command("generate", _cmd_generate, "stream generated text", model=True)
-    p.add_argument("prompt")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("prompt", help="text the generation continues")
+    p.add_argument("--max-tokens", type=int, default=100, help="characters to generate at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (none: random)")
+    p.add_argument("--stop", action="append", default=[], type=unescape,
+                   help="stop after this string (repeatable); \\n, \\t, \\r and \\\\ are escapes")
     p = command("score", _cmd_score, "log-likelihood of TEXT", model=True)
-    p.add_argument("text")
+    p.add_argument("text", help="the text to score (its first character is not predicted)")
     p = command("stream", _cmd_stream, "stream text chunks, state kept on the server",
                 model=True)
     p.add_argument("chunks", nargs="*", help="text chunks (none: one per stdin line)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="candidates shown per position")
     p.add_argument("--keep-newlines", action="store_true",
                    help="stdin lines keep their newline character")
     p = command("infer", _cmd_infer, "raw tensor inference (Open Inference Protocol)", model=True)
@@ -325,8 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args) -> int:
     with RnnClient(args.address, timeout=args.timeout) as client:
         try:
             result = args.func(client, args)
@@ -340,6 +381,20 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc = _run(args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # The reader (e.g. `head`) is gone: say nothing, and keep Python's exit-time flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

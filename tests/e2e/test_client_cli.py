@@ -105,3 +105,38 @@ def test_rnn_client_matches_tritonclient(address):
     assert set(ours) == {"logits", "hn", "cn"}
     for name, array in ours.items():
         assert array.tobytes() == theirs.as_numpy(name).tobytes()
+
+
+def test_a_bad_address_is_refused_before_dialing(address):
+    for bad in ("127.0.0.1:", "127.0.0.1", ":8001", "localhost:http"):
+        rc, _, err = cli(bad, "health", json_output=False)
+        assert rc == 2 and "is not HOST:PORT" in err and "Traceback" not in err, err
+    rc, _, err = cli("127.0.0.1:", "health", json_output=False, env_address=True)
+    assert rc == 2 and "is not HOST:PORT" in err
+
+
+def test_an_error_after_partial_output_starts_on_its_own_line(address):
+    rc, out, err = cli(address, "generate", "rnn", "Hex", json_output=False)
+    assert rc == 1 and out == "Hex\n" and err.startswith("error: INVALID_ARGUMENT")
+
+
+def test_a_closed_pipe_ends_quietly(address):
+    """`| head`: the reader goes away while the client still has more to write than a pipe holds
+    (6000 streamed chunks, about 130 KB)."""
+    command = (f"seq 6000 | sed s/.*/hello/ | {sys.executable} -m rnnserve.serve.client "
+               f"--address {address} stream emb-gru | head -c 23; exit ${{PIPESTATUS[2]}}")   # the client's
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.stdout == "  0 'hello' -> 'ohlol'\n"
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_stop_strings_take_escapes(charlm_repo):
+    from rnnserve.serve.client import unescape
+    from tests.fixtures import serving
+
+    assert unescape(r"a\nb\tc\\n\x") == "a\nb\tc\\n\\x"
+    with serving(charlm_repo) as (_, addr):
+        rc, out, err = cli(addr, "generate", "charlm", "a", "--max-tokens", "60", "--seed", "2",
+                           "--temperature", "2", "--stop", r"\n")
+    assert rc == 0, err
+    assert out["finish_reason"] == "stop" and out["text"].endswith("\n") and out["text"].count("\n") == 1
