@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for model.onnx and parity.json")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for the gate (default: onnxruntime's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads for the gate (default: onnxruntime's)")
     p.add_argument("--no-gate", action="store_true", help="skip the parity gate (not for models you serve)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -68,7 +69,8 @@ def _batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", required=True, action="append",
                    help="a directory (every **/checkpoint.pt under it), a checkpoint file, or a glob; repeatable")
     p.add_argument("--repository", required=True, help="model repository to publish into (created if missing)")
-    p.add_argument("--keep", type=_positive, default=None, help="keep only the newest N versions of each model (default: keep all)")
+    p.add_argument("--keep", type=_positive, default=None,
+                   help="keep only the newest N versions of each model (default: keep all)")
     p.add_argument("--variants", type=_variant_list, default=[],
                    help=f"comma-separated extra models per checkpoint: {','.join(VARIANTS)} "
                         f"(published as REPO/<model>-<variant>/)")

@@ -29,7 +29,7 @@ from rnnserve.export.onnx_export import DEFAULT_OPSET, export_checkpoint
 from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN
 from rnnserve.export.publish import RepoWriter, sanitize_name
 from rnnserve.export.tritonconfig import DEFAULT_MAX_BATCH_SIZE, triton_config
-from rnnserve.export.variants import DEFAULT_MIN_AGREEMENT, FP16_WARNING, load_eval_text, make_variant, variant_session
+from rnnserve.export.variants import DEFAULT_MIN_AGREEMENT, FP16_NOTE, load_eval_text, make_variant, variant_session
 from rnnserve.files import file_sha256
 from rnnserve.train.checkpoint import load_checkpoint
 
@@ -324,7 +324,7 @@ def format_report(outcome: BatchOutcome) -> str:
         text.append("refused variants (not published):")
         text += [f"  {r.model}: {r.reason}" for r in refused]
     if any(r.variant == "fp16" and r.status == "new" for r in outcome.rows):
-        text.append(f"warning: {FP16_WARNING}")
+        text.append(f"note: {FP16_NOTE}")
     if outcome.failures:
         text.append(f"FAILED ({len(outcome.failures)}):")
         text += [f"  {m} [{c}]: {why}" for m, c, why in outcome.failures]

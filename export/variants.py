@@ -57,8 +57,8 @@ EVAL_WINDOW = 128
 MIN_EVAL_TOKENS = 64
 VARIANT_REPORT = "variant.json"
 FP16_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
-FP16_WARNING = ("onnxruntime 1.32 on CPU segfaults creating a session for an fp16 graph at ORT_ENABLE_ALL "
-                "(NchwcTransformer): serve fp16 models on CUDA, or with that optimizer disabled")
+FP16_NOTE = ("fp16 models need onnxruntime's NchwcTransformer disabled on CPU (onnxruntime 1.32 crashes "
+             "creating their session otherwise); rnnserve-server disables it for every model")
 _QUANT_OP_PREFIXES = ("DynamicQuantize", "QLinear", "QGemm", "QAttention")
 _QUANT_OP_SUFFIXES = ("Integer",)
 
@@ -221,7 +221,7 @@ def _build_fp16(src: str, dst: str, work_dir: str, meta: ModelMeta) -> dict[str,
     onnx.save(proto, dst)
     return {"ops": op_counts(proto), "method": "float16 initializers/compute, float32 Cast at the interface",
             "measured_on": "CPUExecutionProvider (target: CUDA)",
-            "warning": FP16_WARNING,
+            "note": FP16_NOTE,
             "ort_disabled_optimizers": FP16_DISABLED_OPTIMIZERS}
 
 

@@ -1,13 +1,15 @@
 """rnnserve-server --repository DIR [--host 127.0.0.1 --port 8001 --device auto|cpu|cuda ...]
+rnnserve-server --model DIR/model.onnx [--model-name NAME] [...]   (one exported file)
 
 Every ServeSettings field is a flag (--max-seq-len, --grace, ...) and an
 environment variable with the prefix RNNSERVE_ (RNNSERVE_MAX_SEQ_LEN, ...);
 a flag beats the environment, which beats the default. `--threads` is short
 for --intra-op-threads.
 
-When the server is ready it logs `rnnserve listening on HOST:PORT` (and writes
-the port to --port-file, if given, and the metrics port to <port-file>.metrics
-when --metrics-port is on). SIGTERM or SIGINT drains: no new calls,
+When the server is ready it prints `rnnserve listening on HOST:PORT` and logs the
+bound addresses at WARNING (gRPC, and the metrics URL when --metrics-port is on);
+it writes the port to --port-file, if given, and the metrics port to
+<port-file>.metrics. With no READY model it logs an ERROR, and --strict exits 1. SIGTERM or SIGINT drains: no new calls,
 in-flight calls get --grace seconds, then the process exits 0. Further
 signals during the drain are logged and change nothing.
 """
@@ -19,9 +21,11 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping
 
+from rnnserve.contract import MODEL_FILENAME
 from rnnserve.files import atomic_write_text
 from rnnserve.serve.engine.runtime import DEVICES
 from rnnserve.serve.frontend.server import create_server
@@ -33,7 +37,7 @@ ENV_PREFIX = "RNNSERVE_"
 ALIASES = {"intra_op_threads": ["--threads"]}
 CHOICES = {"device": DEVICES}
 HELP = {
-    "repository": "model repository: DIR/<model>/<version>/model.onnx",
+    "repository": "model repository: DIR/<model>/<version>/model.onnx (or give --model)",
     "port": "0 = a free port (see --port-file)",
     "device": "cuda fails at start-up unless CUDA is really active; auto falls back to CPU",
     "intra_op_threads": "onnxruntime threads per session (0 = onnxruntime's default)",
@@ -70,8 +74,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     for field in dataclasses.fields(ServeSettings):
         flag = "--" + field.name.replace("_", "-")
         env_name = _env_name(field.name)
-        required = field.default is dataclasses.MISSING
-        default = None if required else field.default
+        required = field.default is dataclasses.MISSING and field.name != "repository"  # or --model
+        default = None if field.default is dataclasses.MISSING else field.default
         kind = type(default) if default is not None else str
         parse = _parse_bool if kind is bool else kind
         if env_name in env:
@@ -91,6 +95,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         parser.add_argument(flag, *ALIASES.get(field.name, []), **kwargs)
     parser.add_argument("--port-file", default=env.get(_env_name("port_file")),
                         help=f"write the bound port here once listening [env {_env_name('port_file')}]")
+    parser.add_argument("--model", help="serve one exported model.onnx (or the folder holding it) as a "
+                                        "one-model repository, instead of --repository")
+    parser.add_argument("--model-name", help="the name --model serves under (default: its folder's name)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 at start-up when no model is READY (default: serve anyway, logging an ERROR)")
     parser.add_argument("--log-level", default=env.get(_env_name("log_level"), "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help=f"[env {_env_name('log_level')}]")
@@ -99,7 +108,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def parse_settings(argv=None, env: Mapping[str, str] | None = None
                    ) -> tuple[ServeSettings, argparse.Namespace]:
-    args = build_parser(os.environ if env is None else env).parse_args(argv)
+    parser = build_parser(os.environ if env is None else env)
+    args = parser.parse_args(argv)
+    if args.model and args.repository:
+        parser.error("give --repository DIR or --model FILE, not both")
+    if not args.model and not args.repository:
+        parser.error("--repository DIR is required (or --model DIR/model.onnx for one exported model)")
+    if args.model:
+        args.repository = ""   # main() puts the one-model repository here
     names = [f.name for f in dataclasses.fields(ServeSettings)]
     return ServeSettings(**{n: getattr(args, n) for n in names}), args
 
@@ -108,14 +124,55 @@ def _write_port_file(path: str, port: int) -> None:
     atomic_write_text(path, f"{port}\n")   # readers never see a half-written file
 
 
+def one_model_repository(model: str, name: str | None, root: str) -> str:
+    """ROOT/<name>/1/model.onnx, a link to the exported file, so one export is served as it is
+    (a re-export to the same path is picked up by --poll-interval)."""
+    src = os.path.abspath(os.path.join(model, MODEL_FILENAME) if os.path.isdir(model) else model)
+    if not os.path.isfile(src):
+        raise ValueError(f"--model {model}: no such file (give the model.onnx that rnnserve-export wrote)")
+    name = name or os.path.basename(os.path.dirname(src))
+    if not name or name.startswith(".") or os.sep in name:
+        raise ValueError(f"--model-name {name!r} is not a folder name")
+    os.makedirs(os.path.join(root, name, "1"))
+    os.symlink(src, os.path.join(root, name, "1", MODEL_FILENAME))
+    return root
+
+
+def _ready_models(server, settings: ServeSettings) -> int:
+    """How many model versions are READY; none is an ERROR that says why."""
+    entries = server.dataplane.repository_index()
+    ready = sum(e.state == "READY" for e in entries)
+    if not ready:
+        why = "; ".join(f"{e.name}/{e.version or '-'}: {e.reason}" for e in entries) or "no model folder"
+        logger.error("no model is READY in %s (%s): every inference call will fail. The layout is "
+                     "REPO/<model>/<version>/model.onnx (rnnserve-export batch writes it); to serve one "
+                     "exported file, use --model DIR/model.onnx", settings.repository, why)
+    return ready
+
+
 def main(argv=None) -> int:
     settings, args = parse_settings(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory(prefix="rnnserve-model-") as tmp:
+        if args.model:
+            try:
+                settings = dataclasses.replace(settings, repository=one_model_repository(
+                    args.model, args.model_name, tmp))
+            except ValueError as exc:
+                logger.error("cannot start: %s", exc)
+                return 2
+        return _serve(settings, args)
+
+
+def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
     try:
         server, port = create_server(settings)
     except Exception as exc:  # noqa: BLE001 - start-up failure: say why, exit non-zero
         logger.error("cannot start: %s", exc)
+        return 1
+    if not _ready_models(server, settings) and args.strict:
+        server.stop(0)
         return 1
 
     stop_requested = threading.Event()
@@ -136,6 +193,9 @@ def main(argv=None) -> int:
         _write_port_file(args.port_file, port)
     logger.info("%d models, providers: %s", len(server.dataplane.model_names()),
                 ", ".join(server.dataplane.providers()))
+    metrics = f", Prometheus metrics on http://{settings.host}:{server.metrics_port}/metrics" \
+        if server.metrics_port is not None else ""
+    logger.warning("listening on %s (gRPC)%s", server.address, metrics)
     print(f"rnnserve listening on {server.address}", flush=True)   # scripts wait for this line
     while not stop_requested.wait(1.0):
         pass

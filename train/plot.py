@@ -32,7 +32,8 @@ def plot_losses(events: list[dict[str, Any]], path: str, title: str | None = Non
         ax.plot(*zip(*val), "o-", label="validation, sampled windows (nats/char)", markersize=4)
     if final:
         step, nats = final[-1]
-        ax.plot([step], [nats], "*", markersize=14, zorder=1, label=f"best checkpoint, whole validation split: {nats:.3f}")
+        ax.plot([step], [nats], "*", markersize=14, zorder=1,
+                label=f"best checkpoint, whole validation split: {nats:.3f}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy, nats/char")

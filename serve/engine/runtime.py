@@ -60,8 +60,9 @@ def choose_providers(device: str) -> list[str]:
     if device == "auto":
         if CUDA in available:
             return [CUDA, CPU]
-        log.warning("--device auto: this onnxruntime build (%s) has no %s; using CPU (available: %s)",
-                    ort.__version__, CUDA, ", ".join(available))
+        # The plain CPU install: nothing fell back, so nothing to warn about.
+        log.info("--device auto: this onnxruntime build (%s) has no %s; using CPU (available: %s)",
+                 ort.__version__, CUDA, ", ".join(available))
         return [CPU]
     raise DeviceError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
 

@@ -381,9 +381,13 @@ def test_lifecycle_before_load_and_device_errors(charlm_repo):
         DataPlane(ServeSettings(repository=charlm_repo + "/nope", device="cpu")).load()
 
 
-def test_auto_device_uses_what_is_really_active(charlm_repo):
+def test_auto_device_uses_what_is_really_active(charlm_repo, caplog):
     auto = DataPlane(ServeSettings(repository=charlm_repo, device="auto", warmup=False))
-    auto.load()
+    with caplog.at_level(logging.INFO, logger="rnnserve.serve.engine.runtime"):
+        auto.load()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():   # the plain CPU install: no warning
+        assert "has no CUDAExecutionProvider; using CPU" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "--device" in r.getMessage()]
     try:
         expected = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
