@@ -1,4 +1,4 @@
-"""Issue 4 over the wire: dynamic batching and server-side sequences, side by side in one run.
+"""Over the wire: dynamic batching and server-side sequences, side by side in one run.
 
     python -m bench.bench_batching [--seconds 5] [--sequences 64] [--steps 256] [--threads 1]
 
@@ -43,19 +43,20 @@ It needs Debian's libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu1
     python -c 'from bench.bench_server import build_repository as b; print(b("/tmp/pa"))'
     rnnserve-server --repository /tmp/pa/repo --port 8001 --device cpu --threads 1 &
     # the model reports sequence_batching, so perf_analyzer always runs its sequence mode;
-    # a JSON data file sends `tokens` only (the state inputs are optional: server-kept)
-    python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [0] * 64, "shape": [1, 64]}}]}))' > tokens.json
-    python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [1], "shape": [1, 1]}}]}))' > step.json
+    # a JSON data file (shipped in bench/perf_analyzer/) sends `tokens` only (the state inputs are
+    # optional: server-kept)
     # stateless-style load: every request is a sequence of one step (START+END), batch 1 x seq 64
-    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data tokens.json --concurrency-range 8
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data bench/perf_analyzer/tokens.json \\
+        --concurrency-range 8
     # sequences of 64 single-token steps, ids 1..1000, unary and then over a stream
-    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data step.json \\
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data bench/perf_analyzer/step.json \\
         --sequence-length 64 --sequence-id-range 1:1000 --concurrency-range 8
-    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data step.json \\
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data bench/perf_analyzer/step.json \\
         --sequence-length 64 --sequence-id-range 1:1000 --concurrency-range 8 --streaming
 
 On a loaded machine add `-p 10000` (a longer measurement window) when perf_analyzer says
-"Failed to obtain stable measurement". The three runs finish with "Server: Inference count ... Execution count ..." lines: ModelStatistics
+"Failed to obtain stable measurement". The three runs finish with "Server: Inference count ...
+Execution count ..." lines: ModelStatistics
 counts queue/compute_input/compute_infer/compute_output once per request (perf_analyzer stops with
 "Server side statistics compute counts must be the same" otherwise), execution_count per run.
 """
@@ -324,15 +325,16 @@ def _with_server(repo: str, tmp: str, threads: int, extra: list[str], work: Call
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per stateless measurement")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                        help="client concurrencies of table 1 (stateless requests)")
+    parser.add_argument("--sequences", type=int, default=64, help="concurrent sequences of table 2")
+    parser.add_argument("--steps", type=int, default=256, help="single-token steps per sequence")
     parser.add_argument("--streams", type=int, default=4, help="tritonclient streams (table 2)")
     parser.add_argument("--prefix", type=int, default=256, help="n of table 3")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, both sides")
-    parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--max-queue-delay-us", type=int, default=500, help="the server's flag of that name")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     n, steps = args.sequences, args.steps

@@ -41,11 +41,11 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")
-    p.add_argument("--runs", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    p.add_argument("--runs", type=int, default=200, help="timed runs per case (the median is shown)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed runs first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 

@@ -19,8 +19,7 @@ libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel:
     pip download --no-deps nvidia-cuda-runtime-cu12 -d /tmp/w && unzip -q -d /tmp/cudart /tmp/w/*.whl
     export LD_LIBRARY_PATH=/tmp/cudart/nvidia/cuda_runtime/lib:$LD_LIBRARY_PATH
     rnnserve-server --repository REPO --port 8001 --threads 1 &
-    python -c 'import json; print(json.dumps({"data": [{"tokens": {"content": [0] * 64, "shape": [1, 64]}}]}))' > tokens.json
-    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data tokens.json \
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data bench/perf_analyzer/tokens.json \
         --concurrency-range 8
 
 Streamable models report sequence_batching in ModelConfig, so perf_analyzer runs its
@@ -119,9 +118,9 @@ def run_load(make_call, concurrency: int, seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="client concurrencies")
     parser.add_argument("--rounds", type=int, default=3,
                         help="in-process and server measured alternately this many times per "
                              "concurrency; the table shows the median round (the in-process "

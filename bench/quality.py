@@ -56,15 +56,20 @@ def table(rows: list, n_val: int, window: int) -> str:
     return "\n".join(out)
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=DEFAULT_CORPUS)
+                                formatter_class=Formatter)
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="UTF-8 text to train and evaluate on")
     p.add_argument("--budget", type=float, default=10.0, help="minutes of training per model")
-    p.add_argument("--models", nargs="+", default=list(CHAR_PRESET_NAMES), choices=CHAR_PRESET_NAMES)
-    p.add_argument("--out", default=os.path.join("runs", "quality"))
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--models", nargs="+", default=list(CHAR_PRESET_NAMES), choices=CHAR_PRESET_NAMES,
+                   help="presets to train, one after the other")
+    p.add_argument("--out", default=os.path.join("runs", "quality"), help="runs go to OUT/<model>/")
+    p.add_argument("--window", type=int, default=256, help="evaluation window (state reset per window)")
+    p.add_argument("--seed", type=int, default=1337, help="training seed")
     p.add_argument("--eval-only", action="store_true", help="evaluate the existing checkpoints only")
     p.add_argument("--progress", action="store_true", help="show the tqdm bar while training")
     args = p.parse_args(argv)

@@ -73,7 +73,7 @@ def _batch_parser() -> argparse.ArgumentParser:
                    help="keep only the newest N versions of each model (default: keep all)")
     p.add_argument("--variants", type=_variant_list, default=[],
                    help=f"comma-separated extra models per checkpoint: {','.join(VARIANTS)} "
-                        f"(published as REPO/<model>-<variant>/)")
+                        f"(published as REPO/<model>-<variant>/; default: none)")
     p.add_argument("--name-from", choices=("dir", "file"), default="dir",
                    help="model name from the checkpoint's folder (default) or its file name")
     p.add_argument("--eval-text", default=None,

@@ -1,5 +1,4 @@
-"""rnnserve-server --repository DIR [--host 127.0.0.1 --port 8001 --device auto|cpu|cuda ...]
-rnnserve-server --model DIR/model.onnx [--model-name NAME] [...]   (one exported file)
+"""rnnserve-server --repository DIR (or --model DIR/model.onnx) [--port 8001 --device auto|cpu|cuda ...]
 
 Every ServeSettings field is a flag (--max-seq-len, --grace, ...) and an
 environment variable with the prefix RNNSERVE_ (RNNSERVE_MAX_SEQ_LEN, ...);
@@ -49,7 +48,22 @@ HELP = {
                     "hurts per-message-bound streaming; see serve/priority.py)",
     "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
     "poll_interval": "seconds between scans of the repository for new, changed and removed models (0 = off)",
-    "metrics_port": "Prometheus /metrics on --host:PORT (-1 = off, 0 = a free port)",
+    "metrics_port": "Prometheus /metrics on --host:PORT (-1 = off, 0 = a free port, written to "
+                    "<--port-file>.metrics and logged)",
+    "host": "address to listen on (0.0.0.0 = every interface)",
+    "inter_op_threads": "onnxruntime inter-op threads per session",
+    "max_seq_len": "longest token sequence accepted in one request",
+    "max_top_k": "largest top_k the text API accepts",
+    "max_generate_tokens": "most tokens one Generate call may ask for",
+    "warmup": "run each model on a few shapes at load, so the first request is not slow",
+    "grpc_workers": "gRPC handler threads (calls served at once)",
+    "max_message_bytes": "largest gRPC message, either way",
+    "server_name": "the name ServerMetadata reports",
+    "max_batch_size": "most rows one onnxruntime run takes (dynamic batching; 1 = off)",
+    "max_queue_delay_us": "longest a batch waits for more rows, and only when recent traffic says more are coming",
+    "max_queue_size": "queued requests per model before new ones get UNAVAILABLE",
+    "max_sequences": "live server-side sequences before a new START gets UNAVAILABLE",
+    "sequence_idle_timeout_s": "seconds after which an idle sequence's state is freed",
 }
 
 
@@ -102,7 +116,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="exit 1 at start-up when no model is READY (default: serve anyway, logging an ERROR)")
     parser.add_argument("--log-level", default=env.get(_env_name("log_level"), "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help=f"[env {_env_name('log_level')}]")
+                        help=f"logging threshold [env {_env_name('log_level')}]")
     return parser
 
 
