@@ -31,7 +31,17 @@ import onnx
 import torch
 import torch.nn as nn
 
-from rnnserve.contract import DIM_BATCH, DIM_SEQ, MODEL_FILENAME, GraphTensor, ModelMeta, build_metadata, parse_metadata
+from rnnserve.contract import (
+    DIM_BATCH,
+    DIM_SEQ,
+    MODEL_FILENAME,
+    GraphTensor,
+    ModelMeta,
+    build_metadata,
+    multichar_tokens,
+    parse_metadata,
+    text_api_refusal,
+)
 from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN, format_summary, run_parity
 from rnnserve.files import atomic_write_json, file_sha256
 from rnnserve.train.checkpoint import load_checkpoint
@@ -178,6 +188,10 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
     """
     t0 = time.perf_counter()
     model, ckpt = load_checkpoint(ckpt_path)
+    multichar = multichar_tokens(list(ckpt["vocab"]))
+    if multichar:
+        raise ExportError(f"{text_api_refusal(ckpt_path, multichar)}. rnnserve exports character models "
+                          f"only: train on characters (rnnserve-train --task charlm)")
     info = {"vocab": ckpt["vocab"], "train_config": ckpt["train_config"],
             "checkpoint_sha256": file_sha256(ckpt_path)}
     train_seq_len = ckpt["train_config"].get("seq_len")

@@ -98,6 +98,19 @@ def build_metadata(*, vocab: list[str], model_config: Mapping[str, Any], train_c
     return props
 
 
+def multichar_tokens(vocab: list[str]) -> list[str]:
+    """Vocabulary entries that are not exactly one character. The text API maps one character to one
+    token, so a model with any (e.g. a word-level one) is refused for text; token ids still work."""
+    return [t for t in vocab if len(t) != 1]
+
+
+def text_api_refusal(name: str, tokens: list[str]) -> str:
+    """Why a model whose vocabulary has multi-character tokens cannot take text."""
+    shown = ", ".join(repr(t) for t in tokens[:3]) + (", ..." if len(tokens) > 3 else "")
+    return (f"{name} has {len(tokens)} vocabulary tokens that are not one character ({shown}); "
+            f"the text API reads one character per token: send token ids with ModelInfer")
+
+
 def state_shape(num_layers: int, num_directions: int, batch: int, hidden_size: int) -> tuple[int, int, int]:
     """Every state tensor is [layers*dirs, batch, hidden], as PyTorch's nn.RNN/LSTM/GRU keep it."""
     return (num_layers * num_directions, batch, hidden_size)

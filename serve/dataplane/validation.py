@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.contract import INPUT_TOKENS
+from rnnserve.contract import INPUT_TOKENS, text_api_refusal
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.errors import InvalidArgument
 from rnnserve.serve.wire.types import ParamValue
@@ -167,6 +167,8 @@ def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
 # -- text --------------------------------------------------------------------------------------
 def encode_text(inst: ModelInstance, text: str, max_seq_len: int, what: str = "text") -> np.ndarray:
     """Characters -> int64 ids [len]; names every character the vocabulary lacks."""
+    if inst.multichar_tokens:
+        raise InvalidArgument(text_api_refusal(f"model '{inst.name}'", inst.multichar_tokens))
     if not isinstance(text, str) or not text:
         raise InvalidArgument(f"{what} must not be empty")
     if len(text) > max_seq_len:

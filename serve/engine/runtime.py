@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from rnnserve.contract import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta
+from rnnserve.contract import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, multichar_tokens
 from rnnserve.serve.errors import ServeError, Unavailable
 from rnnserve.serve.wire.types import TensorSpec
 
@@ -119,6 +119,7 @@ class ModelInstance:
         self.state_outputs: list[str] = list(meta.state_outputs)
         self.vocab: list[str] = list(meta.vocab)
         self.char_to_id: dict[str, int] = {c: i for i, c in enumerate(self.vocab)}
+        self.multichar_tokens: list[str] = multichar_tokens(self.vocab)   # any: the text API refuses
         self._zeros: dict[int, np.ndarray] = {}
         self._check_graph()
 
