@@ -211,10 +211,10 @@ def test_cli_bad_checkpoint_is_a_clear_error(kind, tmp_path, capsys):
     if kind == "corrupt":
         ckpt.write_bytes(b"this is not a torch checkpoint\x00\x01")
     out_dir = tmp_path / "out"
-    assert export_main([str(ckpt), "--out", str(out_dir)]) == 1
+    assert export_main([str(ckpt), "--out", str(out_dir)]) == 2   # a user error
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert ("not found" if kind == "missing" else "cannot read checkpoint") in err
+    assert ("not found" if kind == "missing" else "is not a torch checkpoint") in err
     assert not (out_dir / MODEL_FILENAME).exists()
 
 
