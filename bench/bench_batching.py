@@ -325,7 +325,8 @@ def _with_server(repo: str, tmp: str, threads: int, extra: list[str], work: Call
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per stateless measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
                         help="client concurrencies of table 1 (stateless requests)")

@@ -41,7 +41,8 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     p.add_argument("--runs", type=int, default=200, help="timed runs per case (the median is shown)")
     p.add_argument("--warmup", type=int, default=20, help="untimed runs first")

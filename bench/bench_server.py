@@ -118,7 +118,8 @@ def run_load(make_call, concurrency: int, seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="client concurrencies")
     parser.add_argument("--rounds", type=int, default=3,

@@ -73,7 +73,8 @@ def start_floor_server(port_file: Path, seq: int) -> tuple[subprocess.Popen, str
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--port-file", required=True, help="write the bound port here")
     parser.add_argument("--seq", type=int, default=64, help="seq_len of the canned logits")
     parser.add_argument("--workers", type=int, default=32, help="gRPC handler threads")

@@ -154,7 +154,7 @@ def one_model_repository(model: str, name: str | None, root: str) -> str:
 
 def _ready_models(server, settings: ServeSettings) -> int:
     """How many model versions are READY; none is an ERROR that says why."""
-    entries = server.dataplane.repository_index()
+    entries = server.dataplane.admin.repository_index()
     ready = sum(e.state == "READY" for e in entries)
     if not ready:
         why = "; ".join(f"{e.name}/{e.version or '-'}: {e.reason}" for e in entries) or "no model folder"
