@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -38,6 +39,7 @@ from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, what shells report for a writer whose reader went away
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE = re.compile(r"\\([ntr\\])")
 MAX_MESSAGE_BYTES = 2**31 - 1
 
 
@@ -181,15 +183,7 @@ def parse_address(text: str) -> str:
 def unescape(text: str) -> str:
     """--stop's escapes: \\n newline, \\t tab, \\r carriage return, \\\\ backslash; any other
     backslash stays as it is."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPES:
-            out.append(ESCAPES[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    return _ESCAPE.sub(lambda m: ESCAPES[m.group(1)], text)
 
 
 def _parse_tokens(text: str) -> np.ndarray:
