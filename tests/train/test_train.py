@@ -200,3 +200,11 @@ def test_missing_and_corrupt_checkpoints_raise_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="not an rnnserve checkpoint"):
         load_checkpoint(str(other))
+
+
+def test_progress_bar_counts_against_the_run_and_shows_the_latest_best(corpus, tmp_path, capsys):
+    res = train_charlm(_cfg(corpus, tmp_path / "run", max_steps=20, eval_interval=10, progress=True))
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    evals = [e for e in _events(tmp_path / "run") if e["event"] == "eval"]
+    assert bar.startswith("100%|") and "step 20" in bar and "<00:00" in bar   # a total and an ETA
+    assert f"best_val {res.best_val_nats:.3f}" in bar and res.best_val_nats == min(e["val_nats"] for e in evals)
