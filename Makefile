@@ -6,7 +6,7 @@ VENV   ?= .venv
 ORT    ?= cpu
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ORT)
-EXTRAS := $(ORT),train,test
+EXTRAS := $(ORT),train,test,lint
 
 .PHONY: install demo test protos bench quality clean
 

@@ -179,7 +179,8 @@ def run_parity(model: torch.nn.Module, onnx_path: str, *, train_seq_len: int, at
 def format_summary(report: dict[str, Any]) -> str:
     n, ns = len(report["cases"]), len(report["stepwise"])
     diff = report["max_abs_diff"]
-    head = (f"max abs diff {'n/a (a case crashed)' if diff is None else format(diff, '.3g')} over {n} cases + {ns} stepwise "
+    shown = "n/a (a case crashed)" if diff is None else format(diff, ".3g")
+    head = (f"max abs diff {shown} over {n} cases + {ns} stepwise "
             f"(atol {report['thresholds']['max_abs_diff']:g}): {'PASS' if report['pass'] else 'FAIL'}")
     failed = [c for c in report["cases"] + report["stepwise"] if not c["pass"]]
     if failed:

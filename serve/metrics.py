@@ -13,15 +13,18 @@ serve/stats.py, which feeds ModelStatistics at the same time.
 | metric | type | labels | what |
 |---|---|---|---|
 | rnnserve_requests_total | counter | model, version, method, code | inference requests by outcome |
-| rnnserve_request_duration_seconds | histogram | model, version, method | each request, arrival to answer (every outcome; a Generate call to its last token) |
-| rnnserve_inferences_total | counter | model, version | rows run: a tensor request's batch rows, one per text request run, one per generate step |
-| rnnserve_executions_total | counter | model, version | onnxruntime runs; inferences / executions = the mean batch size |
+| rnnserve_request_duration_seconds | histogram | model, version, method | each request, arrival to answer (1) |
+| rnnserve_inferences_total | counter | model, version | rows run (2) |
+| rnnserve_executions_total | counter | model, version | onnxruntime runs; inferences / executions = mean batch |
 | rnnserve_batch_size | histogram | model, version | rows per onnxruntime run |
 | rnnserve_queue_duration_seconds | histogram | model, version | each work item's wait in the batcher's queue |
 | rnnserve_compute_duration_seconds | histogram | model, version | each onnxruntime run (one batch) |
 | rnnserve_live_sequences | gauge | model, version | live server-side sequences plus open text streams |
 | rnnserve_queue_depth | gauge | model, version | work items waiting in the batcher's queue |
-| rnnserve_model_state | gauge | model, version, state | 1 for the version's state (READY, LOADING, UNAVAILABLE, UNLOADED), 0 for the others |
+| rnnserve_model_state | gauge | model, version, state | 1 for the version's state (3), 0 for the others |
+
+(1) every outcome; a Generate call to its last token. (2) a tensor request's batch rows, one
+per text request run, one per generate step. (3) READY, LOADING, UNAVAILABLE or UNLOADED.
 
 Warm-up runs are not counted. The series of a version removed from the repository stay
 (counters never go backwards); its gauges disappear.

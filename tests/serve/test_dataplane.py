@@ -276,7 +276,8 @@ def test_versions_are_addressable(charlm_dataplane, charlm_repo):
     assert np.array_equal(default.outputs[0][1], v2.outputs[0][1])
     assert not np.array_equal(v1.outputs[0][1], v2.outputs[0][1])
     for version, resp in (("1", v1), ("2", v2)):
-        assert np.array_equal(resp.outputs[0][1], reference(model_path(charlm_repo, "charlm", version), feeds)["logits"])
+        expected = reference(model_path(charlm_repo, "charlm", version), feeds)["logits"]
+        assert np.array_equal(resp.outputs[0][1], expected)
     assert charlm_dataplane.model_ready("charlm", "1") and charlm_dataplane.model_ready("charlm")
     with pytest.raises(NotFound, match="model 'charlm' has no version '3'; versions: 1, 2"):
         charlm_dataplane.model_ready("charlm", "3")

@@ -181,7 +181,8 @@ def test_score_needs_two_characters(hello_dataplane):
 
 @pytest.mark.parametrize("top_k", [-1, 101, 2.5])
 def test_predict_top_k(hello_dataplane, top_k):
-    assert_invalid(lambda: hello_dataplane.predict_text(LSTM, "hello", top_k=top_k), "top_k must be an integer in 0..100")
+    assert_invalid(lambda: hello_dataplane.predict_text(LSTM, "hello", top_k=top_k),
+                   "top_k must be an integer in 0..100")
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
