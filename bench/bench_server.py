@@ -19,7 +19,7 @@ libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel:
     pip download --no-deps nvidia-cuda-runtime-cu12 -d /tmp/w && unzip -q -d /tmp/cudart /tmp/w/*.whl
     export LD_LIBRARY_PATH=/tmp/cudart/nvidia/cuda_runtime/lib:$LD_LIBRARY_PATH
     rnnserve-server --repository REPO --port 8001 --threads 1 &
-    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data bench/perf_analyzer/tokens.json \
+    .venv/bin/perf_analyzer -m charlm -u 127.0.0.1:8001 -i grpc --input-data bench/perf_analyzer/tokens.json \\
         --concurrency-range 8
 
 Streamable models report sequence_batching in ModelConfig, so perf_analyzer runs its
