@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class RequestParams:
         return self.sequence_id not in (0, "")
 
 
-def _is_int(v) -> bool:
+def _is_int(v: object) -> TypeGuard[int | np.integer]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 

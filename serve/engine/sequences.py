@@ -18,6 +18,7 @@ live; past that a START is refused with UNAVAILABLE and nothing is evicted.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -168,7 +169,7 @@ class SequenceManager:
             except ServeError as e:
                 step.future.set_exception(e)
                 continue
-            fut.add_done_callback(lambda f, s=step: self._finished(seq, s, f))
+            fut.add_done_callback(functools.partial(self._finished, seq, step))
             return
 
     def _finished(self, seq: _Seq, step: _Step, fut: Future) -> None:

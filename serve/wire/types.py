@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +78,8 @@ class ModelConfigInfo:
     max_batch_size: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    dynamic_batching: dict[str, object] | None = None   # preferred_batch_size, max_queue_delay_microseconds
-    sequence_batching: dict[str, object] | None = None  # max_sequence_idle_microseconds, states: List[StateSpec]
+    dynamic_batching: dict[str, Any] | None = None   # preferred_batch_size, max_queue_delay_microseconds
+    sequence_batching: dict[str, Any] | None = None  # max_sequence_idle_microseconds, states: List[StateSpec]
 
 
 @dataclass
