@@ -1,4 +1,5 @@
-# rnnserve: `make demo` runs the main job, `make test` runs the test suite.
+# rnnserve: `make demo` runs the main job, `make test` runs the test suite,
+# `make lint` and `make typecheck` the checks CI runs before it (.ci/run).
 # Both create .venv when it is missing and install the project into it.
 # ORT=gpu installs onnxruntime-gpu instead of onnxruntime (never both).
 PYTHON ?= python3
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ORT)
 EXTRAS := $(ORT),train,test,lint
 
-.PHONY: install demo test protos bench quality clean
+.PHONY: install demo test lint typecheck protos bench quality clean
 
 install: $(STAMP)
 
@@ -26,6 +27,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+lint: install
+	$(BIN)/ruff check .
+
+# mypy over rnnserve/ and serve/ (= rnnserve.serve); see scripts/typecheck.py for why a script.
+typecheck: install
+	$(BIN)/python scripts/typecheck.py
+
 protos: install
 	$(BIN)/python scripts/gen_protos.py
 
@@ -39,4 +47,4 @@ quality: install
 	$(BIN)/python -m bench.quality --corpus ../shared/data/tinyshakespeare.txt
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from rnnserve.contract import MODEL_FILENAME
 from rnnserve.files import atomic_write_text
@@ -89,7 +90,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         flag = "--" + field.name.replace("_", "-")
         env_name = _env_name(field.name)
         required = field.default is dataclasses.MISSING and field.name != "repository"  # or --model
-        default = None if field.default is dataclasses.MISSING else field.default
+        default: Any = None if field.default is dataclasses.MISSING else field.default
         kind = type(default) if default is not None else str
         parse = _parse_bool if kind is bool else kind
         if env_name in env:
@@ -98,8 +99,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             except ValueError as exc:
                 parser.error(f"{env_name}={env[env_name]!r}: {exc}")
             required = False
-        kwargs = dict(dest=field.name, default=default, required=required,
-                      help=f"{HELP.get(field.name, field.name.replace('_', ' '))} [env {env_name}]")
+        kwargs: dict[str, Any] = dict(
+            dest=field.name, default=default, required=required,
+            help=f"{HELP.get(field.name, field.name.replace('_', ' '))} [env {env_name}]")
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -28,6 +28,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from rnnserve.contract import MODEL_FILENAME, parse_metadata
 from rnnserve.files import file_sha256
@@ -92,7 +93,7 @@ def scan_names(root: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if _is_model_dir(root, d))
 
 
-def _serves(e: ModelEntry | None) -> bool:
+def _serves(e: ModelEntry | None) -> TypeGuard[ModelEntry]:
     return e is not None and e.state == READY and e.engine is not None
 
 
@@ -215,16 +216,19 @@ class Repository:
                                  for d, c in slots])
             for d in todo:
                 self._load(d)
-            final, retired = [], [(c, "was removed from the repository") for c in gone]
-            for d, c in slots:
-                keep = id(d) not in loading or (d.state != READY and _serves(c))
-                final.append(c if keep else d)
-                if keep and id(d) in loading:
-                    c.fingerprint = d.fingerprint      # retried when the file changes again
-                    c.reason = f"reload failed, still serving the previously loaded file: {d.reason}"
-                    log.error("model %s version %s: %s", name, c.version, c.reason)
-                elif not keep and c is not None:
-                    retired.append((c, "is replaced by the new file"))
+            final: list[ModelEntry] = []
+            retired = [(c, "was removed from the repository") for c in gone]
+            for d, c in slots:   # c is None only for a new version, which is in `loading`
+                if c is not None and (id(d) not in loading or (d.state != READY and _serves(c))):
+                    final.append(c)
+                    if id(d) in loading:
+                        c.fingerprint = d.fingerprint      # retried when the file changes again
+                        c.reason = f"reload failed, still serving the previously loaded file: {d.reason}"
+                        log.error("model %s version %s: %s", name, c.version, c.reason)
+                else:
+                    final.append(d)
+                    if c is not None:
+                        retired.append((c, "is replaced by the new file"))
             self._publish(name, final)
             engines = [(c.version, why, c.engine) for c, why in retired if c.engine is not None]
         for version, why, engine in engines:   # each closes once its in-flight work has finished

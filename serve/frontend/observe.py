@@ -51,7 +51,7 @@ def _field(message: Any, *names: str) -> str:
 
 def _status(context: grpc.ServicerContext, raised: bool) -> str:
     """The status the call ends with: what the error map set, else CANCELLED if the client is gone."""
-    code = context.code()
+    code = context.code()  # type: ignore[attr-defined]  # grpc has it; types-grpcio lacks it
     if isinstance(code, grpc.StatusCode):
         return code.name
     if not context.is_active():

@@ -226,7 +226,7 @@ class TextServicer(tpb_grpc.TextServiceServicer):
         first, stream, chunk = None, None, 0
         try:
             for request in request_iterator:
-                if first is None:
+                if stream is None:
                     first = request
                     stream = self._dp.open_text_stream(
                         **convert.stream_open_args(request, DEFAULT_TOP_K))
