@@ -1,6 +1,6 @@
 """Atomic publishing into a model repository REPO/<model>/<version>/, pruning, manifest.json.
 
-A server may be reading REPO while we write (serve/repository.py scans REPO/<model>/
+A server may be reading REPO while we write (serve/admin/repository.py scans REPO/<model>/
 <positive integer>/model.onnx and skips names starting with '.'). So:
   * everything is written under REPO/.staging-XXXX/ (same filesystem, ignored by the
     server) and moved into place with one os.rename once it passed the gate: a new model

@@ -3,7 +3,7 @@
 Written by hand as text (export/ does not depend on tritonclient); tests parse every
 file with tritonclient.grpc.model_config_pb2.ModelConfig, i.e. Triton's own schema.
 
-The state layout problem (DESIGN.md): our h0/c0/hn/cn are layers-first
+The state layout problem (docs/design.md, ModelConfig's scheduling fields): our h0/c0/hn/cn are layers-first
 [layers*dirs, batch, hidden], while Triton's implicit state with max_batch_size > 0
 is batch-first (the batch axis is dim 0 and is left out of `dims`). We keep ONE
 model.onnx per version that both our server and Triton load, so we do not add a

@@ -45,7 +45,7 @@ REQUIRED_KEYS = (
     KEY_TORCH_VERSION, KEY_ONNX_VERSION, KEY_OPSET, KEY_STATE_INPUTS, KEY_STATE_OUTPUTS,
 )
 
-# Graph I/O names (the model I/O contract in DESIGN.md).
+# Graph I/O names (the model contract in docs/design.md).
 INPUT_TOKENS = "tokens"
 OUTPUT_LOGITS = "logits"
 # Symbolic dim names used for the dynamic axes.

@@ -46,7 +46,7 @@ HELP = {
     "handler_sched_batch": "Linux: gRPC handler threads run SCHED_BATCH, so waking up they do not "
                            "preempt the onnxruntime run queued work waits for",
     "handler_nice": "Linux: gRPC handler threads this many steps nicer (helps long stateless runs, "
-                    "hurts per-message-bound streaming; see serve/priority.py)",
+                    "hurts per-message-bound streaming; see serve/frontend/priority.py)",
     "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
     "poll_interval": "seconds between scans of the repository for new, changed and removed models (0 = off)",
     "metrics_port": "Prometheus /metrics on --host:PORT (-1 = off, 0 = a free port, written to "

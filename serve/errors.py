@@ -1,5 +1,5 @@
 """Errors the data plane raises. They know nothing of gRPC: the one mapping to
-status codes lives in serve/frontend/grpc_errors.py (see the error map in DESIGN.md)."""
+status codes lives in serve/frontend/grpc_errors.py (the error map in docs/design.md)."""
 
 
 class ServeError(Exception):

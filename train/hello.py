@@ -36,7 +36,7 @@ NUM_CLASS = len(IDX2CHAR)
 # 24 with which all five end on "ohlol", both in the printed epoch-15 line and
 # after the last optimizer step; 35 has the widest worst-case margin (the target
 # logit beats the runner-up by >= 1.68 at every position, in every preset).
-# tests/test_train.py checks it.  (rnncell and rnn start from identical weights
+# tests/train/test_train.py checks it.  (rnncell and rnn start from identical weights
 # and, Adam being scale-invariant, follow the same path: sum vs mean loss.)
 DEFAULT_SEED = 35
 

@@ -7,7 +7,7 @@ bad metadata, graph not matching the metadata) is recorded as UNAVAILABLE with
 the reason, and logged; the other models keep serving.
 
 Changes while serving (`sync_model`, run by RepositoryModelLoad and, with
---poll-interval, by serve/reload.py for every model folder):
+--poll-interval, by serve/admin/reload.py for every model folder):
 - a new version folder is loaded and warmed up before it is published, so traffic
   switches to it only once it is READY; until then RepositoryIndex shows it LOADING;
 - a changed model.onnx (its stat facts changed and its sha256 differs from the

@@ -3,7 +3,7 @@ generation that carries the recurrent state, and scoring.
 
 Every run goes through ModelEngine.run (serve/engine/model_engine.py), so concurrent text
 requests share onnxruntime runs with each other and with tensor requests.
-Inputs arrive validated (serve/validation.py). Probabilities are computed in
+Inputs arrive validated (serve/dataplane/validation.py). Probabilities are computed in
 float64 from the float32 logits.
 """
 from __future__ import annotations

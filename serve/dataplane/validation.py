@@ -3,7 +3,7 @@
 onnxruntime aborts the whole process on some empty inputs and silently wraps
 negative token ids, so nothing reaches ModelInstance.run unchecked. Every
 problem raises serve.errors.InvalidArgument with a message that says exactly
-what is wrong. (Raw-byte length against shape is checked by serve/convert.py.)
+what is wrong. (Raw-byte length against shape is checked by serve/wire/convert.py.)
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ class ModelEngine:
     def submit_step(self, seq_id: Hashable, tokens: np.ndarray, *, start: bool, end: bool,
                     client_states: States | None = None, deadline: float | None = None,
                     is_cancelled: Callable[[], bool] | None = None) -> Future:
-        """Queue one request of a server-side sequence (Triton semantics, see serve/sequences.py)."""
+        """Queue one request of a server-side sequence (Triton semantics, see serve/engine/sequences.py)."""
         if self.sequences is None:
             raise InvalidArgument(
                 f"model '{self.inst.name}' is bidirectional: it cannot carry state across requests, so "

@@ -1,4 +1,4 @@
-"""The one place exceptions become gRPC status codes (DESIGN.md's error map).
+"""The one place exceptions become gRPC status codes (the error map in docs/design.md).
 
 serve.errors.* carry the name of their status code and a message meant for the
 client. Anything else is a bug: the client gets INTERNAL with a generic message

@@ -11,7 +11,7 @@ gRPC handler thread to itself when it starts:
   throughput at concurrency 8 (seq 64, long runs) by 0 to +8% in A/B runs, but cost
   10-15% of streamed steps/s, where the front end itself is the bottleneck; so it is opt-in.
 Threads inherit both from the thread that starts them, so onnxruntime's threads are
-never started from a handler thread (serve/dataplane.py runs model loads on its own
+never started from a handler thread (serve/dataplane/plane.py runs model loads on its own
 admin thread). Neither needs privilege; where the system refuses anyway, the threads
 keep their scheduling and this is logged once.
 """

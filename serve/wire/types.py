@@ -1,7 +1,7 @@
 """Plain data types passed between the gRPC front end and the data plane.
 
-No gRPC and no protobuf here: serve/convert.py turns protobuf into these and
-back; serve/dataplane.py consumes and produces them.
+No gRPC and no protobuf here: serve/wire/convert.py turns protobuf into these and
+back; serve/dataplane/plane.py consumes and produces them.
 """
 from __future__ import annotations
 

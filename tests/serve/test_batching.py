@@ -1,6 +1,6 @@
 """Dynamic batching and server-side sequences over real exported models and
-real onnxruntime sessions: exactness (no gRPC here; tests/test_sequences_grpc.py goes
-over the wire). Scheduling and threads: tests/test_batcher_scheduling.py."""
+real onnxruntime sessions: exactness (no gRPC here; tests/serve/test_sequences_grpc.py goes
+over the wire). Scheduling and threads: tests/serve/test_batcher_scheduling.py."""
 from __future__ import annotations
 
 import time

@@ -1,6 +1,6 @@
 """An fp16 variant (export/variants.py, as `rnnserve-export batch --variants fp16` makes it) loads
 and serves on CPU. onnxruntime 1.32 segfaulted creating its session at ORT_ENABLE_ALL (the
-NchwcTransformer; serve/runtime.py disables it), which would kill pytest, so the server side
+NchwcTransformer; serve/engine/runtime.py disables it), which would kill pytest, so the server side
 runs in a child process whose exit status is checked."""
 from __future__ import annotations
 
