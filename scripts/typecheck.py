@@ -28,7 +28,7 @@ def build_tree(tree: str) -> None:
     pkg = os.path.join(tree, "rnnserve")
     os.mkdir(pkg)
     for name in sorted(os.listdir(os.path.join(ROOT, "rnnserve"))):
-        if name.endswith((".py", ".pyi", "py.typed")):
+        if name != "__pycache__":   # modules and any subpackage
             os.symlink(os.path.join(ROOT, "rnnserve", name), os.path.join(pkg, name))
     for installed, folder in PARTS.items():
         os.symlink(os.path.join(ROOT, folder), os.path.join(tree, installed))
