@@ -12,6 +12,11 @@ class InvalidArgument(ServeError):
     code = "INVALID_ARGUMENT"
 
 
+class FailedPrecondition(ServeError):
+    """The request is well formed but does not fit the server's state (a sequence step out of order)."""
+    code = "FAILED_PRECONDITION"
+
+
 class NotFound(ServeError):
     """Unknown model or version."""
     code = "NOT_FOUND"

@@ -30,6 +30,7 @@ class ServeSettings:
     max_queue_size: int = 1024
     max_sequences: int = 4096
     sequence_idle_timeout_s: float = 60.0
+    state_store: str = "memory"       # memory | redis://HOST:PORT/DB (serve/engine/statestore.py)
     # repository changes and metrics
     poll_interval: float = 0.0        # seconds; 0 = no polling
     metrics_port: int = -1            # -1 = no metrics endpoint; 0 = a free port

@@ -111,7 +111,8 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, inline: boo
         client_states = engine.states_from(feeds, batch) if sent else None
         fut = engine.submit_step(params.sequence_id, tokens, start=params.sequence_start,
                                  end=params.sequence_end, client_states=client_states,
-                                 deadline=deadline, is_cancelled=req.is_cancelled)
+                                 deadline=deadline, is_cancelled=req.is_cancelled,
+                                 step_id=validation.step_id(params, req.id))
     else:
         need_state = any(n in engine.io.state_outputs for n in outputs)
         fut, cancel = engine.submit(tokens, engine.states_from(feeds, batch), need_state,

@@ -37,6 +37,7 @@ class RequestParams:
     sequence_id: int | str = 0     # 0 or "" = not part of a sequence
     sequence_start: bool = False
     sequence_end: bool = False
+    sequence_step: int | None = None     # the step's id (exactly once; see engine/sequences.py)
     priority: int = 0
     timeout_us: int = 0                  # 0 = none
 
@@ -67,6 +68,12 @@ def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
             if not isinstance(v, (bool, np.bool_)):
                 raise InvalidArgument(f"parameter '{key}' must be a bool, got {type(v).__name__} {v!r}")
             setattr(p, key, bool(v))
+    if "sequence_step" in params:
+        v = params["sequence_step"]
+        if not _is_int(v) or v < 0:
+            raise InvalidArgument(f"parameter 'sequence_step' must be a non-negative integer, "
+                                  f"got {type(v).__name__} {v!r}")
+        p.sequence_step = int(v)
     for key, attr in (("priority", "priority"), ("timeout", "timeout_us")):
         if key in params:
             v = params[key]
@@ -74,9 +81,23 @@ def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
                 raise InvalidArgument(f"parameter '{key}' must be a non-negative integer"
                                       f"{' (microseconds)' if key == 'timeout' else ''}, got {type(v).__name__} {v!r}")
             setattr(p, attr, int(v))
-    if (p.sequence_start or p.sequence_end) and not p.in_sequence:
-        raise InvalidArgument("parameters 'sequence_start'/'sequence_end' need a non-zero 'sequence_id'")
+    if (p.sequence_start or p.sequence_end or p.sequence_step is not None) and not p.in_sequence:
+        raise InvalidArgument("parameters 'sequence_start'/'sequence_end'/'sequence_step' need a non-zero "
+                              "'sequence_id'")
     return p
+
+
+MAX_STEP_DIGITS = 18   # a numeric request id longer than this is not a step id (int64 range)
+
+
+def step_id(params: RequestParams, request_id: str) -> int | None:
+    """A sequence step's id: the `sequence_step` parameter, else the request id when it is a
+    decimal number, else None (the step is numbered by the server)."""
+    if params.sequence_step is not None:
+        return params.sequence_step
+    if request_id.isdigit() and request_id.isascii() and len(request_id) <= MAX_STEP_DIGITS:
+        return int(request_id)
+    return None
 
 
 # -- tensors -----------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class Work:
     need_state: bool = True
     deadline: float | None = None                 # time.monotonic()
     is_cancelled: Callable[[], bool] | None = None
+    tag: object = None                            # the submitter's own note (a sequence's step)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     rows: int = field(init=False)        # tokens.shape[0], read often by the scheduler
@@ -102,7 +103,8 @@ class Batcher:
     def __init__(self, name: str, run: RunFn, io: ModelIO, *, max_batch_size: int = 32,
                  max_queue_delay_us: int = 500, max_queue_size: int = 1024,
                  max_padding_ratio: float = 2.0, instances: int = 1,
-                 on_run: Callable[[RunRecord], None] | None = None) -> None:
+                 on_run: Callable[[RunRecord], None] | None = None,
+                 before_answer: Callable[[list[Work], list[dict[str, np.ndarray]]], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if instances < 1:
@@ -115,6 +117,9 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.max_padding_ratio = max_padding_ratio
         self._on_run = on_run   # each finished run's RunRecord (the model's statistics)
+        # a finished run's items and their outputs, before any caller sees them (the state
+        # store's write-through: one call per run, so one round trip per run)
+        self._before_answer = before_answer
         self._queue: collections.deque[Work] = collections.deque()
         self._recent_rows: collections.deque[int] = collections.deque(maxlen=8)   # rows of the last runs
         self._cv = threading.Condition()
@@ -308,6 +313,8 @@ class Batcher:
                                            time.perf_counter_ns() - t0))
                 except Exception:  # statistics must never break serving
                     log.exception("on_run hook failed")
+            if self._before_answer is not None:
+                self._before_answer(live, results)
             for w, r in zip(live, results):
                 if not w.future.done():
                     w.future.set_result(r)   # Future runs its callbacks here, catching their errors

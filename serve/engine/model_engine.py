@@ -31,6 +31,7 @@ import numpy as np
 from rnnserve.serve.engine.batching import Batcher, ModelIO, Work
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.engine.sequences import SequenceManager
+from rnnserve.serve.engine.statestore import shared_store
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from rnnserve.serve.settings import ServeSettings
 from rnnserve.serve.stats import ModelCounters
@@ -53,15 +54,18 @@ class ModelEngine:
                                       metrics.model(inst.name, inst.version) if metrics is not None else None)
         self.io = ModelIO(tuple(inst.state_inputs), tuple(inst.state_outputs), inst.streamable)
         label = f"{inst.name}:{inst.version}" if inst.version else inst.name
+        store = shared_store(settings.state_store) if inst.streamable else None
+        self.sequences: SequenceManager | None = None
         self.batcher = Batcher(label, inst.run, self.io, max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
                                max_queue_size=settings.max_queue_size, instances=settings.instances,
-                               on_run=self.counters.record_run)
-        self.sequences: SequenceManager | None = None
+                               on_run=self.counters.record_run,
+                               before_answer=self._write_through if store and store.shared else None)
         if inst.streamable:
             self.sequences = SequenceManager(label, self.batcher, self.io, self.zero_states,
                                              max_sequences=settings.max_sequences,
-                                             idle_timeout_s=settings.sequence_idle_timeout_s)
+                                             idle_timeout_s=settings.sequence_idle_timeout_s,
+                                             store=store, model=inst.name, version=inst.version)
         self.max_sequences = settings.max_sequences
         self._lock = threading.Lock()
         self._inflight = 0
@@ -80,6 +84,10 @@ class ModelEngine:
             return ()
         return tuple(feeds[n] if n in feeds else self.inst.zeros(batch) for n in self.io.state_inputs)
 
+    def _write_through(self, items: list[Work], results: list[dict[str, np.ndarray]]) -> None:
+        if self.sequences is not None:
+            self.sequences.persist(items, results)
+
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, tokens: np.ndarray, states: States, need_state: bool,
                deadline: float | None = None,
@@ -93,7 +101,7 @@ class ModelEngine:
 
     def submit_step(self, seq_id: Hashable, tokens: np.ndarray, *, start: bool, end: bool,
                     client_states: States | None = None, deadline: float | None = None,
-                    is_cancelled: Callable[[], bool] | None = None) -> Future:
+                    is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
         """Queue one request of a server-side sequence (Triton semantics, see serve/engine/sequences.py)."""
         if self.sequences is None:
             raise InvalidArgument(
@@ -101,7 +109,7 @@ class ModelEngine:
                 "sequence requests (sequence_id) are refused; send the whole sequence in one request")
         return self._track(lambda: self.sequences.submit(
             seq_id, tokens, start=start, end=end, client_states=client_states or None,
-            deadline=deadline, is_cancelled=is_cancelled))()
+            deadline=deadline, is_cancelled=is_cancelled, step_id=step_id))()
 
     def run(self, tokens: np.ndarray, states: States, need_state: bool = True) -> dict[str, np.ndarray]:
         """Submit and wait: the blocking form the text API uses."""

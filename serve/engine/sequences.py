@@ -14,11 +14,22 @@ recurrent streams.
 
 Idle sequences are freed after `idle_timeout_s`. At most `max_sequences` are
 live; past that a START is refused with UNAVAILABLE and nothing is evicted.
+
+Steps are numbered: the START is step s (its id, else 0) and each step after
+it is the previous one plus one. A request may carry its step's id (the
+`sequence_step` parameter or a numeric request `id`); a repeat of the last
+applied step is answered from the kept answer without running it again, a
+gap or an older id is refused with FAILED_PRECONDITION naming the step the
+server expects (exactly once, for clients that retry). The state and the
+last step live in the state store (serve/engine/statestore.py): with a
+shared store a step for a sequence this process does not hold is loaded
+from there, and each step's new state is written there before it is answered.
 """
 from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -29,11 +40,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnnserve.serve.engine.batching import Batcher, ModelIO, Work
-from rnnserve.serve.errors import InvalidArgument, ServeError, Unavailable
+from rnnserve.serve.engine.statestore import MemoryStore, RedisStore, SeqRecord, Write
+from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
 States = tuple[np.ndarray, ...]
+
+
+def digest(arrays: Sequence[np.ndarray]) -> str:
+    """A step's inputs, in short: a repeated step id must come with the same inputs."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 @dataclass(eq=False)
@@ -44,7 +65,14 @@ class _Step:
     client_states: States | None
     deadline: float | None
     is_cancelled: Callable[[], bool] | None
+    step_id: int | None = None           # the client's id for this step, if it sent one
+    key: Hashable = None                 # its sequence's id
+    digest: str = ""
     future: Future = field(default_factory=Future)
+    applied_id: int = 0                  # the id it runs as (set when dispatched)
+    expect: str = "*"                    # the store token its state came from ('*' = a START)
+    write: Write | None = None           # its write-through (shared store), set before it is answered
+    reloaded: bool = False               # the sequence was reloaded from the store for it once
 
 
 @dataclass(eq=False)
@@ -55,6 +83,12 @@ class _Seq:
     pending: collections.deque[_Step] = field(default_factory=collections.deque)
     busy: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    step: int = 0                        # id of the last applied step
+    answer: dict[str, np.ndarray] | None = None   # its outputs, kept when it carried an id
+    digest: str = ""
+    token: str = "*"                     # the store's token for the state held here
+    ended: bool = False                  # loaded as ended: only a repeat of its END is answered
+    loading: bool = False                # not known here yet: being loaded from the store
 
 
 class SequenceManager:
@@ -62,13 +96,16 @@ class SequenceManager:
 
     def __init__(self, name: str, batcher: Batcher, io: ModelIO,
                  zero_state: Callable[[int], States], *, max_sequences: int = 4096,
-                 idle_timeout_s: float = 60.0) -> None:
+                 idle_timeout_s: float = 60.0, store: MemoryStore | RedisStore | None = None,
+                 model: str = "", version: str = "") -> None:
         self.name = name
         self._batcher = batcher
         self._io = io
         self._zero_state = zero_state
         self.max_sequences = max_sequences
         self.idle_timeout_s = idle_timeout_s
+        self._store = store or MemoryStore()
+        self._model, self._version = model or name, version
         self._seqs: dict[Hashable, _Seq] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -79,27 +116,30 @@ class SequenceManager:
     # ---- public -------------------------------------------------------------
     def submit(self, seq_id: Hashable, tokens: np.ndarray, *, start: bool, end: bool,
                client_states: States | None = None, deadline: float | None = None,
-               is_cancelled: Callable[[], bool] | None = None) -> Future:
+               is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
         """Queue one request of a sequence; the Future resolves to the model outputs."""
         if not self._io.streamable:
             raise InvalidArgument(
                 f"model '{self.name}' is bidirectional: it cannot carry state across requests, "
                 "so sequence requests (sequence_id) are refused; send the whole sequence in one request")
         batch = int(tokens.shape[0])
-        step = _Step(tokens, start, end, client_states, deadline, is_cancelled)
+        step = _Step(tokens, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
+                     digest([tokens, *(client_states or ())]) if step_id is not None else "")
+        load = False
         with self._lock:
             seq = self._seqs.get(seq_id)
-            if start:
-                if seq is None:
-                    if len(self._seqs) >= self.max_sequences:
-                        raise Unavailable(
-                            f"model '{self.name}': too many live sequences ({self.max_sequences}); "
-                            "end some sequences (sequence_end) or retry later")
-                    seq = _Seq(seq_id, batch)
-                    self._seqs[seq_id] = seq
-                elif not seq.pending and not seq.busy:
-                    seq.batch = batch
-            else:
+            if seq is None and (start or self._store.shared):
+                # not held here: a START begins it, any other step loads it from a shared store
+                if len(self._seqs) >= self.max_sequences:
+                    raise Unavailable(
+                        f"model '{self.name}': too many live sequences ({self.max_sequences}); "
+                        "end some sequences (sequence_end) or retry later")
+                seq = _Seq(seq_id, batch, loading=not start, busy=not start)
+                self._seqs[seq_id] = seq
+                load = not start
+            elif start and not seq.pending and not seq.busy:
+                seq.batch = batch
+            if not start:
                 if seq is None:
                     raise InvalidArgument(
                         f"sequence {seq_id!r} is not active on model '{self.name}': "
@@ -108,7 +148,7 @@ class SequenceManager:
                     raise InvalidArgument(
                         f"state inputs ({', '.join(self._io.state_inputs)}) may only be sent with "
                         "sequence_start: the server keeps the state of a live sequence")
-            if batch != seq.batch:
+            if batch != seq.batch and not seq.loading:
                 raise InvalidArgument(
                     f"sequence {seq_id!r} started with batch {seq.batch}; this request has batch {batch}")
             seq.pending.append(step)
@@ -116,7 +156,9 @@ class SequenceManager:
             dispatch = not seq.busy
             if dispatch:
                 seq.busy = True
-        if dispatch:
+        if load:
+            self._load(seq)
+        elif dispatch:
             self._dispatch(seq)
         return step.future
 
@@ -137,6 +179,23 @@ class SequenceManager:
             log.info("model %s: freed sequence %r after %.0f s idle", self.name, k, self.idle_timeout_s)
         return len(idle)
 
+    def persist(self, items: list[Work], results: list[dict[str, np.ndarray]]) -> None:
+        """Write-through (Batcher's before_answer): the new state of every sequence step in a
+        finished run, in one store commit, before any of them is answered."""
+        writes = []
+        names = list(zip(self._io.state_inputs, self._io.state_outputs))
+        for work, out in zip(items, results):
+            step = work.tag
+            if not isinstance(step, _Step):
+                continue
+            record = SeqRecord(self._model, self._version, int(work.rows), step.applied_id,
+                               {} if step.end else {i: out[o] for i, o in names},
+                               out if step.step_id is not None else None, step.digest, step.end)
+            step.write = Write(step.key, step.expect, record)
+            writes.append(step.write)
+        if writes:
+            self._store.commit(self._model, writes, self.idle_timeout_s)
+
     def close(self) -> None:
         self._stop.set()
         self._reaper.join(2.0)
@@ -150,20 +209,115 @@ class SequenceManager:
             except Exception:  # the reaper must survive anything
                 log.exception("sequence reaper failed")
 
+    def _load(self, seq: _Seq) -> None:
+        """Fetch the sequence's record from the store (off the caller's thread), then go on."""
+        self._store.load_async(self._model, seq.key).add_done_callback(lambda f: self._loaded(seq, f))
+
+    def _loaded(self, seq: _Seq, fut: Future) -> None:
+        try:
+            rec: SeqRecord | None = fut.result()
+            error = None
+        except ServeError as e:
+            rec, error = None, e
+        except Exception as e:  # noqa: BLE001 - a corrupt record must not strand the steps
+            log.exception("model %s: loading sequence %r failed", self.name, seq.key)
+            rec, error = None, Unavailable(f"loading sequence {seq.key!r} from the state store failed: {e}")
+        with self._lock:
+            if rec is not None and rec.version != self._version:
+                error = FailedPrecondition(
+                    f"sequence {seq.key!r} started on version {rec.version} of model '{self._model}', "
+                    f"this request reached version {self._version}: a sequence stays on its version; "
+                    f"send its steps to version {rec.version} or start it again")
+            elif rec is None and error is None and seq.loading:
+                error = InvalidArgument(
+                    f"sequence {seq.key!r} is not active on model '{self.name}' (nor in the state store): "
+                    "its first request must set sequence_start=true (START is required)")
+            if error is not None and (seq.loading or seq.ended):
+                failed, seq.pending = list(seq.pending), collections.deque()
+                if self._seqs.get(seq.key) is seq:
+                    del self._seqs[seq.key]
+                seq.busy = False
+            elif error is not None:   # a refresh failed: only the step that asked for it fails
+                failed = [seq.pending.popleft()]
+            else:
+                failed = []
+                if rec is not None:   # None: the store lost it (restarted empty); this copy goes on
+                    seq.state = None if rec.ended else tuple(rec.states[n] for n in self._io.state_inputs)
+                    seq.step, seq.answer, seq.digest = rec.step, rec.answer, rec.digest
+                    seq.token, seq.ended = rec.token, rec.ended
+                    if seq.loading:
+                        seq.batch = rec.batch
+                seq.loading = False
+        for step in failed:
+            step.future.set_exception(error)
+        if error is None or seq.pending:
+            self._dispatch(seq)
+
+    def _check(self, seq: _Seq, step: _Step) -> str | ServeError:
+        """(Under the lock) 'run', 'replay', 'reload' or the error for the sequence's next step."""
+        if step.start:
+            if (step.step_id is not None and not seq.ended and seq.answer is not None
+                    and seq.step == step.step_id and seq.digest == step.digest and seq.state is not None):
+                return "replay"   # a repeated START: running it again would give the same
+            step.applied_id = 0 if step.step_id is None else step.step_id
+            return "run"
+        want = seq.step + 1
+        sid = want if step.step_id is None else step.step_id
+        repeat = sid == seq.step and seq.answer is not None and seq.digest == step.digest
+        if repeat:
+            return "replay"
+        if sid == want and not seq.ended:
+            if int(step.tokens.shape[0]) != seq.batch:
+                return InvalidArgument(f"sequence {seq.key!r} started with batch {seq.batch}; "
+                                       f"this request has batch {int(step.tokens.shape[0])}")
+            step.applied_id = sid
+            return "run"
+        if self._store.shared and not step.reloaded:
+            return "reload"   # this copy may be stale: another replica may have moved it on
+        if seq.ended:
+            return InvalidArgument(f"sequence {seq.key!r} has ended (sequence_end): "
+                                   "its next request must set sequence_start=true (START is required)")
+        if sid == seq.step:
+            why = ("with other inputs" if seq.answer is not None
+                   else "and its answer was not kept (its request carried no step id)")
+            return FailedPrecondition(f"sequence {seq.key!r}: step {sid} was already applied {why}; "
+                                      f"the server expects step {want}")
+        return FailedPrecondition(f"sequence {seq.key!r}: got step {sid}, the server expects step {want} "
+                                  f"(step {seq.step} is the last applied; repeat it to get its answer again)")
+
     def _dispatch(self, seq: _Seq) -> None:
         """Hand the sequence's next step to the batcher (the sequence is marked busy)."""
         while True:
             with self._lock:
                 if not seq.pending:
                     seq.busy = False
+                    if seq.ended and self._seqs.get(seq.key) is seq:
+                        del self._seqs[seq.key]
                     return
-                step = seq.pending.popleft()
-                if step.start:
-                    state = step.client_states or self._zero_state(seq.batch)
+                step = seq.pending[0]
+                verdict = self._check(seq, step)
+                if verdict == "reload":
+                    step.reloaded = True
                 else:
-                    state = seq.state if seq.state is not None else self._zero_state(seq.batch)
+                    seq.pending.popleft()
+                if verdict == "run":
+                    if step.start:
+                        state = step.client_states or self._zero_state(seq.batch)
+                    else:
+                        state = seq.state if seq.state is not None else self._zero_state(seq.batch)
+                    step.expect = "*" if step.start else seq.token
+                answer = seq.answer
+            if verdict == "reload":
+                self._load(seq)
+                return
+            if verdict == "replay":
+                step.future.set_result(dict(answer))
+                continue
+            if isinstance(verdict, ServeError):
+                step.future.set_exception(verdict)
+                continue
             work = Work(step.tokens, tuple(state), need_state=True, deadline=step.deadline,
-                        is_cancelled=step.is_cancelled)
+                        is_cancelled=step.is_cancelled, tag=step)
             try:
                 fut = self._batcher.submit(work)
             except ServeError as e:
@@ -174,6 +328,10 @@ class SequenceManager:
 
     def _finished(self, seq: _Seq, step: _Step, fut: Future) -> None:
         exc = fut.exception()
+        written = step.write
+        if exc is None and written is not None and written.error is not None:
+            exc = written.error       # not stored: not applied, so a retry runs it again
+        conflict = exc is None and written is not None and not written.written
         dropped: Sequence[_Step] = ()
         out = fut.result() if exc is None else None
         # The Batcher hands each item its own state arrays (Batcher._split), so keeping them
@@ -181,7 +339,13 @@ class SequenceManager:
         state = None if out is None or step.end else tuple(out[n] for n in self._io.state_outputs)
         with self._lock:
             seq.last_used = time.monotonic()
-            if exc is None:
+            if conflict:   # another replica moved the sequence on: reload, then this step again
+                step.reloaded, step.write = False, None
+                seq.pending.appendleft(step)
+            elif exc is None:
+                seq.step, seq.digest, seq.ended = step.applied_id, step.digest, False
+                seq.answer = ({k: np.array(v) for k, v in out.items()} if step.step_id is not None else None)
+                seq.token = written.record.token if written is not None else "*"
                 if step.end:
                     if self._seqs.get(seq.key) is seq:
                         del self._seqs[seq.key]
@@ -191,11 +355,14 @@ class SequenceManager:
                     seq.state = state
             elif step.start:
                 seq.state = None
+        if conflict:
+            self._load(seq)
+            return
         for d in dropped:
             d.future.set_exception(InvalidArgument(
                 f"sequence {seq.key!r} ended (sequence_end) before this request ran"))
         if exc is None:
-            step.future.set_result(fut.result())
+            step.future.set_result(out)
         else:
             step.future.set_exception(exc)
         self._dispatch(seq)
