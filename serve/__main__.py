@@ -28,6 +28,8 @@ from typing import Any
 from rnnserve.contract import MODEL_FILENAME
 from rnnserve.files import atomic_write_text
 from rnnserve.serve.engine.runtime import DEVICES
+from rnnserve.serve.engine.statestore import shared_store
+from rnnserve.serve.errors import Unavailable
 from rnnserve.serve.frontend.server import create_server
 from rnnserve.serve.settings import ServeSettings
 
@@ -65,6 +67,8 @@ HELP = {
     "max_queue_size": "queued requests per model before new ones get UNAVAILABLE",
     "max_sequences": "live server-side sequences before a new START gets UNAVAILABLE",
     "sequence_idle_timeout_s": "seconds after which an idle sequence's state is freed",
+    "state_store": "where sequence state lives: memory (this process) or redis://HOST:PORT/DB (Redis or "
+                   "Valkey, shared by replicas: any replica serves any step; see the README)",
 }
 
 
@@ -182,6 +186,17 @@ def main(argv=None) -> int:
 
 
 def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
+    try:
+        store = shared_store(settings.state_store)
+    except ValueError as exc:
+        print(f"rnnserve-server: error: {exc}", file=sys.stderr)
+        return 2
+    if store.shared:
+        try:
+            store.ping()
+            logger.info("sequence state store: %s", store.url)
+        except Unavailable as exc:   # serve anyway: sequence steps answer UNAVAILABLE until it is back
+            logger.warning("%s", exc)
     try:
         server, port = create_server(settings)
     except Exception as exc:  # noqa: BLE001 - start-up failure: say why, exit non-zero

@@ -8,7 +8,7 @@
     rnnserve-client generate MODEL PROMPT [--max-tokens 100 --temperature 1 --seed 0 ...]
     rnnserve-client score MODEL TEXT
     rnnserve-client stream MODEL [CHUNK ...]   (no CHUNK: one chunk per stdin line)
-    rnnserve-client infer MODEL --tokens 0,1,2;3,2,1
+    rnnserve-client infer MODEL --tokens 0,1,2;3,2,1 [--sequence-id ID --start --end --step N]
 
 --address defaults to $RNNSERVE_ADDRESS, else 127.0.0.1:8001 (HOST:PORT, [IPv6]:PORT,
 or a gRPC target with a scheme such as unix:/path or dns:///host:port). Output is
@@ -154,15 +154,35 @@ class RnnClient:
     # -- tensors ---------------------------------------------------------------------------
     def infer(self, model: str, tokens: np.ndarray, h0: np.ndarray | None = None,
               c0: np.ndarray | None = None, version: str = "",
-              outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """tokens int64 [batch, seq] (+ optional h0/c0 float32) -> {"logits": ..., "hn": ...}."""
+              outputs: list[str] | None = None, sequence_id: int | str = 0, start: bool = False,
+              end: bool = False, step: int | None = None) -> dict[str, np.ndarray]:
+        """tokens int64 [batch, seq] (+ optional h0/c0 float32) -> {"logits": ..., "hn": ...}.
+        With sequence_id, one step of a server-side sequence (start / end: Triton's flags; step:
+        the step's id, so that a retry is answered exactly once). It sends the `sequence-id`
+        header, which a load balancer may hash on to keep a sequence on one replica."""
         inputs = {"tokens": np.asarray(tokens, dtype=np.int64)}
         for name, state in (("h0", h0), ("c0", c0)):
             if state is not None:
                 inputs[name] = np.asarray(state, dtype=np.float32)
-        request = convert.infer_request_to_proto(model, inputs, version=version, outputs=outputs)
-        return convert.infer_outputs_from_proto(self._infer.ModelInfer(request,
-                                                                       timeout=self.timeout))
+        params, metadata = sequence_parameters(sequence_id, start, end, step)
+        request = convert.infer_request_to_proto(model, inputs, version=version, outputs=outputs,
+                                                 parameters=params)
+        return convert.infer_outputs_from_proto(self._infer.ModelInfer(request, timeout=self.timeout,
+                                                                       metadata=metadata))
+
+
+SEQUENCE_HEADER = "sequence-id"   # deploy/envoy.yaml hashes on it (locality; never needed for correctness)
+
+
+def sequence_parameters(sequence_id: int | str = 0, start: bool = False, end: bool = False,
+                        step: int | None = None) -> tuple[dict, list[tuple[str, str]]]:
+    """(request parameters, call metadata) for one sequence step; ({}, []) outside a sequence."""
+    if sequence_id in (0, ""):
+        return {}, []
+    params = {"sequence_id": sequence_id, "sequence_start": start, "sequence_end": end}
+    if step is not None:
+        params["sequence_step"] = step
+    return params, [(SEQUENCE_HEADER, str(sequence_id))]
 
 
 # ---- CLI ---------------------------------------------------------------------------------
@@ -291,8 +311,9 @@ def _cmd_stream(client: RnnClient, args) -> dict:
 
 
 def _cmd_infer(client: RnnClient, args) -> dict:
-    outputs = client.infer(args.model, args.tokens, version=args.version,
-                           outputs=args.output or None)
+    seq_id = int(args.sequence_id) if args.sequence_id.isdigit() else args.sequence_id
+    outputs = client.infer(args.model, args.tokens, version=args.version, outputs=args.output or None,
+                           sequence_id=seq_id, start=args.start, end=args.end, step=args.step)
     result = {name: {"datatype": convert.tensor_to_raw(a)[0], "shape": list(a.shape),
                      "data": a.tolist()} for name, a in outputs.items()}
     if not args.json:
@@ -358,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("infer", _cmd_infer, "raw tensor inference (Open Inference Protocol)", model=True)
     p.add_argument("--tokens", type=_parse_tokens, required=True, help="e.g. 0,1,2;3,2,1")
     p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
+    p.add_argument("--sequence-id", default="", help="a step of this server-side sequence (number or string)")
+    p.add_argument("--start", action="store_true", help="the sequence's first step")
+    p.add_argument("--end", action="store_true", help="the sequence's last step")
+    p.add_argument("--step", type=int, default=None, help="the step's id (a retry is answered exactly once)")
     return parser
 
 

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -93,8 +94,8 @@ def encode(rec: SeqRecord) -> bytes:
     """The record as one blob: a 4-byte header length, a JSON header, then the raw tensors."""
     states, sblobs = _pack(rec.states)
     answer, ablobs = _pack(rec.answer) if rec.answer is not None else (None, [])
-    head = json.dumps({"model": rec.model, "version": rec.version, "batch": rec.batch, "step": rec.step, "ended": rec.ended,
-                       "digest": rec.digest, "states": states, "answer": answer}).encode()
+    head = json.dumps({"model": rec.model, "version": rec.version, "batch": rec.batch, "step": rec.step,
+                       "ended": rec.ended, "digest": rec.digest, "states": states, "answer": answer}).encode()
     return b"".join([struct.pack("<I", len(head)), head, *sblobs, *ablobs])
 
 
@@ -142,11 +143,12 @@ class RedisStore:
     shared = True
 
     def __init__(self, url: str, pool_size: int = 16) -> None:
-        import redis   # only a server with a Redis store needs the package loaded
+        # only a server with a Redis store loads the package
+        import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.url = url
+        self.url = _without_password(url)   # the form messages and logs show
         self._errors = (redis.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                            socket_timeout=IO_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
@@ -216,6 +218,14 @@ class RedisStore:
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
         self._redis.close()
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
 
 
 def open_store(url: str) -> MemoryStore | RedisStore:
