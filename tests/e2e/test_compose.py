@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,15 @@ def test_compose_declares_the_deployment():
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert services["train"]["profiles"] == services["export"]["profiles"] == ["tools"]
     assert "models:/models:ro" in services["server"]["volumes"]
+    # sequences shared by the replicas: the servers use the redis service when RNNSERVE_STATE_STORE says so
+    assert "redis" in services and "6379" in services["redis"]["expose"]
+    assert services["server"]["environment"]["RNNSERVE_STATE_STORE"] == "${RNNSERVE_STATE_STORE:-memory}"
+    assert _interpolate("${RNNSERVE_STATE_STORE:-memory}", {}) == "memory"
+    assert _interpolate("${RNNSERVE_STATE_STORE:-memory}", {"RNNSERVE_STATE_STORE": "redis://redis:6379/0"}) \
+        == "redis://redis:6379/0"
+    envoy = yaml.safe_load((ROOT / "deploy/envoy.yaml").read_text())
+    assert envoy["static_resources"]["clusters"][0]["lb_policy"] == "RING_HASH"
+    assert "sequence-id" in (ROOT / "deploy/envoy.yaml").read_text()
     for name in ("deploy/prometheus.yml", "deploy/envoy.yaml", "docker/server.Dockerfile",
                  "docker/server-gpu.Dockerfile", "docker/tools.Dockerfile"):
         assert (ROOT / name).is_file(), name
@@ -84,6 +94,11 @@ def _script(name: str) -> str:
     return path
 
 
+def _interpolate(value: str, env: dict) -> str:
+    """Compose's ${VAR:-default}: the variable when set and non-empty, else the default."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], value)
+
+
 def _process(service: dict, tmp: Path, overrides: dict | None = None):
     """(argv, env) that run a compose service's command as a local process."""
     volumes = _volume_map(service, tmp)
@@ -91,7 +106,7 @@ def _process(service: dict, tmp: Path, overrides: dict | None = None):
     argv = [_script(command[0])] + [_localize(a, volumes) for a in command[1:]]
     env = dict(os.environ)
     for key, value in (service.get("environment") or {}).items():
-        env[key] = _localize(str(value), volumes)
+        env[key] = _localize(_interpolate(str(value), env), volumes)
     env.update(overrides or {})
     return argv, env
 
