@@ -10,12 +10,15 @@
 - hello_dataplane / charlm_dataplane: loaded DataPlanes over those repositories.
 - hello_server: (server, "127.0.0.1:port") serving hello_repo with the test settings
   (tests.fixtures.serving); one per test module.
+- redis_server: a real redis-server on a free loopback port (tests/cluster.py), without
+  persistence; a test that stops it must start it again (`.proc is None` while stopped).
 Treat the repositories as read-only; copy one (tests.fixtures.copy_repo) to change it.
 """
 from __future__ import annotations
 
 import pytest
 
+from tests.cluster import RedisServer, redis_server_path
 from tests.fixtures import BuiltRepo, build_charlm_repo, build_hello_repo, make_dataplane, serving
 
 
@@ -59,3 +62,12 @@ def charlm_dataplane(charlm_repo):
 def hello_server(hello_repo):
     with serving(hello_repo) as (server, address):
         yield server, address
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

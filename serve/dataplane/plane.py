@@ -149,7 +149,28 @@ class DataPlane:
         sequence_start / sequence_end, Triton's semantics). Waits with cancellation polling:
         a cancelled call leaves the queue (Cancelled), a queued request past its deadline
         is dropped (DeadlineExceeded)."""
-        return inference.infer(self.engine(req.model_name, req.model_version), req, self.settings.max_seq_len)
+        return inference.infer(self._engine_for(req), req, self.settings.max_seq_len)
+
+    def _engine_for(self, req: InferRequest) -> ModelEngine:
+        """The engine a request goes to. A sequence stays on the version it started on: a later
+        step that names no version goes to the loaded version that holds the sequence (in memory,
+        else, with a shared state store, by its record), not to a newer version loaded since."""
+        engine = self.engine(req.model_name, req.model_version)
+        if req.model_version:
+            return engine
+        seq_id, start = validation.sequence_of(req.parameters)
+        if start or seq_id in (0, "") or engine.sequences is None or engine.sequences.holds(seq_id):
+            return engine
+        others = [e.engine for e in reversed(self.repo.entry_list(req.model_name))
+                  if e.state == READY and e.engine is not None and e.engine is not engine
+                  and e.engine.sequences is not None]
+        if not others:
+            return engine
+        for other in others:
+            if other.sequences.holds(seq_id):
+                return other
+        version = engine.sequences.stored_version(seq_id)
+        return next((o for o in others if o.inst.version == version), engine)
 
     def infer_async(self, req: InferRequest) -> Future[InferResponse]:
         """Queue one request and return at once, for pipelined streams (ModelStreamInfer).
@@ -161,7 +182,7 @@ class DataPlane:
         run in it. The future completes; the caller decides how long to wait.
         """
         try:
-            engine = self.engine(req.model_name, req.model_version)
+            engine = self._engine_for(req)
             return inference.submit(engine, req, self.settings.max_seq_len).response_future()
         except ServeError as e:
             failed: Future = Future()

@@ -87,6 +87,15 @@ def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
     return p
 
 
+def sequence_of(params: Mapping[str, ParamValue]) -> tuple[int | str, bool]:
+    """(sequence_id, sequence_start) for routing, before validation; (0, False) if malformed."""
+    try:
+        p = check_parameters(params)
+    except InvalidArgument:
+        return 0, False       # validation answers it where the request runs
+    return p.sequence_id, p.sequence_start
+
+
 MAX_STEP_DIGITS = 18   # a numeric request id longer than this is not a step id (int64 range)
 
 

@@ -162,6 +162,19 @@ class SequenceManager:
             self._dispatch(seq)
         return step.future
 
+    def holds(self, seq_id: Hashable) -> bool:
+        """The sequence is live in this process's memory."""
+        with self._lock:
+            return seq_id in self._seqs
+
+    def stored_version(self, seq_id: Hashable) -> str | None:
+        """The model version a shared store's record of the sequence names (None: no record, or
+        no shared store). A blocking store read: for routing a step on the request's thread."""
+        if not self._store.shared:
+            return None
+        rec = self._store.load(self._model, seq_id)
+        return None if rec is None else rec.version
+
     def live(self) -> int:
         with self._lock:
             return len(self._seqs)
@@ -228,6 +241,10 @@ class SequenceManager:
                     f"sequence {seq.key!r} started on version {rec.version} of model '{self._model}', "
                     f"this request reached version {self._version}: a sequence stays on its version; "
                     f"send its steps to version {rec.version} or start it again")
+            elif rec is not None and not rec.ended and not self._fits(rec):
+                error = FailedPrecondition(
+                    f"sequence {seq.key!r}: its stored state does not fit model '{self._model}' version "
+                    f"{self._version} (the file was replaced since it started); start it again")
             elif rec is None and error is None and seq.loading:
                 error = InvalidArgument(
                     f"sequence {seq.key!r} is not active on model '{self.name}' (nor in the state store): "
@@ -252,6 +269,11 @@ class SequenceManager:
             step.future.set_exception(error)
         if error is None or seq.pending:
             self._dispatch(seq)
+
+    def _fits(self, rec: SeqRecord) -> bool:
+        zeros = self._zero_state(rec.batch)
+        return all(n in rec.states and rec.states[n].shape == z.shape and rec.states[n].dtype == z.dtype
+                   for n, z in zip(self._io.state_inputs, zeros))
 
     def _check(self, seq: _Seq, step: _Step) -> str | ServeError:
         """(Under the lock) 'run', 'replay', 'reload' or the error for the sequence's next step."""

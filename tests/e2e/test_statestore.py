@@ -17,21 +17,11 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from rnnserve.serve.client import SEQUENCE_HEADER, RnnClient
-from tests.cluster import RedisServer, redis_server_path, start_replicas
-
-pytestmark = pytest.mark.skipif(redis_server_path() is None,
-                                reason="redis-server is not installed (apt-get install redis-server; .ci/run does)")
+from tests.cluster import Replica, start_replicas
 
 MODEL = "charlm"
 CHUNK, CHUNKS, BATCH = 6, 8, 2
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +192,6 @@ def test_idle_timeout_is_the_ttl(charlm_repo, redis_server, tmp_path):
 
 
 def test_bad_state_store_flag_exits_2(charlm_repo, tmp_path):
-    from tests.cluster import Replica
     r = Replica("bad", charlm_repo, tmp_path, ["--state-store", "mysql://x"])
     r.launch()
     assert r.proc.wait(60) == 2

@@ -4,6 +4,9 @@ or an older id is FAILED_PRECONDITION naming the expected step, a non-numeric re
 step id. And the state store's record survives its encoding byte for byte."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -11,6 +14,7 @@ from rnnserve.serve.dataplane.validation import check_parameters, step_id
 from rnnserve.serve.engine.statestore import SeqRecord, decode, encode, open_store
 from rnnserve.serve.errors import FailedPrecondition, InvalidArgument
 from rnnserve.serve.wire.types import InferRequest
+from tests.fixtures import make_dataplane
 
 MODEL = "charlm"
 
@@ -81,3 +85,52 @@ def test_store_urls():
     assert not open_store("memory").shared
     with pytest.raises(ValueError, match="must be 'memory' or redis://"):
         open_store("postgres://db")
+
+
+def test_a_sequence_stays_on_its_version_across_a_reload(charlm_built, tmp_path):
+    """A version added mid-sequence takes new sequences; the live one goes on, exact, on its own."""
+    repo = str(tmp_path / "repo")
+    shutil.copytree(os.path.join(charlm_built.path, MODEL, "1"), os.path.join(repo, MODEL, "1"))
+    dp = make_dataplane(repo)
+    try:
+        tokens = np.random.default_rng(3).integers(0, 32, size=(1, 9), dtype=np.int64)
+        v1_whole = dict(dp.infer(InferRequest(model_name=MODEL, inputs={"tokens": tokens})).outputs)["logits"]
+        parts = [step(dp, 81, tokens[:, :3], start=True)["logits"]]
+        shutil.copytree(os.path.join(charlm_built.path, MODEL, "2"), os.path.join(repo, MODEL, "2"))
+        dp.repo.poll()
+        assert dp.repo.ready_versions(MODEL) == ["1", "2"]
+        parts.append(step(dp, 81, tokens[:, 3:6])["logits"])
+        new = dp.infer(InferRequest(model_name=MODEL, inputs={"tokens": tokens[:, :3]}, parameters={
+            "sequence_id": 82, "sequence_start": True}))
+        assert new.model_version == "2"                     # a new sequence starts on the new version
+        last = dp.infer(InferRequest(model_name=MODEL, inputs={"tokens": tokens[:, 6:]}, parameters={
+            "sequence_id": 81, "sequence_end": True}))
+        assert last.model_version == "1"
+        parts.append(dict(last.outputs)["logits"])
+        np.testing.assert_allclose(np.concatenate(parts, axis=1), v1_whole, atol=1e-5)
+    finally:
+        dp.close()
+
+
+def test_shared_store_routes_a_step_to_the_version_in_its_record(charlm_built, redis_server, tmp_path):
+    """Two in-process data planes sharing Redis: a step reaching the one that never saw the
+    sequence loads it, on the version its record names, after a newer version appeared."""
+    repo = str(tmp_path / "repo")
+    shutil.copytree(os.path.join(charlm_built.path, MODEL, "1"), os.path.join(repo, MODEL, "1"))
+    planes = [make_dataplane(repo, state_store=redis_server.url) for _ in range(2)]
+    try:
+        a, b = planes
+        tokens = np.random.default_rng(4).integers(0, 32, size=(2, 8), dtype=np.int64)
+        whole = dict(a.infer(InferRequest(model_name=MODEL, inputs={"tokens": tokens})).outputs)["logits"]
+        parts = [step(a, "v-stay", tokens[:, :4], start=True, sequence_step=0)["logits"]]
+        shutil.copytree(os.path.join(charlm_built.path, MODEL, "2"), os.path.join(repo, MODEL, "2"))
+        for dp in planes:
+            dp.repo.poll()
+        last = b.infer(InferRequest(model_name=MODEL, inputs={"tokens": tokens[:, 4:]}, parameters={
+            "sequence_id": "v-stay", "sequence_end": True, "sequence_step": 1}))
+        assert last.model_version == "1"
+        parts.append(dict(last.outputs)["logits"])
+        np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-5)
+    finally:
+        for dp in planes:
+            dp.close()
