@@ -39,7 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +49,7 @@ from rnnserve.serve.stats import RunRecord
 
 log = logging.getLogger(__name__)
 
+WRITER_THREADS = 4   # batches whose before_answer hook (the state store's write) may be in progress at once
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -120,6 +121,8 @@ class Batcher:
         # a finished run's items and their outputs, before any caller sees them (the state
         # store's write-through: one call per run, so one round trip per run)
         self._before_answer = before_answer
+        self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix=f"batcher-{name}-write") \
+            if before_answer is not None else None
         self._queue: collections.deque[Work] = collections.deque()
         self._recent_rows: collections.deque[int] = collections.deque(maxlen=8)   # rows of the last runs
         self._cv = threading.Condition()
@@ -192,6 +195,8 @@ class Batcher:
             self._done_closed = True
             self._done.put(None)
         self._completer.join(max(0.0, until - time.monotonic()))
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)   # their callers are answered before close returns
 
     # ---- scheduling -----------------------------------------------------------
     def _compatible(self, group: _Group, w: Work) -> bool:
@@ -313,7 +318,18 @@ class Batcher:
                                            time.perf_counter_ns() - t0))
                 except Exception:  # statistics must never break serving
                     log.exception("on_run hook failed")
-            if self._before_answer is not None:
+            if self._before_answer is not None and any(w.tag is not None for w in live):
+                # the hook waits on I/O: on a writer thread, so the next run's results are not
+                # held up behind it (each sequence has one step in flight: order is kept)
+                self._writers.submit(self._answer, live, results, True)
+                return
+            self._answer(live, results)
+        except BaseException as e:  # noqa: BLE001 - handed to every caller not yet answered
+            self._fail(live, e)
+
+    def _answer(self, live: list[Work], results: list[dict[str, np.ndarray]], hook: bool = False) -> None:
+        try:
+            if hook:
                 self._before_answer(live, results)
             for w, r in zip(live, results):
                 if not w.future.done():

@@ -202,8 +202,9 @@ class SequenceManager:
             if not isinstance(step, _Step):
                 continue
             record = SeqRecord(self._model, self._version, int(work.rows), step.applied_id,
-                               {} if step.end else {i: out[o] for i, o in names},
-                               out if step.step_id is not None else None, step.digest, step.end)
+                               {i: out[o] for i, o in names},
+                               {k: v for k, v in out.items() if k not in self._io.state_outputs}
+                               if step.step_id is not None else None, step.digest, step.end)
             step.write = Write(step.key, step.expect, record)
             writes.append(step.write)
         if writes:
@@ -260,7 +261,10 @@ class SequenceManager:
                 failed = []
                 if rec is not None:   # None: the store lost it (restarted empty); this copy goes on
                     seq.state = None if rec.ended else tuple(rec.states[n] for n in self._io.state_inputs)
-                    seq.step, seq.answer, seq.digest = rec.step, rec.answer, rec.digest
+                    seq.step, seq.digest = rec.step, rec.digest
+                    seq.answer = None if rec.answer is None else {
+                        **rec.answer, **{o: rec.states[i] for i, o in zip(self._io.state_inputs,
+                                                                           self._io.state_outputs)}}
                     seq.token, seq.ended = rec.token, rec.ended
                     if seq.loading:
                         seq.batch = rec.batch
