@@ -30,6 +30,9 @@ Otherwise the scheduler runs it; a finished run goes to the batcher's completion
 thread, which splits the outputs, records statistics and completes the callers'
 futures while the scheduler starts the next run (waking callers first would have
 them contend for the GIL with the next batch's assembly and leave the model idle).
+The completion thread takes every run that finished meanwhile at once; a
+`before_answer` hook (the state store's write-through) is called once for all of
+them before any caller is answered: one round trip for a run, or fewer.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +52,6 @@ from rnnserve.serve.stats import RunRecord
 
 log = logging.getLogger(__name__)
 
-WRITER_THREADS = 4   # batches whose before_answer hook (the state store's write) may be in progress at once
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -118,11 +120,9 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.max_padding_ratio = max_padding_ratio
         self._on_run = on_run   # each finished run's RunRecord (the model's statistics)
-        # a finished run's items and their outputs, before any caller sees them (the state
-        # store's write-through: one call per run, so one round trip per run)
+        # finished runs' items and their outputs, before any caller sees them (the state
+        # store's write-through: one call per run, or fewer: see _finish_runs)
         self._before_answer = before_answer
-        self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix=f"batcher-{name}-write") \
-            if before_answer is not None else None
         self._queue: collections.deque[Work] = collections.deque()
         self._recent_rows: collections.deque[int] = collections.deque(maxlen=8)   # rows of the last runs
         self._cv = threading.Condition()
@@ -195,8 +195,6 @@ class Batcher:
             self._done_closed = True
             self._done.put(None)
         self._completer.join(max(0.0, until - time.monotonic()))
-        if self._writers is not None:
-            self._writers.shutdown(wait=True)   # their callers are answered before close returns
 
     # ---- scheduling -----------------------------------------------------------
     def _compatible(self, group: _Group, w: Work) -> bool:
@@ -297,20 +295,34 @@ class Batcher:
 
     def _complete_loop(self) -> None:
         while True:
-            item = self._done.get()
-            if item is None:
+            runs = [self._done.get()]
+            while not self._done.empty():   # runs that finished meanwhile are answered together
+                runs.append(self._done.get_nowait())
+            stop = runs[-1] is None
+            self._finish_runs([r for r in runs if r is not None])
+            if stop:
                 return
-            self._finish(*item)
 
     def _finish(self, live: list[Work], out: dict[str, np.ndarray],
                 times: tuple[list[int], int, int]) -> None:
-        """Split the outputs, record the run (before the callers see their results) and
-        complete the callers. Never raises: a failure fails the batch's callers, so neither the
-        completion thread nor an inline caller is taken down by one batch.
-        times: (each item's queue ns, assembling ns, onnxruntime ns)."""
-        try:
-            t0 = time.perf_counter_ns()
-            results = self._split(live, out)
+        self._finish_runs([(live, out, times)])
+
+    def _finish_runs(self, runs: list[tuple[list[Work], dict[str, np.ndarray], tuple[list[int], int, int]]]
+                     ) -> None:
+        """Split each run's outputs, record the run (before the callers see their results), call
+        before_answer once for all of them (the state store's write: one round trip however many
+        runs finished while the last one was written) and complete the callers. Never raises: a
+        failure fails the callers concerned, so neither the completion thread nor an inline
+        caller is taken down by one batch. times: (each item's queue ns, assembling ns, onnxruntime ns)."""
+        items: list[Work] = []
+        results: list[dict[str, np.ndarray]] = []
+        for live, out, times in runs:
+            try:
+                t0 = time.perf_counter_ns()
+                split = self._split(live, out)
+            except BaseException as e:  # noqa: BLE001 - handed to this run's callers
+                self._fail(live, e)
+                continue
             if self._on_run is not None:
                 queue_ns, input_ns, compute_ns = times
                 try:
@@ -318,24 +330,16 @@ class Batcher:
                                            time.perf_counter_ns() - t0))
                 except Exception:  # statistics must never break serving
                     log.exception("on_run hook failed")
-            if self._before_answer is not None and any(w.tag is not None for w in live):
-                # the hook waits on I/O: on a writer thread, so the next run's results are not
-                # held up behind it (each sequence has one step in flight: order is kept)
-                self._writers.submit(self._answer, live, results, True)
-                return
-            self._answer(live, results)
-        except BaseException as e:  # noqa: BLE001 - handed to every caller not yet answered
-            self._fail(live, e)
-
-    def _answer(self, live: list[Work], results: list[dict[str, np.ndarray]], hook: bool = False) -> None:
+            items += live
+            results += split
         try:
-            if hook:
-                self._before_answer(live, results)
-            for w, r in zip(live, results):
+            if self._before_answer is not None and any(w.tag is not None for w in items):
+                self._before_answer(items, results)
+            for w, r in zip(items, results):
                 if not w.future.done():
                     w.future.set_result(r)   # Future runs its callbacks here, catching their errors
         except BaseException as e:  # noqa: BLE001 - handed to every caller not yet answered
-            self._fail(live, e)
+            self._fail(items, e)
 
     def _fail(self, live: list[Work], e: BaseException) -> None:
         log.exception("model %s: batch of %d failed", self.name, len(live), exc_info=e)

@@ -271,8 +271,7 @@ class SequenceManager:
                 seq.loading = False
         for step in failed:
             step.future.set_exception(error)
-        if error is None or seq.pending:
-            self._dispatch(seq)
+        self._dispatch(seq)
 
     def _fits(self, rec: SeqRecord) -> bool:
         zeros = self._zero_state(rec.batch)
