@@ -1,6 +1,6 @@
 """Issue 14: streamed sequences with the Redis state store against the memory store, in one run.
 
-    python -m bench.bench_statestore [--sequences 64] [--steps 256] [--streams 4]
+    python -m bench.bench_statestore [--sequences 64] [--steps 256] [--streams 4] [--rounds 3]
 
 Model: bench.bench_server's 2-layer LSTM char model (vocab 65, emb 64, hidden 256), random
 weights. Servers: `rnnserve-server` subprocesses on 127.0.0.1, `--threads 1`; Redis: a real
@@ -9,7 +9,9 @@ tritonclient.grpc streams (start_stream / async_stream_infer), N sequences over 
 server; each sequence sends its next single-token step when the previous answer arrives, with
 its step id in the `sequence_step` parameter.
 
-Rows: the memory store on one replica (the baseline), the Redis store on one replica, the Redis
+Servers: one with the memory store, two with the Redis store, all started up front; every row is
+run --rounds times, the rows alternating, and the median run is reported (the machine's load
+drifts). Rows: the memory store on one replica (the baseline), the Redis store on one replica, the Redis
 store on two replicas with each sequence kept on one of them (what Envoy's ring hash on the
 `sequence-id` header gives), and on two replicas with every step sent to the other replica
 than the step before (no affinity: every step loads the state from Redis). Columns: steps/s and
@@ -151,48 +153,47 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--streams", type=int, default=4, help="tritonclient streams per server")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per server")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every row, alternating; medians")
     args = parser.parse_args(argv)
     tokens = np.random.default_rng(1).integers(0, len(VOCAB), size=(args.sequences, args.steps), dtype=np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(tmp)
         redis_server = RedisServer(Path(tmp) / "redis").start()
         flags = ["--max-batch-size", str(args.sequences), "--no-warmup"]
-        started: list = []
-
-        def servers(n: int, store: str) -> list:
-            out = [start_server(repo, args.threads, Path(tmp) / f"port-{len(started) + i}",
-                                [*flags, "--state-store", store]) for i in range(n)]
-            started.extend(out)
-            return out
-
-        def stop(group: list) -> None:
-            for proc, _ in group:
-                proc.terminate()
-                proc.wait(30)
-
-        results = []
+        started = []
         try:
-            plans = [("memory store, 1 replica", 1, "memory", False, None),
-                     ("redis store, 1 replica", 1, redis_server.url, False, redis_server),
-                     ("redis store, 2 replicas, sequence affinity", 2, redis_server.url, False, redis_server),
-                     ("redis store, 2 replicas, steps alternate", 2, redis_server.url, True, redis_server)]
-            for k, (label, n, store, alternate, rs) in enumerate(plans):
-                group = servers(n, store)
-                results.append(measure(label, group, tokens, args.streams, alternate, rs, 1_000_000 * (k + 1)))
-                stop(group)
+            for i, store in enumerate(["memory", redis_server.url, redis_server.url]):
+                started.append(start_server(repo, args.threads, Path(tmp) / f"port-{i}",
+                                            [*flags, "--state-store", store]))
+            memory, r0, r1 = started
+            plans = [("memory store, 1 replica", [memory], False, None),
+                     ("redis store, 1 replica", [r0], False, redis_server),
+                     ("redis store, 2 replicas, sequence affinity", [r0, r1], False, redis_server),
+                     ("redis store, 2 replicas, steps alternate", [r0, r1], True, redis_server)]
+            # Rounds, each plan once per round, medians reported: the machine's load drifts.
+            runs = [[measure(label, group, tokens, args.streams, alternate, rs, 1_000_000 * (k + 1 + 10 * rnd))
+                     for k, (label, group, alternate, rs) in enumerate(plans)] for rnd in range(args.rounds)]
         finally:
             for proc, _ in started:
-                if proc.poll() is None:
-                    proc.kill()
+                proc.terminate()
+                proc.wait(30)
             redis_server.stop()
+    results = []
+    for k in range(len(plans)):
+        per = [r[k] for r in runs]
+        mid = sorted(per, key=lambda r: r["steps_s"])[len(per) // 2]
+        results.append({**mid, **{key: float(np.median([r[key] for r in per]))
+                                  for key in ("server_ms", "redis_ms", "cmds", "rows_run")},
+                        "spread": (min(r["steps_s"] for r in per), max(r["steps_s"] for r in per))})
     base = results[0]
     load = os.getloadavg()
     print(f"\n{args.sequences} sequences x {args.steps} single-token steps, {args.streams} tritonclient streams "
           f"per server, onnxruntime --threads {args.threads}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} cores)")
-    head = ("run", "steps/s", "x memory", "rows/run", "server CPU ms/step", "redis CPU ms/step",
+    head = ("run", "steps/s (median)", "min-max", "x memory", "rows/run", "server CPU ms/step", "redis CPU ms/step",
             "store cmds/step", "max |dlogit|")
-    rows = [head] + [(r["label"], f"{r['steps_s']:.0f}", f"{r['steps_s'] / base['steps_s']:.2f}",
+    rows = [head] + [(r["label"], f"{r['steps_s']:.0f}", "{:.0f}-{:.0f}".format(*r["spread"]),
+                      f"{r['steps_s'] / base['steps_s']:.2f}",
                       f"{r['rows_run']:.1f}", f"{r['server_ms']:.3f}", f"{r['redis_ms']:.3f}", f"{r['cmds']:.2f}",
                       f"{float(np.abs(r['last'] - base['last']).max()):.1e}") for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
