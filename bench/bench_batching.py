@@ -199,10 +199,15 @@ def unary_sequences(address: str, tokens: np.ndarray, base_id: int) -> np.ndarra
     return np.stack(last)
 
 
-def stream_sequences(address: str, tokens: np.ndarray, base_id: int, streams: int) -> np.ndarray:
+def stream_sequences(address: str | list[str], tokens: np.ndarray, base_id: int, streams: int,
+                     alternate: bool = False, step_ids: bool = False) -> np.ndarray:
     """`streams` tritonclient streams, each carrying n/streams sequences. Every sequence sends
     its next step the moment the answer to its previous step arrives (from tritonclient's
-    callback), so a stream always has one step of each of its sequences in flight."""
+    callback), so a stream always has one step of each of its sequences in flight.
+    Several addresses (replicas): each stream opens one stream per replica; sequence i lives
+    on replica i % R, or (alternate) its step t goes to replica (i + t) % R. step_ids: each
+    step carries its id (the `sequence_step` parameter)."""
+    addresses = [address] if isinstance(address, str) else address
     n, steps = tokens.shape
     last: list[np.ndarray] = [None] * n
     groups = [list(range(k, n, streams)) for k in range(streams)]
@@ -215,41 +220,47 @@ def stream_sequences(address: str, tokens: np.ndarray, base_id: int, streams: in
         done = threading.Event()
         sent = dict.fromkeys(group, 0)          # steps sent per sequence
         left = [len(group)]
+        clients = [tc.InferenceServerClient(a) for a in addresses]
 
-        def send(client, i: int) -> None:
+        def send(i: int) -> None:
             t = sent[i]
             sent[i] = t + 1
+            client = clients[((i + t) if alternate else i) % len(clients)]
             client.async_stream_infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
                                       request_id=str(i), sequence_id=base_id + i,
-                                      sequence_start=t == 0, sequence_end=t == steps - 1)
+                                      sequence_start=t == 0, sequence_end=t == steps - 1,
+                                      parameters={"sequence_step": t} if step_ids else None)
+
+        def answered(result, error) -> None:
+            try:
+                if error is not None:
+                    raise error
+                i = int(result.get_response().id)
+                if sent[i] < steps:
+                    send(i)
+                    return
+                last[i] = result.as_numpy("logits")[0, -1]
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+            except Exception as e:  # noqa: BLE001 - reported after the run
+                errors.append(e)
+                done.set()
 
         try:
-            with tc.InferenceServerClient(address) as client:
-                def answered(result, error) -> None:
-                    try:
-                        if error is not None:
-                            raise error
-                        i = int(result.get_response().id)
-                        if sent[i] < steps:
-                            send(client, i)
-                            return
-                        last[i] = result.as_numpy("logits")[0, -1]
-                        left[0] -= 1
-                        if left[0] == 0:
-                            done.set()
-                    except Exception as e:  # noqa: BLE001 - reported after the run
-                        errors.append(e)
-                        done.set()
-
+            for client in clients:
                 client.start_stream(callback=answered)
-                gate.wait()
-                for i in group:
-                    send(client, i)
-                if not done.wait(600):
-                    raise TimeoutError("stream answers stopped coming")
-                client.stop_stream()
+            gate.wait()
+            for i in group:
+                send(i)
+            if not done.wait(600):
+                raise TimeoutError("stream answers stopped coming")
         except Exception as e:  # noqa: BLE001 - reported after the run
             errors.append(e)
+        finally:
+            for client in clients:
+                client.stop_stream()
+                client.close()
 
     _run_all(run, groups, errors)
     return np.stack(last)

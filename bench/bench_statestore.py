@@ -5,9 +5,9 @@
 Model: bench.bench_server's 2-layer LSTM char model (vocab 65, emb 64, hidden 256), random
 weights. Servers: `rnnserve-server` subprocesses on 127.0.0.1, `--threads 1`; Redis: a real
 redis-server on a free loopback port, without persistence (tests/cluster.py). Clients:
-tritonclient.grpc streams (start_stream / async_stream_infer), N sequences over K streams per
-server; each sequence sends its next single-token step when the previous answer arrives, with
-its step id in the `sequence_step` parameter.
+tritonclient.grpc streams (bench.bench_batching.stream_sequences), N sequences over K streams,
+each with a stream to every server; each sequence sends its next single-token step when the
+previous answer arrives, with its step id in the `sequence_step` parameter.
 
 Servers: one with the memory store, two with the Redis store, all started up front; every row is
 run --rounds times, the rows alternating, and the median run is reported (the machine's load
@@ -25,87 +25,16 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as tc
 
+from bench.bench_batching import stream_sequences
 from bench.bench_server import MODEL, VOCAB, build_repository, start_server
 from bench.floor import process_cpu_s
 from tests.cluster import RedisServer
-
-TIMEOUT_S = 600
-
-
-def stream_steps(addresses: list[str], tokens: np.ndarray, base_id: int, streams: int,
-                 alternate: bool) -> np.ndarray:
-    """N sequences over `streams` streams to each address. Sequence i lives on address
-    i % len(addresses), or (alternate) its step t goes to address (i + t) % len(addresses).
-    -> every sequence's last logits [N, V]."""
-    n, steps = tokens.shape
-    last: list[np.ndarray | None] = [None] * n
-    errors: list[BaseException] = []
-    inputs = {v: [tc.InferInput("tokens", [1, 1], "INT64")] for v in range(len(VOCAB))}
-    for v, (x,) in inputs.items():
-        x.set_data_from_numpy(np.array([[v]], dtype=np.int64))
-    outputs = [tc.InferRequestedOutput("logits")]
-    groups = [list(range(k, n, streams)) for k in range(streams)]
-
-    def run(group: list[int]) -> None:
-        done = threading.Event()
-        sent = dict.fromkeys(group, 0)
-        left = [len(group)]
-        clients = [tc.InferenceServerClient(a) for a in addresses]
-
-        def send(i: int) -> None:
-            t = sent[i]
-            sent[i] = t + 1
-            where = (i + t) % len(clients) if alternate else i % len(clients)
-            clients[where].async_stream_infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
-                                              request_id=str(i), sequence_id=base_id + i,
-                                              sequence_start=t == 0, sequence_end=t == steps - 1,
-                                              parameters={"sequence_step": t})
-
-        def answered(result, error) -> None:
-            try:
-                if error is not None:
-                    raise error
-                i = int(result.get_response().id)
-                if sent[i] < steps:
-                    send(i)
-                    return
-                last[i] = result.as_numpy("logits")[0, -1]
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
-            except BaseException as e:  # noqa: BLE001 - reported after the run
-                errors.append(e)
-                done.set()
-
-        try:
-            for c in clients:
-                c.start_stream(callback=answered)
-            for i in group:
-                send(i)
-            if not done.wait(TIMEOUT_S):
-                raise TimeoutError("stream answers stopped coming")
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-        finally:
-            for c in clients:
-                c.stop_stream()
-                c.close()
-
-    threads = [threading.Thread(target=run, args=(g,)) for g in groups]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
-    return np.stack(last)
 
 
 def _runs_rows(addresses: list[str]) -> tuple[int, int]:
@@ -130,14 +59,14 @@ def measure(label: str, servers: list, tokens: np.ndarray, streams: int, alterna
             redis_server: RedisServer | None, base_id: int) -> dict:
     addresses = [a for _, a in servers]
     pids = [p.pid for p, _ in servers]
-    stream_steps(addresses, tokens[:, :8], base_id + 500_000, streams, alternate)   # warm up
+    stream_sequences(addresses, tokens[:, :8], base_id + 500_000, streams, alternate, step_ids=True)   # warm up
     runs0, rows0 = _runs_rows(addresses)
     cmd0 = _store_commands(redis_server)
     redis_pid = redis_server.proc.pid if redis_server else None
     cpu0 = [process_cpu_s(p) for p in pids]
     rcpu0 = process_cpu_s(redis_pid) if redis_pid else 0.0
     t0 = time.perf_counter()
-    last = stream_steps(addresses, tokens, base_id, streams, alternate)
+    last = stream_sequences(addresses, tokens, base_id, streams, alternate, step_ids=True)
     secs = time.perf_counter() - t0
     n = tokens.size
     runs1, rows1 = _runs_rows(addresses)
