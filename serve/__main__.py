@@ -189,7 +189,7 @@ def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
     try:
         store = shared_store(settings.state_store)
     except ValueError as exc:
-        print(f"rnnserve-server: error: {exc}", file=sys.stderr)
+        logger.error("cannot start: %s", exc)
         return 2
     if store.shared:
         try:

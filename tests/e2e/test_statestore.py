@@ -7,6 +7,9 @@ A sequence is streamed in chunks (one step per chunk, the step id in the request
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -205,3 +208,20 @@ def test_tritonclient_errors_keep_their_codes(replicas):
     with pytest.raises(InferenceServerException, match="START is required"):
         client.infer(MODEL, [x], sequence_id=999_999, request_id="3")
     client.close()
+
+
+def test_cli_steps_across_replicas(replicas):
+    """rnnserve-client infer --sequence-id/--start/--end/--step: a step on each replica, and a
+    repeat answered from the kept answer."""
+    def cli(address, *args):
+        res = subprocess.run([sys.executable, "-m", "rnnserve.serve.client", "--address", address, "--json",
+                              "infer", MODEL, "--tokens", "1,2,3", "--sequence-id", "cli-1", *args],
+                             capture_output=True, text=True, timeout=60)
+        return res.returncode, json.loads(res.stdout)
+    a, b = (r.address for r in replicas)
+    assert cli(a, "--start", "--step", "0")[0] == 0
+    code, first = cli(b, "--step", "1")
+    assert code == 0 and cli(a, "--step", "1") == (0, first)
+    code, out = cli(b, "--step", "5", "--end")
+    assert code == 1 and out["error"]["code"] == "FAILED_PRECONDITION"
+    assert cli(a, "--step", "2", "--end")[0] == 0
