@@ -26,6 +26,7 @@ on the batcher's completion thread), never from a request's own thread.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import struct
@@ -153,6 +154,8 @@ class RedisStore:
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                            socket_timeout=IO_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
                                            max_connections=pool_size)
+        self._writer = uuid.uuid4().hex[:12] + ":"   # tokens: this process's id and a count
+        self._writes = itertools.count()
         self._sha: str | None = None   # the CAS script, loaded on first use and after a Redis restart
         self._loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="statestore-load")
 
@@ -188,7 +191,7 @@ class RedisStore:
         import redis
 
         ttl_ms = max(1, int(ttl_s * 1000))
-        tokens = [uuid.uuid4().hex[:16] for _ in writes]
+        tokens = [f"{self._writer}{next(self._writes)}" for _ in writes]
         blobs = [encode(w.record) for w in writes]
         results = None
         try:
