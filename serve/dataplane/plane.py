@@ -161,16 +161,16 @@ class DataPlane:
         seq_id, start = validation.sequence_of(req.parameters)
         if start or seq_id in (0, "") or engine.sequences is None or engine.sequences.holds(seq_id):
             return engine
-        others = [e.engine for e in reversed(self.repo.entry_list(req.model_name))
+        others = [(e.engine, e.engine.sequences) for e in reversed(self.repo.entry_list(req.model_name))
                   if e.state == READY and e.engine is not None and e.engine is not engine
                   and e.engine.sequences is not None]
         if not others:
             return engine
-        for other in others:
-            if other.sequences.holds(seq_id):
+        for other, sequences in others:
+            if sequences is not None and sequences.holds(seq_id):
                 return other
         version = engine.sequences.stored_version(seq_id)
-        return next((o for o in others if o.inst.version == version), engine)
+        return next((o for o, _ in others if o.inst.version == version), engine)
 
     def infer_async(self, req: InferRequest) -> Future[InferResponse]:
         """Queue one request and return at once, for pipelined streams (ModelStreamInfer).

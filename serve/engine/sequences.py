@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnnserve.serve.engine.batching import Batcher, ModelIO, Work
-from rnnserve.serve.engine.statestore import MemoryStore, RedisStore, SeqRecord, Write
+from rnnserve.serve.engine.statestore import MemoryStore, SeqRecord, StateStore, Write
 from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class SequenceManager:
 
     def __init__(self, name: str, batcher: Batcher, io: ModelIO,
                  zero_state: Callable[[int], States], *, max_sequences: int = 4096,
-                 idle_timeout_s: float = 60.0, store: MemoryStore | RedisStore | None = None,
+                 idle_timeout_s: float = 60.0, store: StateStore | None = None,
                  model: str = "", version: str = "") -> None:
         self.name = name
         self._batcher = batcher
@@ -104,7 +104,7 @@ class SequenceManager:
         self._zero_state = zero_state
         self.max_sequences = max_sequences
         self.idle_timeout_s = idle_timeout_s
-        self._store = store or MemoryStore()
+        self._store: StateStore = store or MemoryStore()
         self._model, self._version = model or name, version
         self._seqs: dict[Hashable, _Seq] = {}
         self._lock = threading.Lock()
@@ -137,13 +137,13 @@ class SequenceManager:
                 seq = _Seq(seq_id, batch, loading=not start, busy=not start)
                 self._seqs[seq_id] = seq
                 load = not start
+            elif seq is None:
+                raise InvalidArgument(
+                    f"sequence {seq_id!r} is not active on model '{self.name}': "
+                    "its first request must set sequence_start=true (START is required)")
             elif start and not seq.pending and not seq.busy:
                 seq.batch = batch
             if not start:
-                if seq is None:
-                    raise InvalidArgument(
-                        f"sequence {seq_id!r} is not active on model '{self.name}': "
-                        "its first request must set sequence_start=true (START is required)")
                 if client_states:
                     raise InvalidArgument(
                         f"state inputs ({', '.join(self._io.state_inputs)}) may only be sent with "
@@ -336,7 +336,7 @@ class SequenceManager:
                 self._load(seq)
                 return
             if verdict == "replay":
-                step.future.set_result(dict(answer))
+                step.future.set_result(dict(answer or {}))
                 continue
             if isinstance(verdict, ServeError):
                 step.future.set_exception(verdict)
@@ -367,7 +367,7 @@ class SequenceManager:
             if conflict:   # another replica moved the sequence on: reload, then this step again
                 step.reloaded, step.write = False, None
                 seq.pending.appendleft(step)
-            elif exc is None:
+            elif out is not None:
                 seq.step, seq.digest, seq.ended = step.applied_id, step.digest, False
                 seq.answer = ({k: np.array(v) for k, v in out.items()} if step.step_id is not None else None)
                 seq.token = written.record.token if written is not None else "*"

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -121,25 +122,41 @@ def decode(blob: bytes, token: str = "") -> SeqRecord:
                      head["ended"], token)
 
 
-class MemoryStore:
-    """The embedded default: the SequenceManager's memory is the only copy."""
+class StateStore:
+    """What the SequenceManager needs of a store. `shared`: other processes see its records
+    (load them when a sequence is not held here; write each step through)."""
     shared = False
     url = MEMORY
 
-    def load_async(self, model: str, key: Hashable) -> Future:
+    def ping(self) -> None:
+        """Raise Unavailable unless the store answers."""
+
+    def load(self, model: str, seq_id: Hashable) -> SeqRecord | None:
+        return None
+
+    def load_async(self, model: str, seq_id: Hashable) -> Future:
+        """load() off the caller's thread: a Future of the record or None."""
         fut: Future = Future()
-        fut.set_result(None)
+        fut.set_result(self.load(model, seq_id))
         return fut
 
     def commit(self, model: str, writes: Sequence[Write], ttl_s: float) -> None:
-        for w in writes:
-            w.written = True
+        """Store every write (set each one's written / error)."""
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
 
 
-class RedisStore:
+class MemoryStore(StateStore):
+    """The embedded default: the SequenceManager's memory is the only copy."""
+
+    def commit(self, model: str, writes: Sequence[Write], ttl_s: float) -> None:
+        for w in writes:
+            w.written = True
+
+
+class RedisStore(StateStore):
     """Redis or Valkey, through the `redis` package's synchronous client and its connection pool."""
     shared = True
 
@@ -177,10 +194,10 @@ class RedisStore:
 
     def load(self, model: str, seq_id: Hashable) -> SeqRecord | None:
         try:
-            tok, data = self._redis.hmget(self.key(model, seq_id), ["tok", "data"])
+            tok, data = cast(list, self._redis.hmget(self.key(model, seq_id), ["tok", "data"]))
         except self._errors as e:
             raise self._unavailable(e) from None
-        return None if data is None else decode(data, tok.decode())
+        return None if data is None or tok is None else decode(bytes(data), bytes(tok).decode())
 
     def load_async(self, model: str, seq_id: Hashable) -> Future:
         return self._loader.submit(self.load, model, seq_id)
@@ -213,6 +230,7 @@ class RedisStore:
             for w in writes:
                 w.error = err
             return
+        assert results is not None   # the loop either set it or raised
         for w, tok, ok in zip(writes, tokens, results):
             w.written = ok == 1
             if w.written:
@@ -231,7 +249,7 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
 
 
-def open_store(url: str) -> MemoryStore | RedisStore:
+def open_store(url: str) -> StateStore:
     """`memory` or `redis://HOST:PORT/DB`; ValueError for anything else."""
     if url == MEMORY:
         return MemoryStore()
@@ -240,11 +258,11 @@ def open_store(url: str) -> MemoryStore | RedisStore:
     raise ValueError(f"--state-store must be 'memory' or redis://HOST:PORT/DB, got {url[:80]!r}")
 
 
-_opened: dict[str, MemoryStore | RedisStore] = {}
+_opened: dict[str, StateStore] = {}
 _opened_lock = threading.Lock()
 
 
-def shared_store(url: str) -> MemoryStore | RedisStore:
+def shared_store(url: str) -> StateStore:
     """One store (one connection pool) per URL in this process, shared by every model version."""
     with _opened_lock:
         if url not in _opened:
