@@ -79,6 +79,7 @@ class Replica:
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.log = workdir / f"{name}.log"
+        self._log_file = None
 
     def start(self) -> Replica:
         self.launch()
@@ -95,7 +96,7 @@ class Replica:
             [sys.executable, "-m", "rnnserve.serve", "--repository", self.repo, "--port", "0",
              "--port-file", str(port_file), "--threads", "1", "--grace", "10", "--no-warmup",
              "--log-level", "WARNING", *self.args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=dict(os.environ))
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._open_log(), env=dict(os.environ))
 
     def wait_ready(self) -> Replica:
         port_file = self._port_file
@@ -106,6 +107,12 @@ class Replica:
             time.sleep(0.05)
         self.address = f"127.0.0.1:{int(port_file.read_text())}"
         return self
+
+    def _open_log(self):
+        if self._log_file is not None:
+            self._log_file.close()
+        self._log_file = open(self.log, "ab")   # the process writes it until it exits
+        return self._log_file
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

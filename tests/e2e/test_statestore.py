@@ -138,10 +138,23 @@ def test_kill_9_mid_sequence(replicas):
 
 
 def test_sigterm_drain_mid_sequence(replicas):
+    """SIGTERM while a step is in flight: the replica finishes it (or refuses it, UNAVAILABLE,
+    if it arrived after the drain began) and exits 0; the client goes on with the other one,
+    repeating that step, which is then answered exactly once."""
     tokens = tokens_for(5)
     a, b = replicas
-    parts = [step_rnn(a.address, 303, tokens, i) for i in range(4)]
-    assert a.terminate() == 0
+    parts = [step_rnn(a.address, 303, tokens, i) for i in range(3)]
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(step_rnn, a.address, 303, tokens, 3)
+        assert a.terminate() == 0
+        try:
+            drained = in_flight.result()
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+            drained = None
+    parts.append(step_rnn(b.address, 303, tokens, 3))
+    if drained is not None:
+        np.testing.assert_array_equal(parts[-1], drained)
     parts += [step_rnn(b.address, 303, tokens, i) for i in range(4, CHUNKS)]
     assert_whole([b], tokens, parts)
 
