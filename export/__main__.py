@@ -15,8 +15,9 @@ import torch
 
 from rnnserve.cli import EXIT_INTERRUPTED, user_error
 from rnnserve.export.batch import BatchOptions, discover, format_report, run_batch
+from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS
 from rnnserve.export.onnx_export import DEFAULT_OPSET, ExportError, export_checkpoint
-from rnnserve.export.parity import ATOL, format_summary
+from rnnserve.export.parity import ATOL, RTOL, format_cases, format_summary
 from rnnserve.export.tritonconfig import DEFAULT_MAX_BATCH_SIZE
 from rnnserve.export.variants import DEFAULT_MIN_AGREEMENT, VARIANTS
 from rnnserve.train.checkpoint import CheckpointError
@@ -32,12 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint .pt written by `rnnserve-train`")
     p.add_argument("--out", required=True, help="output directory for model.onnx and parity.json")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
+    _tolerance_args(p)
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads for the gate (default: onnxruntime's)")
     p.add_argument("--no-gate", action="store_true", help="skip the parity gate (not for models you serve)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _nonnegative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _tolerance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atol", type=_nonnegative, default=ATOL,
+                   help=f"parity gate: |d| <= atol + rtol*|ref| elementwise (default atol {ATOL:g})")
+    p.add_argument("--rtol", type=_nonnegative, default=RTOL, help=f"parity gate rtol (default {RTOL:g})")
 
 
 def _variant_list(text: str) -> list[str]:
@@ -82,8 +96,11 @@ def _batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=_percent, default=DEFAULT_MIN_AGREEMENT,
                    help=f"refuse a variant below this top-1 agreement with fp32, in percent "
                         f"(default {DEFAULT_MIN_AGREEMENT * 100:g})")
+    p.add_argument("--int8", choices=list(INT8_OPTIONS), default=DEFAULT_INT8, metavar="OPTION",
+                   help=f"how the int8 variant is quantized: {', '.join(INT8_OPTIONS)} "
+                        f"(default {DEFAULT_INT8!r}; compared in bench/quant.py)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--atol", type=float, default=ATOL, help=f"parity gate max abs diff (default {ATOL:g})")
+    _tolerance_args(p)
     p.add_argument("--threads", type=int, default=None,
                    help="threads for onnxruntime (gate, variants, latency) and PyTorch (default: theirs)")
     p.add_argument("--max-batch-size", type=_positive, default=DEFAULT_MAX_BATCH_SIZE,
@@ -108,7 +125,8 @@ def batch_main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     opts = BatchOptions(checkpoints=args.checkpoints, repository=args.repository, keep=args.keep,
                         variants=args.variants, name_from=args.name_from, eval_text=args.eval_text,
-                        min_agreement=args.min_agreement, threads=args.threads, atol=args.atol,
+                        min_agreement=args.min_agreement, int8=args.int8, threads=args.threads,
+                        atol=args.atol, rtol=args.rtol,
                         opset=args.opset, max_batch_size=args.max_batch_size, progress=not args.no_progress)
     # SIGTERM (e.g. `docker stop`) stops like Ctrl-C: the staging folder is removed on the way out.
     signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         res = export_checkpoint(args.checkpoint, args.out, opset=args.opset, gate=not args.no_gate,
-                                atol=args.atol, threads=args.threads)
+                                atol=args.atol, rtol=args.rtol, threads=args.threads)
     except CheckpointError as e:
         return user_error(str(e))
     except ExportError as e:  # e.g. the parity gate failed: not the user's mistake
@@ -146,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shapes:  {res.io}  (declared shapes checked: batch, seq symbolic)")
     if res.parity is not None:
         print(f"parity:  {format_summary(res.parity)}  [{res.parity_path}]")
+        print(format_cases(res.parity))
     else:
         print("parity:  SKIPPED (--no-gate)")
     print(f"seconds: {res.seconds:.1f}")

@@ -25,11 +25,20 @@ import numpy as np
 from tqdm import tqdm
 
 from rnnserve.contract import INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS
 from rnnserve.export.onnx_export import DEFAULT_OPSET, export_checkpoint
-from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN
+from rnnserve.export.parity import DEFAULT_TRAIN_SEQ_LEN
 from rnnserve.export.publish import RepoWriter, sanitize_name
+from rnnserve.export.tolerance import ATOL, RTOL, Tolerance
 from rnnserve.export.tritonconfig import DEFAULT_MAX_BATCH_SIZE, triton_config
-from rnnserve.export.variants import DEFAULT_MIN_AGREEMENT, FP16_NOTE, load_eval_text, make_variant, variant_session
+from rnnserve.export.variants import (
+    DEFAULT_MIN_AGREEMENT,
+    FP16_NOTE,
+    load_eval_text,
+    make_variant,
+    percent_pair,
+    variant_session,
+)
 from rnnserve.files import file_sha256
 from rnnserve.train.checkpoint import load_checkpoint
 
@@ -49,8 +58,10 @@ class BatchOptions:
     name_from: str = "dir"
     eval_text: str | None = None
     min_agreement: float = DEFAULT_MIN_AGREEMENT
+    int8: str = DEFAULT_INT8
     threads: int | None = None
     atol: float = ATOL
+    rtol: float = RTOL
     opset: int = DEFAULT_OPSET
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     progress: bool = True
@@ -69,6 +80,7 @@ class Row:
     version: int | None = None
     reason: str = ""
     variant: str = ""
+    threshold: float | None = None   # variants: the --min-agreement they were measured against
 
 
 @dataclass
@@ -136,6 +148,13 @@ def measure_latency(path: str, meta: ModelMeta, variant: str = "", threads: int 
     return statistics.median(times) * 1000.0
 
 
+def parity_record(report: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest keeps of a gate report (the whole report is parity.json beside the model)."""
+    return {"pass": report["pass"], "max_abs_diff": report["max_abs_diff"], "max_rel_diff": report["max_rel_diff"],
+            "worst": report["worst"], "atol": report["tolerance"]["atol"], "rtol": report["tolerance"]["rtol"],
+            "file": "parity.json"}
+
+
 def _meta_of(path: str) -> ModelMeta:
     import onnx
     return parse_metadata({p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props})
@@ -148,7 +167,8 @@ def _skipped_row(repo: RepoWriter, name: str) -> Row:
     return Row(name, "skipped", rec.get("arch", ""), rec.get("params"),
                vrep["max_logit_diff"] if vrep else rec.get("parity", {}).get("max_abs_diff"),
                vrep["top1_agreement"] if vrep else None,
-               files.get(MODEL_FILENAME, {}).get("bytes"), rec.get("latency_p50_ms"), version)
+               files.get(MODEL_FILENAME, {}).get("bytes"), rec.get("latency_p50_ms"), version,
+               threshold=vrep.get("threshold") if vrep else None)
 
 
 class _Job:
@@ -193,7 +213,7 @@ class _Job:
     def _gate_and_publish(self, staged: str, version: int) -> int:
         repo, opts = self.repo, self.opts
         res = export_checkpoint(self.ckpt, staged, opset=opts.opset, gate=True, atol=opts.atol,
-                                threads=opts.threads)
+                                rtol=opts.rtol, threads=opts.threads)
         model, ckpt = self.loaded()
         meta = _meta_of(res.onnx_path)
         p50 = measure_latency(res.onnx_path, meta, threads=opts.threads)
@@ -201,9 +221,8 @@ class _Job:
         record = {"checkpoint": self.ckpt, "checkpoint_sha256": self.sha, "arch": meta.arch,
                   "params": model.num_params(), "latency_p50_ms": round(p50, 4),
                   "latency_shape": [LATENCY_BATCH, LATENCY_SEQ],
-                  "parity": {"pass": report["pass"], "max_abs_diff": report["max_abs_diff"],
-                             "atol": report["thresholds"]["max_abs_diff"], "cases": len(report["cases"]),
-                             "stepwise": len(report["stepwise"]), "file": "parity.json"}}
+                  "parity": {**parity_record(report), "cases": len(report["cases"]),
+                             "stepwise": len(report["stepwise"])}}
         repo.publish(self.name, version, staged, triton_config(self.name, meta, max_batch_size=opts.max_batch_size),
                      record, {"variant": None, "base_model": None})
         self.rows.append(Row(self.name, "new", meta.arch, model.num_params(), report["max_abs_diff"], None,
@@ -236,7 +255,8 @@ class _Job:
                               train_seq_len=seq_len if isinstance(seq_len, int) and seq_len > 0
                               else DEFAULT_TRAIN_SEQ_LEN,
                               base_ref=f"{self.name}/{base_version}", text=text,
-                              min_agreement=opts.min_agreement, threads=opts.threads, atol=opts.atol)
+                              min_agreement=opts.min_agreement, threads=opts.threads,
+                              tol=Tolerance(opts.atol, opts.rtol), int8=INT8_OPTIONS[opts.int8])
         rep = result.report
         summary = {"model": vname, "accepted": result.accepted, "reason": result.reason,
                    "top1_agreement": rep["top1_agreement"], "max_logit_diff": rep["max_logit_diff"],
@@ -247,20 +267,21 @@ class _Job:
             repo.discard(os.path.dirname(staged))
             repo.annotate(self.name, base_version, f"variant_{variant}", {**summary, "version": None})
             self.rows.append(Row(vname, "refused", meta.arch, model.num_params(), rep["max_logit_diff"],
-                                 rep["top1_agreement"], size, p50, reason=result.reason, variant=variant))
+                                 rep["top1_agreement"], size, p50, reason=result.reason, variant=variant,
+                                 threshold=rep["threshold"]))
             return
         record = {"checkpoint": self.ckpt, "checkpoint_sha256": self.sha, "arch": meta.arch,
                   "params": model.num_params(), "latency_p50_ms": round(p50, 4),
                   "latency_shape": [LATENCY_BATCH, LATENCY_SEQ], "variant_report": rep}
         if result.parity is not None:
-            record["parity"] = {"pass": result.parity["pass"], "max_abs_diff": result.parity["max_abs_diff"],
-                                "atol": result.parity["thresholds"]["max_abs_diff"], "file": "parity.json"}
+            record["parity"] = parity_record(result.parity)
         repo.publish(vname, version, staged, triton_config(vname, meta, max_batch_size=opts.max_batch_size,
                                                            variant=variant),
                      record, {"variant": variant, "base_model": self.name})
         repo.annotate(self.name, base_version, f"variant_{variant}", {**summary, "version": version})
         self.rows.append(Row(vname, "new", meta.arch, model.num_params(), rep["max_logit_diff"],
-                             rep["top1_agreement"], size, p50, version, variant=variant))
+                             rep["top1_agreement"], size, p50, version, variant=variant,
+                             threshold=rep["threshold"]))
 
     def _fail(self, model: str, why: str) -> None:
         self.failures.append((model, self.ckpt, why))
@@ -303,11 +324,17 @@ def _size(n: int | None) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
+def _agreement(r: Row) -> str:
+    if r.agreement is None:
+        return "-"
+    return percent_pair(r.agreement, r.agreement if r.threshold is None else r.threshold)[0]
+
+
 def format_table(rows: list[Row]) -> str:
     head = ["model", "arch", "params", "parity max diff", "top-1 agree", "onnx size",
             f"p50 ms (b{LATENCY_BATCH} s{LATENCY_SEQ})", "version", "status"]
     body = [[r.model, r.arch or "-", _fmt(r.params, ","), _fmt(r.max_diff, ".2e"),
-             "-" if r.agreement is None else f"{r.agreement:.2%}", _size(r.size), _fmt(r.p50_ms, ".3f"),
+             _agreement(r), _size(r.size), _fmt(r.p50_ms, ".3f"),
              _fmt(r.version), r.status] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

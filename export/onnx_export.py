@@ -42,7 +42,7 @@ from rnnserve.contract import (
     parse_metadata,
     text_api_refusal,
 )
-from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN, format_summary, run_parity
+from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN, RTOL, format_summary, run_parity
 from rnnserve.files import atomic_write_json, file_sha256
 from rnnserve.train.checkpoint import load_checkpoint
 from rnnserve.train.model import CharRNN, ModelConfig
@@ -181,7 +181,7 @@ def _guarded(what: str, fn, *args, **kwargs):
 
 
 def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSET, gate: bool = True,
-                      atol: float = ATOL, threads: int | None = None) -> ExportResult:
+                      atol: float = ATOL, rtol: float = RTOL, threads: int | None = None) -> ExportResult:
     """Export a checkpoint to out_dir/model.onnx (+ parity.json). Raises CheckpointError or ExportError.
 
     On any failure no new model.onnx is written (an older one in out_dir is left as it was).
@@ -206,7 +206,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
         proto = _guarded(f"ONNX export of {ckpt_path}", export_model, model, info, tmp_path, opset=opset)
         if gate:
             report = _guarded(f"parity gate for {ckpt_path}", run_parity, model, tmp_path,
-                              train_seq_len=train_seq_len, atol=atol, threads=threads)
+                              train_seq_len=train_seq_len, atol=atol, rtol=rtol, threads=threads)
             if not report["pass"]:
                 failed_path = os.path.join(out_dir, FAILED_PARITY_FILENAME)
                 atomic_write_json(failed_path, report)

@@ -11,12 +11,11 @@ more than 1% means the numbers moved enough to change greedy generation about on
 line, which we do not want to ship silently. Random-weight models have nearly tied
 logits everywhere and may be refused: that is the check working, not noise.
 
-  int8       ORT's quant_pre_process (shape inference + ORT basic optimization) then
-             quantize_dynamic (int8 weights, uint8 activations quantized at run time).
-             LSTM becomes com.microsoft DynamicQuantizeLSTM (checked: an LSTM model whose
-             LSTM nodes stay float32 is refused). ORT has no quantized GRU/RNN kernel:
-             for those only the output MatMul is quantized (reported); a model with no
-             quantizable op (the notes' head-less rnn/rnncell) is refused.
+  int8       onnxruntime dynamic quantization with the options of export/int8.py (default
+             DEFAULT_INT8: per-channel weights, the output layer and embedding kept float32,
+             the best in bench/quant.py). LSTM becomes com.microsoft DynamicQuantizeLSTM
+             (checked: an LSTM model whose LSTM nodes stay float32 is refused). ORT has no
+             quantized GRU/RNN kernel; a model with nothing quantized is refused.
   optimized  ORT offline optimization at ORT_ENABLE_EXTENDED (fusions for the CPU EP),
              not ORT_ENABLE_ALL, whose layout transforms are tied to the exporting CPU.
              It must also pass the full parity gate against PyTorch (run_parity).
@@ -41,8 +40,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnserve.contract import INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS, Int8Options, build_int8, op_counts
 from rnnserve.export.onnx_export import PARITY_FILENAME, ExportError, check_io
-from rnnserve.export.parity import ATOL, default_threads, format_summary, make_session, run_parity
+from rnnserve.export.parity import default_threads, format_summary, make_session, run_parity
+from rnnserve.export.tolerance import DEFAULT_TOLERANCE, Tolerance
 from rnnserve.files import atomic_write_json as write_json
 from rnnserve.train.data import VAL_FRACTION
 
@@ -59,8 +60,6 @@ VARIANT_REPORT = "variant.json"
 FP16_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 FP16_NOTE = ("fp16 models need onnxruntime's NchwcTransformer disabled on CPU (onnxruntime 1.32 crashes "
              "creating their session otherwise); rnnserve-server disables it for every model")
-_QUANT_OP_PREFIXES = ("DynamicQuantize", "QLinear", "QGemm", "QAttention")
-_QUANT_OP_SUFFIXES = ("Integer",)
 
 
 @dataclass
@@ -106,6 +105,17 @@ def load_eval_text(meta: ModelMeta, train_config: Mapping[str, Any], text_path: 
                     f"synthetic: {max_tokens} uniform random tokens (no text for this vocabulary)")
 
 
+def percent_pair(value: float, threshold: float, min_digits: int = 3, max_digits: int = 9) -> tuple[str, str]:
+    """value and threshold as percentages with the same number of decimals, enough that the
+    strings compare the way the numbers do: 41 of 4096 positions differing shows as
+    98.999% against 99.000%, never as 99.00% < 99.00%."""
+    for digits in range(min_digits, max_digits + 1):
+        a, b = f"{value:.{digits}%}", f"{threshold:.{digits}%}"
+        if (a == b) == (value == threshold):
+            break
+    return a, b
+
+
 def variant_session(path: str, variant: str = "", threads: int | None = None) -> ort.InferenceSession:
     if variant != "fp16":
         return make_session(path, threads)
@@ -137,38 +147,7 @@ def compare_on_text(ref: ort.InferenceSession, got: ort.InferenceSession, meta: 
             "eval_text": text.source, "window": window}
 
 
-def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in proto.graph.node:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def quantized_ops(counts: Mapping[str, int]) -> dict[str, int]:
-    return {op: c for op, c in counts.items()
-            if op.startswith(_QUANT_OP_PREFIXES) or op.endswith(_QUANT_OP_SUFFIXES)}
-
-
 # -- builders: src (gated fp32 model.onnx) -> dst; return facts for the report -----------------
-def _build_int8(src: str, dst: str, work_dir: str, meta: ModelMeta) -> dict[str, Any]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    pre = os.path.join(work_dir, "int8.pre.onnx")
-    quant_pre_process(src, pre)
-    quantize_dynamic(pre, dst, weight_type=QuantType.QInt8)
-    counts = op_counts(onnx.load(dst))
-    quant = quantized_ops(counts)
-    fp32_recurrent = {op: counts[op] for op in ("LSTM", "GRU", "RNN") if op in counts}
-    info = {"ops": counts, "quantized_ops": quant, "float32_recurrent_ops": fp32_recurrent,
-            "method": "quant_pre_process + quantize_dynamic(weight_type=QInt8)"}
-    if meta.arch == "lstm" and ("LSTM" in counts or "DynamicQuantizeLSTM" not in counts):
-        info["refuse"] = "the LSTM was not quantized (no DynamicQuantizeLSTM)"
-    elif not quant:
-        info["refuse"] = (f"nothing was quantized ({', '.join(fp32_recurrent) or 'no'} recurrent op stays "
-                          f"float32: onnxruntime has no int8 kernel for it, and the model has no MatMul)")
-    return info
-
-
 def _build_optimized(src: str, dst: str, work_dir: str, meta: ModelMeta) -> dict[str, Any]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -225,7 +204,7 @@ def _build_fp16(src: str, dst: str, work_dir: str, meta: ModelMeta) -> dict[str,
             "ort_disabled_optimizers": FP16_DISABLED_OPTIMIZERS}
 
 
-_BUILDERS = {"int8": _build_int8, "optimized": _build_optimized, "fp16": _build_fp16}
+_BUILDERS = {"optimized": _build_optimized, "fp16": _build_fp16}
 
 
 def _finish_proto(path: str, base_props: Mapping[str, str], variant: str, base_ref: str) -> ModelMeta:
@@ -243,9 +222,10 @@ def _finish_proto(path: str, base_props: Mapping[str, str], variant: str, base_r
 
 def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, model, train_seq_len: int,
                  base_ref: str, text: EvalText, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                 threads: int | None = None, atol: float = ATOL) -> VariantResult:
+                 threads: int | None = None, tol: Tolerance = DEFAULT_TOLERANCE,
+                 int8: Int8Options = INT8_OPTIONS[DEFAULT_INT8]) -> VariantResult:
     """Build `variant` of base_onnx into out_dir/model.onnx and measure it. Raises ExportError if it breaks."""
-    if variant not in _BUILDERS:
+    if variant not in VARIANTS:
         raise ExportError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
@@ -253,7 +233,9 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
     dst = os.path.join(out_dir, MODEL_FILENAME)
     base_props = {p.key: p.value for p in onnx.load(base_onnx, load_external_data=False).metadata_props}
     try:
-        info = _BUILDERS[variant](base_onnx, dst, work_dir, parse_metadata(base_props))
+        base_meta = parse_metadata(base_props)
+        info = (build_int8(base_onnx, dst, work_dir, base_meta.arch, int8) if variant == "int8"
+                else _BUILDERS[variant](base_onnx, dst, work_dir, base_meta))
         meta = _finish_proto(dst, base_props, variant, base_ref)
         cmp = compare_on_text(make_session(base_onnx, threads), variant_session(dst, variant, threads),
                               meta, text)
@@ -265,19 +247,22 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
     refuse = info.pop("refuse", "")
     parity = None
     if variant == "optimized":
-        parity = run_parity(model, dst, train_seq_len=train_seq_len, atol=atol, threads=threads)
+        parity = run_parity(model, dst, train_seq_len=train_seq_len, atol=tol.atol, rtol=tol.rtol,
+                                  threads=threads)
         info["parity_gate"] = format_summary(parity)
         if not parity["pass"] and not refuse:
             refuse = f"parity gate failed: {format_summary(parity)}"
     elif variant == "int8":
         # The gate's cases measure it against PyTorch (random tokens and states); informational:
         # int8 is not expected to meet atol, acceptance is the agreement on text.
-        measured = run_parity(model, dst, train_seq_len=train_seq_len, atol=atol, threads=threads)
+        measured = run_parity(model, dst, train_seq_len=train_seq_len, atol=tol.atol, rtol=tol.rtol,
+                                  threads=threads)
         info["vs_pytorch"] = {"max_abs_diff": measured["max_abs_diff"],
                               "argmax_mismatches": sum(c.get("argmax_mismatches", 0) for c in measured["cases"]),
                               "cases": len(measured["cases"])}
     if not refuse and cmp["top1_agreement"] < min_agreement:
-        refuse = (f"top-1 agreement {cmp['top1_agreement']:.2%} < threshold {min_agreement:.2%} "
+        shown, limit = percent_pair(cmp["top1_agreement"], min_agreement)
+        refuse = (f"top-1 agreement {shown} < threshold {limit} "
                   f"({cmp['top1_disagreements']} of {cmp['positions']} positions differ)")
     report = {"variant": variant, "base": base_ref, "accepted": not refuse, "reason": refuse,
               "threshold": min_agreement, **cmp, **info, "seconds": round(time.perf_counter() - t0, 3)}

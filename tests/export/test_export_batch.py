@@ -19,8 +19,9 @@ from tritonclient.grpc import model_config_pb2
 
 from rnnserve.contract import KEY_CHECKPOINT_SHA256, parse_metadata
 from rnnserve.export.__main__ import main as export_main
+from rnnserve.export.int8 import op_counts
 from rnnserve.export.publish import MANIFEST_FILENAME, STAGING_PREFIX, sanitize_name
-from rnnserve.export.variants import KEY_VARIANT, VARIANT_REPORT, EvalText, make_variant, op_counts, variant_session
+from rnnserve.export.variants import KEY_VARIANT, VARIANT_REPORT, EvalText, make_variant, percent_pair, variant_session
 from rnnserve.files import file_sha256
 from rnnserve.serve.admin.repository import scan_model, scan_names
 from rnnserve.train.checkpoint import save_checkpoint
@@ -112,7 +113,7 @@ def test_publish_skip_new_version_and_prune(hello_ckpts, tmp_path, capsys):
         assert [e.version for e in scan_model(repo, preset)] == ["1"]
         rec = manifest["models"][preset]["versions"]["1"]
         assert rec["checkpoint_sha256"] == file_sha256(ckpt)
-        assert rec["parity"]["pass"] and rec["parity"]["max_abs_diff"] <= rec["parity"]["atol"]
+        assert rec["parity"]["pass"] and rec["parity"]["worst"]["ratio"] <= 1 and rec["parity"]["rtol"] > 0
         assert rec["latency_p50_ms"] > 0
         assert os.path.isfile(os.path.join(repo, preset, "1", "parity.json"))
 
@@ -216,7 +217,7 @@ def test_int8_and_optimized_variants(charlm_ckpt, tmp_path, capsys):
     rec = check_repository(repo)["models"]["charlm"]["versions"]["1"]
     for v in ("int8", "optimized"):
         assert rec[f"variant_{v}"]["accepted"] is False and rec[f"variant_{v}"]["version"] is None
-        assert "< threshold 100.10%" in rec[f"variant_{v}"]["reason"]
+        assert "< threshold 100.100%" in rec[f"variant_{v}"]["reason"]
 
     # Threshold 0: the base is unchanged (skipped) and the variants are built from the published v1.
     rc, out = batch(capsys, *args, "--min-agreement", "0")
@@ -261,3 +262,14 @@ def test_int8_and_optimized_variants(charlm_ckpt, tmp_path, capsys):
     assert res.accepted and 0 <= res.report["top1_agreement"] <= 1 and res.report["max_logit_diff"] > 0
     sess = variant_session(str(tmp_path / "fp16" / "model.onnx"), "fp16", threads=1)
     assert sess.get_modelmeta().custom_metadata_map[KEY_VARIANT] == "fp16"
+
+
+@pytest.mark.parametrize("value, threshold", [(1 - 41 / 4096, 0.99), (0.99001, 0.99002), (0.9949999, 0.995),
+                                              (0.995, 0.995), (1.0, 0.995), (0.5, 1.001)])
+def test_agreement_display_never_reads_equal_when_refused(value, threshold):
+    shown, limit = percent_pair(value, threshold)
+    assert shown.endswith("%") and limit.endswith("%") and len(shown.split(".")[1]) == len(limit.split(".")[1])
+    assert (float(shown[:-1]) < float(limit[:-1])) == (value < threshold)  # the strings say what the numbers do
+    assert (shown == limit) == (value == threshold)
+    if value == 1 - 41 / 4096:
+        assert (shown, limit) == ("98.999%", "99.000%")
