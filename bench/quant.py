@@ -131,7 +131,7 @@ def bench_checkpoint(path: str, args: argparse.Namespace, options: list[str]) ->
                            if op != "DynamicQuantizeLinear") or "none"
         rows.append([name, key + (" (default)" if key == DEFAULT_INT8 else ""), quant, size,
                      f"{shown} ({a['top1_disagreements']}/{a['positions']})", f"{a['max_logit_diff']:.3g}",
-                     *timing, "yes" if ok else "no"])
+                     *timing, "yes" if ok else "no (refused: nothing quantized)" if f.get("refuse") else "no"])
     return rows
 
 
