@@ -27,7 +27,8 @@ def _checkpoint(root, name: str, cfg: ModelConfig, head_scale: float = 1.0, seq_
         model.fc.weight.mul_(head_scale)
         model.fc.bias.mul_(head_scale)
     path = str(root / name / "checkpoint.pt")
-    save_checkpoint(path, model, [f"t{i}" for i in range(cfg.vocab_size)], {"task": "random", "seq_len": seq_len}, {})
+    vocab = [chr(97 + i) for i in range(cfg.vocab_size)]
+    save_checkpoint(path, model, vocab, {"task": "random", "seq_len": seq_len}, {})
     return model, path
 
 
