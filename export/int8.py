@@ -14,8 +14,10 @@ bench/quant.py measures every entry of INT8_OPTIONS; DEFAULT_INT8 is the best th
 """
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,17 +85,31 @@ def part_nodes(proto: onnx.ModelProto) -> dict[str, list[str]]:
             "first_recurrent": recurrent[:1], "last_recurrent": recurrent[-1:]}
 
 
+@contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """onnxruntime.quantization calls logging.basicConfig, which would leave a handler on the
+    root logger of the process that quantizes (a CLI's, a test run's): put it back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def build_int8(src: str, dst: str, work_dir: str, arch: str, options: Int8Options) -> dict[str, Any]:
     """Quantize src into dst; returns the facts for the report ("refuse" when nothing useful was quantized)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
     os.makedirs(work_dir, exist_ok=True)
     pre = os.path.join(work_dir, "int8.pre.onnx")
-    quant_pre_process(src, pre)
-    parts = part_nodes(onnx.load(pre))
-    exclude = sorted({name for p in options.fp32 for name in parts[p]})
-    quantize_dynamic(pre, dst, weight_type=QuantType.QInt8, per_channel=options.per_channel,
-                     reduce_range=options.reduce_range, nodes_to_exclude=exclude)
+    with _root_logger_kept():
+        quant_pre_process(src, pre)
+        parts = part_nodes(onnx.load(pre))
+        exclude = sorted({name for p in options.fp32 for name in parts[p]})
+        quantize_dynamic(pre, dst, weight_type=QuantType.QInt8, per_channel=options.per_channel,
+                         reduce_range=options.reduce_range, nodes_to_exclude=exclude)
     counts = op_counts(onnx.load(dst))
     quant = quantized_ops(counts)
     fp32_recurrent = {op: counts[op] for op in RECURRENT_OPS if op in counts}

@@ -1,6 +1,8 @@
 """int8 options (export/int8.py): each builds the graph it names, on a real export, with real onnxruntime."""
 from __future__ import annotations
 
+import logging
+
 import onnx
 import pytest
 import torch
@@ -29,7 +31,10 @@ def exported(tmp_path_factory):
 def test_each_lstm_option_builds_what_it_names(option, exported, tmp_path):
     opts = INT8_OPTIONS[option]
     dst = str(tmp_path / "model.onnx")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     info = build_int8(exported["lstm"], dst, str(tmp_path / "work"), "lstm", opts)
+    assert (root.handlers, root.level) == (handlers, level)  # onnxruntime's basicConfig undone
     ops = op_counts(onnx.load(dst))
     fp32_layers = len({"first_recurrent", "last_recurrent"} & set(opts.fp32))
     assert ops.get("LSTM", 0) == fp32_layers and ops.get("DynamicQuantizeLSTM") == 2 - fp32_layers
