@@ -99,8 +99,8 @@ def engine_client(sequences: SequenceManager, tokens: np.ndarray, tag: str) -> C
 
     def client(i: int) -> np.ndarray:
         for t in range(steps):
-            out = sequences.submit((tag, i), tokens[i:i + 1, t:t + 1], start=t == 0,
-                                          end=t == steps - 1).result(timeout=600)
+            out = sequences.submit((tag, i), {"tokens": tokens[i:i + 1, t:t + 1]}, start=t == 0,
+                                   end=t == steps - 1).result(timeout=600)
         return out["logits"][0, -1]
     return client
 

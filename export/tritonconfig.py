@@ -25,13 +25,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
+from rnnserve import serving
 from rnnserve.contract import INPUT_TOKENS, OUTPUT_LOGITS, PLATFORM, ModelMeta
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_SIZE = 64           # stateless models only
-DYNAMIC_BATCH_DELAY_US = 2000         # how long Triton may wait to grow a batch
-SEQUENCE_IDLE_US = 60_000_000         # a sequence idle for 60 s is released (frees its slot)
+# The server's own defaults (rnnserve/serving.py): our server reads this file too, and these
+# fields override its flags for the model, so the file restates what it does anyway.
+DEFAULT_MAX_BATCH_SIZE = serving.MAX_BATCH_SIZE       # stateless models only
+DYNAMIC_BATCH_DELAY_US = serving.MAX_QUEUE_DELAY_US   # how long the batcher may wait to grow a batch
+SEQUENCE_IDLE_US = serving.SEQUENCE_IDLE_US           # an idle sequence is released (frees its slot)
 
 Dim = int | str
 

@@ -120,7 +120,7 @@ def state_shape(num_layers: int, num_directions: int, batch: int, hidden_size: i
 class GraphTensor:
     name: str
     dtype: str  # numpy dtype name: "int64" or "float32"
-    shape: tuple[int | str, ...]  # str = a symbolic (dynamic) dim
+    shape: tuple[int | str | None, ...]  # str = a symbolic (dynamic) dim; None = dynamic without a name
 
 
 @dataclass(frozen=True)

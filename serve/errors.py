@@ -13,7 +13,8 @@ class InvalidArgument(ServeError):
 
 
 class FailedPrecondition(ServeError):
-    """The request is well formed but does not fit the server's state (a sequence step out of order)."""
+    """The request is well formed but does not fit the server's state (a sequence step out of order)
+    or the model (the text API on a model without a vocabulary)."""
     code = "FAILED_PRECONDITION"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rnnserve import serving
+
 
 @dataclass
 class ServeSettings:
@@ -24,12 +26,12 @@ class ServeSettings:
     max_message_bytes: int = 2**31 - 1
     server_name: str = "rnnserve"
     # batching and sequences
-    max_batch_size: int = 32
-    instances: int = 1                # onnxruntime runs of one model that may be in progress at once
-    max_queue_delay_us: int = 500
+    max_batch_size: int = serving.MAX_BATCH_SIZE
+    instances: int = serving.INSTANCES  # onnxruntime runs of one model that may be in progress at once
+    max_queue_delay_us: int = serving.MAX_QUEUE_DELAY_US
     max_queue_size: int = 1024
     max_sequences: int = 4096
-    sequence_idle_timeout_s: float = 60.0
+    sequence_idle_timeout_s: float = serving.SEQUENCE_IDLE_US / 1e6
     state_store: str = "memory"       # memory | redis://HOST:PORT/DB (serve/engine/statestore.py)
     # repository changes and metrics
     poll_interval: float = 0.0        # seconds; 0 = no polling

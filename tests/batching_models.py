@@ -13,7 +13,7 @@ import torch
 
 from rnnserve.contract import parse_metadata
 from rnnserve.export.onnx_export import export_checkpoint
-from rnnserve.serve.engine.batching import ModelIO
+from rnnserve.serve.engine.modelio import ModelIO, Work
 from rnnserve.train.checkpoint import save_checkpoint
 from rnnserve.train.model import CharRNN, ModelConfig
 
@@ -38,7 +38,7 @@ class Model:
         self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.meta = parse_metadata(self.sess.get_modelmeta().custom_metadata_map)
         self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.io = ModelIO(tuple(self.meta.state_inputs), tuple(self.meta.state_outputs), self.meta.streamable)
+        self.io = ModelIO.from_spec(self.meta.spec, pad=self.meta.streamable)
         self.runs = 0
 
     def run(self, feeds):
@@ -55,6 +55,11 @@ class Model:
 
     def alone(self, tokens, states):
         return self.run({"tokens": tokens, **dict(zip(self.io.state_inputs, states))})
+
+
+def work(tokens, states, **kwargs) -> Work:
+    """Work for a char model: its tokens and states."""
+    return Work({"tokens": tokens}, states, **kwargs)
 
 
 def build_models(root: Path, names: Iterable[str] | None = None) -> dict[str, Model]:

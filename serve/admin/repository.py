@@ -30,8 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
-from rnnserve.contract import MODEL_FILENAME, parse_metadata
+from rnnserve.contract import KEY_FORMAT, MODEL_FILENAME, parse_metadata
 from rnnserve.files import file_sha256
+from rnnserve.serve.admin import modelconfig
+from rnnserve.serve.admin.describe import describe, graph_tensors
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.engine.runtime import DeviceError, ModelInstance, create_session
 from rnnserve.serve.errors import NotFound, Unavailable
@@ -50,17 +52,34 @@ class ModelEntry:
     state: str = LOADING
     reason: str = ""
     engine: ModelEngine | None = None            # the loaded version (it owns its ModelInstance)
-    fingerprint: tuple[int, ...] | None = None   # stat facts of `path` when it was last (tried to be) loaded
+    fingerprint: tuple | None = None   # stat facts of `path` and its config.pbtxt when it was last (tried to be) loaded
     sha256: str = ""                                 # of the loaded model.onnx
 
 
-def fingerprint(path: str) -> tuple[int, ...] | None:
-    """(device, inode, size, mtime ns) of a file, None if absent: a changed file changes it."""
+def _stat(path: str) -> tuple[int, ...] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _config_of(path: str) -> str:
+    """The model's config.pbtxt beside the version folders of REPO/<model>/<version>/model.onnx."""
+    return modelconfig.config_path(os.path.dirname(os.path.dirname(path)))
+
+
+def fingerprint(path: str) -> tuple[tuple[int, ...] | None, ...] | None:
+    """(device, inode, size, mtime ns) of the model file and of its config.pbtxt; None if the model
+    file is absent: a changed file changes it."""
+    model = _stat(path)
+    return None if model is None else (model, _stat(_config_of(path)))
+
+
+def content_sha256(path: str) -> str:
+    """sha256 of the model file, and of its config.pbtxt when there is one."""
+    config = _config_of(path)
+    return file_sha256(path) + (":" + file_sha256(config) if os.path.isfile(config) else "")
 
 
 def _first_line(e: BaseException) -> str:
@@ -107,7 +126,7 @@ def _unchanged(current: ModelEntry, found: ModelEntry) -> bool:
         return True
     if _serves(current) and now is not None and current.sha256:
         try:
-            same = file_sha256(found.path) == current.sha256
+            same = content_sha256(found.path) == current.sha256
         except OSError:
             return False
         if same:
@@ -126,14 +145,19 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
     try:
         if not os.path.isfile(entry.path):
             raise FileNotFoundError(f"missing {MODEL_FILENAME} in {os.path.dirname(entry.path)}")
-        sha = file_sha256(entry.path)
+        sha = content_sha256(entry.path)
+        config = modelconfig.read_config(_config_of(entry.path))
         session = create_session(entry.path, providers, settings.device,
                                  settings.intra_op_threads, settings.inter_op_threads)
-        meta = parse_metadata(session.get_modelmeta().custom_metadata_map)
-        instance = ModelInstance(entry.name, entry.version, entry.path, session, meta)
+        props = session.get_modelmeta().custom_metadata_map
+        meta = parse_metadata(props) if KEY_FORMAT in props else None   # a model of ours, or any other
+        found = describe(graph_tensors(session.get_inputs()), graph_tensors(session.get_outputs()), meta,
+                         config.proto if config is not None else None)
+        instance = ModelInstance(entry.name, entry.version, entry.path, session, found.spec, meta, found.source,
+                                 allow_nonfinite=config is not None and config.allow_nonfinite)
         if settings.warmup:
             instance.warmup(settings.max_seq_len)
-        engine = ModelEngine(instance, settings, metrics)
+        engine = ModelEngine(instance, modelconfig.model_settings(config, settings), metrics)
     except DeviceError:
         raise
     except Exception as e:
@@ -142,9 +166,9 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
         return
     entry.sha256 = sha
     entry.engine, entry.state, entry.reason = engine, READY, ""
-    log.info("model %s version %s READY (%s; providers %s; vocab %d; state inputs %s)", entry.name,
-             entry.version, meta.arch, ", ".join(instance.providers), meta.vocab_size,
-             instance.state_inputs or "none")
+    log.info("model %s version %s READY (providers %s); %s", entry.name, entry.version,
+             ", ".join(instance.providers), found.summary())
+    modelconfig.log_ignored(entry.name, config)
 
 
 class Repository:

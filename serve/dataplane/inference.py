@@ -2,8 +2,8 @@
 
 A request becomes one of:
 - stateless work for the Batcher (no `sequence_id`): the state inputs the client
-  sent (zeros for the rest) ride along; hn/cn are computed exactly only when an
-  output of them is requested (requested_outputs None = every output);
+  sent (zeros for the rest) ride along; the state outputs are computed exactly only
+  when one of them is requested (requested_outputs None = every output);
 - one step of a server-side sequence (`sequence_id` non-zero / non-empty), handed
   to the SequenceManager with `sequence_start` / `sequence_end`: Triton's semantics.
 
@@ -22,7 +22,6 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from rnnserve.contract import INPUT_TOKENS
 from rnnserve.serve.dataplane import validation
 from rnnserve.serve.engine.model_engine import ModelEngine, wait
 from rnnserve.serve.engine.runtime import ModelInstance
@@ -103,18 +102,18 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, inline: boo
     feeds = validation.check_infer_inputs(inst, req.inputs, req.input_datatypes, max_seq_len)
     deadline = request_deadline(req, params.timeout_us, arrived)
     check_runnable(req, deadline)
-    tokens = feeds[INPUT_TOKENS]
-    batch = int(tokens.shape[0])
+    inputs = engine.inputs_of(feeds)
+    batch = engine.io.rows(feeds)
     cancel = None
     if params.in_sequence:
         sent = [n for n in engine.io.state_inputs if n in feeds]
         client_states = engine.states_from(feeds, batch) if sent else None
-        fut = engine.submit_step(params.sequence_id, tokens, start=params.sequence_start,
+        fut = engine.submit_step(params.sequence_id, inputs, start=params.sequence_start,
                                  end=params.sequence_end, client_states=client_states,
                                  deadline=deadline, is_cancelled=req.is_cancelled,
                                  step_id=validation.step_id(params, req.id))
     else:
         need_state = any(n in engine.io.state_outputs for n in outputs)
-        fut, cancel = engine.submit(tokens, engine.states_from(feeds, batch), need_state,
+        fut, cancel = engine.submit(inputs, engine.states_from(feeds, batch), need_state,
                                     deadline=deadline, is_cancelled=req.is_cancelled, inline=inline)
     return Pending(inst, req, outputs, fut, cancel, deadline)

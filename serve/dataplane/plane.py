@@ -122,26 +122,32 @@ class DataPlane:
                              inputs=list(inst.inputs), outputs=list(inst.outputs), parameters=inst.describe())
 
     def model_config(self, name: str, version: str = "") -> ModelConfigInfo:
-        """max_batch_size 0 and full shapes: our state is layers-first [L, batch, H], which Triton's
-        batch-first dims cannot describe, so the batch axis stays explicit (-1) in every shape.
+        """What is in force for the model (its config.pbtxt over the server's flags), in Triton's terms.
 
-        dynamic_batching describes the batcher every model has; streamable models also report
-        sequence_batching with their state pairs (h0 <- hn, c0 <- cn), which makes perf_analyzer
-        run its sequence mode. State inputs are `optional`: omitted = the zero state (stateless
-        requests) or the server-kept state (sequence requests after START)."""
-        inst = self.repo.get(name, version).inst
-        s = self.settings
+        max_batch_size 0 and full shapes: a state's batch axis need not be first ([L, batch, H]),
+        which Triton's batch-first dims cannot describe, so the batch axis stays explicit (-1)
+        in every shape; the batch limit in force is dynamic_batching's preferred_batch_size
+        (and parameters.max_batch_size). dynamic_batching describes the batcher every model has;
+        streamable models also report sequence_batching with their state pairs (h0 <- hn, ...),
+        which makes perf_analyzer run its sequence mode. State inputs are `optional`: omitted =
+        the zero state (stateless requests) or the server-kept state (sequence requests after START)."""
+        engine = self.repo.get(name, version)
+        inst, s = engine.inst, engine.settings
         inputs = [dataclasses.replace(t, optional=t.name in inst.state_inputs) for t in inst.inputs]
-        dims = {t.name: list(t.shape) for t in inst.inputs}
+        specs = {t.name: t for t in inst.inputs}
         sequence = None
         if inst.streamable:
             sequence = {"max_sequence_idle_microseconds": int(s.sequence_idle_timeout_s * 1e6),
-                        "states": [StateSpec(i, o, "FP32", dims[i]) for i, o in inst.state_pairs()]}
+                        "states": [StateSpec(i, o, specs[i].datatype, list(specs[i].shape))
+                                   for i, o in inst.state_pairs()]}
+        batch = s.max_batch_size if inst.io.mergeable else 1
+        parameters = {"max_batch_size": str(batch), "allow_nonfinite": str(inst.allow_nonfinite).lower(),
+                      "io_source": inst.source}
         return ModelConfigInfo(name=name, platform=PLATFORM, max_batch_size=0, inputs=inputs,
                                outputs=list(inst.outputs),
-                               dynamic_batching={"preferred_batch_size": [s.max_batch_size],
+                               dynamic_batching={"preferred_batch_size": [batch],
                                                  "max_queue_delay_microseconds": s.max_queue_delay_us},
-                               sequence_batching=sequence)
+                               sequence_batching=sequence, instance_count=s.instances, parameters=parameters)
 
     # -- tensors ---------------------------------------------------------------------------------
     def infer(self, req: InferRequest) -> InferResponse:
@@ -194,6 +200,7 @@ class DataPlane:
         """top_k 0 = no top list (argmax only); top_k above the vocabulary size lists the whole vocabulary."""
         engine = self.engine(model, version)
         inst = engine.inst
+        validation.check_text_model(inst)
         k = validation.check_top_k(top_k, self.settings.max_top_k)
         ids = validation.encode_text(inst, text, self.settings.max_seq_len)
         decoded, positions = textgen.predict(engine, ids, k)
@@ -205,6 +212,7 @@ class DataPlane:
         """Validates now (errors raise here, not on the first next()), then streams one event per token."""
         engine = self.engine(model, version)
         inst = engine.inst
+        validation.check_text_model(inst)
         if not inst.streamable:
             raise InvalidArgument(f"model '{inst.name}' is bidirectional: it needs the whole sequence "
                                   f"at once, so it cannot generate text")
@@ -222,6 +230,7 @@ class DataPlane:
     def score(self, model: str, text: str, version: str = "") -> ScoreResult:
         engine = self.engine(model, version)
         inst = engine.inst
+        validation.check_text_model(inst)
         if inst.bidirectional:
             raise InvalidArgument(f"model '{inst.name}' is bidirectional: its predictions see the "
                                   f"characters they would score, so it cannot score text")
@@ -239,6 +248,7 @@ class DataPlane:
         between chunks; close() when done. Counts as a live sequence (Unavailable past
         max_sequences); bidirectional models refuse (InvalidArgument)."""
         engine = self.engine(model, version)
+        validation.check_text_model(engine.inst)
         k = validation.check_top_k(top_k, self.settings.max_top_k)
         return TextStream(engine, k, self.settings.max_seq_len)
 

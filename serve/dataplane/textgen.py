@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from rnnserve.contract import OUTPUT_LOGITS
+from rnnserve.contract import INPUT_TOKENS, OUTPUT_LOGITS
 from rnnserve.serve.engine.model_engine import ModelEngine, States
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.wire.types import CharProb, GenerateEvent, PositionPrediction
@@ -68,14 +68,14 @@ def positions(inst: ModelInstance, ids: np.ndarray, logits: np.ndarray, top_k: i
 
 def predict(engine: ModelEngine, ids: np.ndarray, top_k: int) -> tuple[str, list[PositionPrediction]]:
     """One run over the text; no final state is needed, so it may share a padded run."""
-    logits = engine.run(ids[None, :], engine.zero_states(1), need_state=False)[OUTPUT_LOGITS][0]
+    logits = engine.run({INPUT_TOKENS: ids[None, :]}, engine.zero_states(1), need_state=False)[OUTPUT_LOGITS][0]
     found = positions(engine.inst, ids, logits, top_k)
     return "".join(p.char for p in found), found
 
 
 def step(engine: ModelEngine, tokens: np.ndarray, state: States) -> tuple[np.ndarray, States]:
     """One run carrying the state: returns (logits [batch, T, vocab], the new state)."""
-    out = engine.run(tokens, state, need_state=True)
+    out = engine.run({INPUT_TOKENS: tokens}, state, need_state=True)
     # Copies: a batched run's outputs are views shared by every row of that run.
     return out[OUTPUT_LOGITS], tuple(np.ascontiguousarray(out[n]) for n in engine.io.state_outputs)
 
@@ -109,7 +109,7 @@ def generate(engine: ModelEngine, prompt_ids: np.ndarray, max_tokens: int, tempe
 
 def score(engine: ModelEngine, ids: np.ndarray) -> tuple[int, float]:
     """(characters scored, total log-likelihood in nats) of ids[1:] given each prefix; one run."""
-    logits = engine.run(ids[None, :], engine.zero_states(1), need_state=False)[OUTPUT_LOGITS][0]
+    logits = engine.run({INPUT_TOKENS: ids[None, :]}, engine.zero_states(1), need_state=False)[OUTPUT_LOGITS][0]
     logp = log_softmax(logits[:-1])
     n = len(ids) - 1
     ll = float(logp[np.arange(n), ids[1:]].sum())

@@ -1,7 +1,9 @@
 """Checks every client input before onnxruntime sees it.
 
 onnxruntime aborts the whole process on some empty inputs and silently wraps
-negative token ids, so nothing reaches ModelInstance.run unchecked. Every
+negative token ids, so nothing reaches ModelInstance.run unchecked: every input
+follows its declared dtype and shape (rnnserve/modelspec.py), and float inputs
+hold no NaN/Inf unless the model allows them (config.pbtxt allow_nonfinite). Every
 problem raises serve.errors.InvalidArgument with a message that says exactly
 what is wrong. (Raw-byte length against shape is checked by serve/wire/convert.py.)
 """
@@ -15,9 +17,11 @@ from typing import TypeGuard
 import numpy as np
 
 from rnnserve.contract import INPUT_TOKENS, text_api_refusal
+from rnnserve.modelspec import DTYPES, StatePair, TensorDecl
 from rnnserve.serve.engine.runtime import ModelInstance
-from rnnserve.serve.errors import InvalidArgument
+from rnnserve.serve.errors import FailedPrecondition, InvalidArgument
 from rnnserve.serve.wire.types import ParamValue
+from rnnserve.serving import PARAM_ALLOW_NONFINITE
 
 # numpy dtype (by its .str, e.g. "<i8") -> Open Inference Protocol datatype
 _DATATYPES = {np.dtype(t).str: name for t, name in (
@@ -146,29 +150,54 @@ def _check_dtype(name: str, arr: np.ndarray, declared: str | None, want: str) ->
         raise InvalidArgument(f"input '{name}' is declared {want} but its data is {datatype_of(arr)}")
 
 
-def check_tokens(inst: ModelInstance, tokens: np.ndarray, max_seq_len: int) -> None:
-    if tokens.ndim != 2:
-        raise InvalidArgument(f"input 'tokens' must have rank 2 [batch, seq], got shape {list(tokens.shape)}")
-    batch, seq = tokens.shape
-    if batch == 0 or seq == 0:
-        raise InvalidArgument(f"input 'tokens' has shape {list(tokens.shape)}: batch and seq must be >= 1")
-    if seq > max_seq_len:
-        raise InvalidArgument(f"input 'tokens' has seq {seq}, over the server's maximum of {max_seq_len}")
-    check_token_ids(inst, tokens)
+def _shape_text(shape: Sequence[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def check_state(inst: ModelInstance, name: str, state: np.ndarray, batch: int) -> None:
-    want = list(inst.state_shape(batch))
+def check_shape(t: TensorDecl, arr: np.ndarray, sizes: dict[str, tuple[int, str]], max_seq_len: int) -> None:
+    """Rank, fixed dims, no empty dim, dynamic dims within max_seq_len (the batch axis aside) and
+    equal sizes wherever two inputs share a dim name (`sizes`: name -> (size, first input))."""
+    name, want = t.name, t.shape
+    if arr.ndim != len(want):
+        raise InvalidArgument(f"input '{name}' must have rank {len(want)} {_shape_text(want)}, "
+                              f"got shape {list(arr.shape)}")
+    if 0 in arr.shape:
+        dims = " and ".join(str(d) for d in want if isinstance(d, str)) or "every dim"
+        raise InvalidArgument(f"input '{name}' has shape {list(arr.shape)}: {dims} must be >= 1")
+    for axis, (d, n) in enumerate(zip(want, arr.shape)):
+        if isinstance(d, int):
+            if n != d:
+                raise InvalidArgument(f"input '{name}' has shape {list(arr.shape)}; the model takes "
+                                      f"{_shape_text(want)} (dim {axis} must be {d})")
+            continue
+        if axis != t.batch_axis and n > max_seq_len:
+            raise InvalidArgument(f"input '{name}' has {d} {n}, over the server's maximum of {max_seq_len}")
+        first = sizes.setdefault(d, (int(n), name))
+        if first[0] != n:
+            raise InvalidArgument(f"input '{name}' has {d} {n} but input '{first[1]}' has {d} {first[0]}")
+
+
+def check_finite(inst: ModelInstance, what: str, arr: np.ndarray) -> None:
+    """NaN and Inf in a float input are refused unless the model allows them (allow_nonfinite)."""
+    if arr.dtype.kind != "f" or inst.allow_nonfinite or np.isfinite(arr).all():
+        return
+    where = [int(i) for i in np.argwhere(~np.isfinite(arr))[0]]
+    raise InvalidArgument(f"{what} contains NaN or Inf (first at position {where}); model '{inst.name}' "
+                          f"does not accept them (config.pbtxt parameter {PARAM_ALLOW_NONFINITE})")
+
+
+def check_state(inst: ModelInstance, pair: StatePair, state: np.ndarray, batch: int) -> None:
+    want = list(pair.concrete_shape(batch))
     if list(state.shape) != want:
-        raise InvalidArgument(f"state input '{name}' has shape {list(state.shape)}, expected {want} "
-                              f"[layers*directions, batch, hidden] with batch {batch} as in 'tokens'")
-    if not np.isfinite(state).all():
-        raise InvalidArgument(f"state input '{name}' contains NaN or Inf")
+        raise InvalidArgument(f"state input '{pair.input}' has shape {list(state.shape)}, expected {want} "
+                              f"{_shape_text(pair.shape)} with batch {batch} as in the other inputs")
+    check_finite(inst, f"state input '{pair.input}'", state)
 
 
 def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
                        datatypes: Mapping[str, str], max_seq_len: int) -> dict[str, np.ndarray]:
     """Validated, C-contiguous feeds for ModelInstance.run (omitted states stay omitted = zeros)."""
+    spec = inst.spec
     for name in inputs:
         if name in inst.input_names:
             continue
@@ -180,19 +209,38 @@ def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
     for name, arr in inputs.items():
         if not isinstance(arr, np.ndarray):
             raise InvalidArgument(f"input '{name}' must be a tensor, got {type(arr).__name__}")
-    if INPUT_TOKENS not in inputs:
-        raise InvalidArgument(f"missing input '{INPUT_TOKENS}' (INT64 [batch, seq]) for model '{inst.name}'")
-    tokens = inputs[INPUT_TOKENS]
-    _check_dtype(INPUT_TOKENS, tokens, datatypes.get(INPUT_TOKENS), "INT64")
-    check_tokens(inst, tokens, max_seq_len)
-    feeds = {INPUT_TOKENS: np.ascontiguousarray(tokens)}
-    for name in inst.state_inputs:
-        if name in inputs:
-            state = inputs[name]
-            _check_dtype(name, state, datatypes.get(name), "FP32")
-            check_state(inst, name, state, tokens.shape[0])
-            feeds[name] = np.ascontiguousarray(state)
+    feeds: dict[str, np.ndarray] = {}
+    sizes: dict[str, tuple[int, str]] = {}
+    for t in spec.inputs:
+        if t.name not in inputs:
+            raise InvalidArgument(f"missing input '{t.name}' ({t.datatype} {_shape_text(t.shape)}) "
+                                  f"for model '{inst.name}'")
+        arr = inputs[t.name]
+        _check_dtype(t.name, arr, datatypes.get(t.name), t.datatype)
+        check_shape(t, arr, sizes, max_seq_len)
+        if t.name == INPUT_TOKENS and inst.vocab:
+            check_token_ids(inst, arr)
+        if arr.dtype.kind == "f":
+            check_finite(inst, f"input '{t.name}'", arr)
+        feeds[t.name] = np.ascontiguousarray(arr)
+    batch = inst.io.rows(feeds)
+    for pair in spec.states:
+        if pair.input in inputs:
+            state = inputs[pair.input]
+            _check_dtype(pair.input, state, datatypes.get(pair.input), DTYPES[pair.dtype])
+            check_state(inst, pair, state, batch)
+            feeds[pair.input] = np.ascontiguousarray(state)
     return feeds
+
+
+def check_text_model(inst: ModelInstance) -> None:
+    """The text API needs a vocabulary (and tokens in, logits out)."""
+    if not inst.vocab:
+        raise FailedPrecondition(f"model '{inst.name}' has no vocabulary: the text API serves character "
+                                 "models; use the tensor API (ModelInfer)")
+    if not inst.takes_text:
+        raise FailedPrecondition(f"model '{inst.name}' does not take text (tokens in, logits out); "
+                                 "use the tensor API (ModelInfer)")
 
 
 # -- text --------------------------------------------------------------------------------------

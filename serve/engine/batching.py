@@ -5,15 +5,8 @@ can share a run *exactly*, runs it, and splits the outputs back. With
 `instances` > 1 (Triton's instance count) that many scheduler threads each run
 their own batch at once.
 
-Exactness rules (the model is [batch, seq] in, [batch, seq, vocab] out):
-- Rows of the same seq_len always share a run: the recurrent ops treat batch
-  rows independently, so each row's logits and final state are its own.
-- Unidirectional models whose caller does not need the final state may be
-  right-padded to the longest row: position t only depends on positions
-  <= t, so the logits at the valid positions are unchanged; each row is
-  sliced back to its own length. The final state at the padded end would be
-  wrong, so work that needs hn/cn is only grouped by exact length.
-- Bidirectional models: exact length only (the backward pass sees padding).
+Exactness: which work may share a run, and how tensors are stacked and split, is
+ModelIO's (serve/engine/modelio.py).
 
 Latency: the scheduler never waits for a batch that cannot fill. It runs
 whatever is queued the moment it is free. Only after an idle spell (nothing
@@ -41,12 +34,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnnserve.serve.engine.modelio import ModelIO, Work
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
 from rnnserve.serve.stats import RunRecord
 
@@ -55,37 +48,12 @@ log = logging.getLogger(__name__)
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-@dataclass(eq=False)  # identity: queued work is removed by identity
-class Work:
-    """Rows to run: tokens [b, T] and, for streamable models, states [L, b, H] each."""
-    tokens: np.ndarray
-    states: tuple[np.ndarray, ...] = ()
-    need_state: bool = True
-    deadline: float | None = None                 # time.monotonic()
-    is_cancelled: Callable[[], bool] | None = None
-    tag: object = None                            # the submitter's own note (a sequence's step)
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
-    rows: int = field(init=False)        # tokens.shape[0], read often by the scheduler
-    seq_len: int = field(init=False)     # tokens.shape[1]
-
-    def __post_init__(self) -> None:
-        self.rows, self.seq_len = (int(n) for n in self.tokens.shape)
-
-
-@dataclass
-class ModelIO:
-    """The names the batcher needs to assemble feeds and split outputs."""
-    state_inputs: Sequence[str]      # ("h0",) / ("h0", "c0") / ()
-    state_outputs: Sequence[str]     # ("hn",) / ("hn", "cn") / ()
-    streamable: bool
-
-
 class _Group:
     """The batch being formed: its rows, lengths and whether any item needs hn/cn."""
 
     def __init__(self, first: Work) -> None:
         self.items: list[Work] = []
+        self.key = first.key
         self.rows = self.real = 0
         self.min_len = self.max_len = first.seq_len
         self.need_state = False
@@ -152,6 +120,7 @@ class Batcher:
             if len(self._queue) >= self.max_queue_size:
                 raise Unavailable(f"model '{self.name}': queue full ({self.max_queue_size} requests waiting)")
             work.enqueued = time.monotonic()
+            self._io.sign(work)
             run_here = (inline and not self._running and not self._queue
                         and max(self._recent_rows, default=1) <= work.rows)
             if run_here:
@@ -198,12 +167,12 @@ class Batcher:
 
     # ---- scheduling -----------------------------------------------------------
     def _compatible(self, group: _Group, w: Work) -> bool:
-        if group.rows + w.rows > self.max_batch_size:
+        if not self._io.mergeable or group.rows + w.rows > self.max_batch_size or w.key != group.key:
             return False
         if group.min_len == group.max_len == w.seq_len:
-            return True  # equal lengths: always exact
-        # Right-padding is exact only for unidirectional logits, without final state.
-        if not self._io.streamable or group.need_state or w.need_state:
+            return True  # equal shapes: always exact
+        # Right-padding is exact only for causal outputs, without final state.
+        if not self._io.pad or group.need_state or w.need_state:
             return False
         padded = (group.rows + w.rows) * max(group.max_len, w.seq_len)
         return padded <= self.max_padding_ratio * (group.real + w.rows * w.seq_len)
@@ -278,7 +247,7 @@ class Batcher:
         queue_ns = [int((now - w.enqueued) * 1e9) for w in live]
         try:
             t0 = time.perf_counter_ns()
-            feeds = self._assemble(live)
+            feeds = self._io.assemble(live)
             t1 = time.perf_counter_ns()
             out = self._run(feeds)
             times = (queue_ns, t1 - t0, time.perf_counter_ns() - t1)
@@ -319,7 +288,7 @@ class Batcher:
         for live, out, times in runs:
             try:
                 t0 = time.perf_counter_ns()
-                split = self._split(live, out)
+                split = self._io.split(live, out)
             except BaseException as e:  # noqa: BLE001 - handed to this run's callers
                 self._fail(live, e)
                 continue
@@ -346,41 +315,3 @@ class Batcher:
         for w in live:
             if not w.future.done():
                 w.future.set_exception(e)
-
-    def _assemble(self, batch: list[Work]) -> dict[str, np.ndarray]:
-        if len(batch) == 1:
-            w = batch[0]
-            feeds = {"tokens": w.tokens}
-            feeds.update(zip(self._io.state_inputs, w.states))
-            return feeds
-        max_len = max(w.seq_len for w in batch)
-        tokens = np.zeros((sum(w.rows for w in batch), max_len), dtype=np.int64)
-        r = 0
-        for w in batch:
-            tokens[r:r + w.rows, :w.seq_len] = w.tokens
-            r += w.rows
-        feeds = {"tokens": tokens}
-        for i, name in enumerate(self._io.state_inputs):
-            feeds[name] = np.concatenate([w.states[i] for w in batch], axis=1)
-        return feeds
-
-    def _split(self, batch: list[Work], out: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Each item's rows of the outputs. Logits are views of the run's output; states are
-        each item's own contiguous arrays, so a sequence keeping its state holds 2 small arrays,
-        not the whole run's output."""
-        if len(batch) == 1:
-            return [out]
-        # [L, B, H] -> [B, L, H] once; then a row's state is one contiguous slice to copy.
-        by_row = ({name: np.ascontiguousarray(out[name].transpose(1, 0, 2))
-                   for name in self._io.state_outputs}
-                  if any(w.need_state for w in batch) else {})
-        results = []
-        r = 0
-        for w in batch:
-            res = {"logits": out["logits"][r:r + w.rows, :w.seq_len]}
-            if w.need_state:  # exact: need_state work is only grouped by equal length
-                for name, rows in by_row.items():
-                    res[name] = rows[r:r + w.rows].transpose(1, 0, 2).copy()
-            results.append(res)
-            r += w.rows
-        return results

@@ -28,7 +28,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from rnnserve.serve.engine.batching import Batcher, ModelIO, Work
+from rnnserve.serve.engine.batching import Batcher
+from rnnserve.serve.engine.modelio import Work
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.engine.sequences import SequenceManager
 from rnnserve.serve.engine.statestore import shared_store
@@ -50,9 +51,10 @@ class ModelEngine:
     def __init__(self, inst: ModelInstance, settings: ServeSettings, metrics=None):
         """metrics: the server's serve.metrics.Metrics (with --metrics-port), else None."""
         self.inst = inst
+        self.settings = settings          # in force for this model (config.pbtxt overrides applied)
         self.counters = ModelCounters(inst.name, inst.version,
                                       metrics.model(inst.name, inst.version) if metrics is not None else None)
-        self.io = ModelIO(tuple(inst.state_inputs), tuple(inst.state_outputs), inst.streamable)
+        self.io = inst.io
         label = f"{inst.name}:{inst.version}" if inst.version else inst.name
         store = shared_store(settings.state_store) if inst.streamable else None
         self.sequences: SequenceManager | None = None
@@ -76,44 +78,50 @@ class ModelEngine:
 
     # -- states ------------------------------------------------------------------------------
     def zero_states(self, batch: int) -> States:
-        return tuple(self.inst.zeros(batch) for _ in self.io.state_inputs)
+        return self.inst.zero_states(batch)
 
     def states_from(self, feeds: Mapping[str, np.ndarray], batch: int) -> States:
         """The state tuple in input order from validated feeds; missing states are zeros."""
-        if not self.io.state_inputs:
-            return ()
-        return tuple(feeds[n] if n in feeds else self.inst.zeros(batch) for n in self.io.state_inputs)
+        names = self.io.state_inputs
+        zeros = self.inst.zero_states(batch)
+        if feeds.keys().isdisjoint(names):
+            return zeros
+        return tuple(feeds[n] if n in feeds else z for n, z in zip(names, zeros))
+
+    def inputs_of(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The non-state inputs of validated feeds."""
+        return {t.name: feeds[t.name] for t in self.io.inputs}
 
     def _write_through(self, items: list[Work], results: list[dict[str, np.ndarray]]) -> None:
         if self.sequences is not None:
             self.sequences.persist(items, results)
 
     # -- submitting ----------------------------------------------------------------------------
-    def submit(self, tokens: np.ndarray, states: States, need_state: bool,
+    def submit(self, inputs: dict[str, np.ndarray], states: States, need_state: bool,
                deadline: float | None = None,
                is_cancelled: Callable[[], bool] | None = None,
                inline: bool = False) -> tuple[Future, Callable[[], bool]]:
         """Queue stateless rows; returns (future of the outputs, cancel). Raises Unavailable (queue full).
         inline: the caller will block on the result, so it may run the work itself when idle."""
-        work = Work(tokens, tuple(states), need_state=need_state, deadline=deadline, is_cancelled=is_cancelled)
+        work = Work(inputs, tuple(states), need_state=need_state, deadline=deadline, is_cancelled=is_cancelled)
         self._track(lambda w: self.batcher.submit(w, inline=inline))(work)
         return work.future, lambda: self.batcher.cancel(work)
 
-    def submit_step(self, seq_id: Hashable, tokens: np.ndarray, *, start: bool, end: bool,
+    def submit_step(self, seq_id: Hashable, inputs: dict[str, np.ndarray], *, start: bool, end: bool,
                     client_states: States | None = None, deadline: float | None = None,
                     is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
         """Queue one request of a server-side sequence (Triton semantics, see serve/engine/sequences.py)."""
         if self.sequences is None:
             raise InvalidArgument(
-                f"model '{self.inst.name}' is bidirectional: it cannot carry state across requests, so "
+                f"model '{self.inst.name}' {self.inst.stateless_why}: it cannot carry state across requests, so "
                 "sequence requests (sequence_id) are refused; send the whole sequence in one request")
         return self._track(lambda: self.sequences.submit(
-            seq_id, tokens, start=start, end=end, client_states=client_states or None,
+            seq_id, inputs, start=start, end=end, client_states=client_states or None,
             deadline=deadline, is_cancelled=is_cancelled, step_id=step_id))()
 
-    def run(self, tokens: np.ndarray, states: States, need_state: bool = True) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], states: States, need_state: bool = True) -> dict[str, np.ndarray]:
         """Submit and wait: the blocking form the text API uses."""
-        fut, cancel = self.submit(tokens, states, need_state, inline=True)
+        fut, cancel = self.submit(inputs, states, need_state, inline=True)
         return wait(fut, cancel)
 
     # -- accounting ----------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnserve.contract import INPUT_TOKENS, OUTPUT_LOGITS, ModelMeta, multichar_tokens
+from rnnserve.modelspec import DTYPES, ModelSpec
+from rnnserve.serve.engine.modelio import ModelIO
 from rnnserve.serve.errors import ServeError, Unavailable
 from rnnserve.serve.wire.types import TensorSpec
 
@@ -26,8 +28,11 @@ CPU = "CPUExecutionProvider"
 DEVICES = ("cpu", "cuda", "auto")
 
 # onnxruntime's type strings -> Open Inference Protocol datatypes.
-_ORT_DATATYPES = {"tensor(int64)": "INT64", "tensor(float)": "FP32", "tensor(int32)": "INT32",
-                  "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(bool)": "BOOL"}
+# onnxruntime type strings -> numpy dtype names (rnnserve.modelspec.DTYPES gives the datatypes).
+ORT_DTYPES = {f"tensor({t})": n for t, n in (
+    ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("bool", "bool"),
+    ("int8", "int8"), ("int16", "int16"), ("int32", "int32"), ("int64", "int64"),
+    ("uint8", "uint8"), ("uint16", "uint16"), ("uint32", "uint32"), ("uint64", "uint64"))}
 
 # onnxruntime 1.32's CPU NchwcTransformer (part of ORT_ENABLE_ALL) segfaults creating a session for
 # an fp16 graph (export variant `-fp16`), killing the server. It only rewrites Conv/Pool-style ops into
@@ -93,84 +98,95 @@ def create_session(path: str, providers: Sequence[str], device: str, intra_op_th
 
 def _spec(node) -> TensorSpec:
     shape = [d if isinstance(d, int) and d >= 0 else -1 for d in node.shape]
-    return TensorSpec(node.name, _ORT_DATATYPES.get(node.type, node.type), shape)
+    dtype = ORT_DTYPES.get(node.type)
+    return TensorSpec(node.name, DTYPES[dtype] if dtype else node.type, shape)
 
 
 class ModelInstance:
-    """One loaded version of one model: metadata, session, I/O specs.
+    """One loaded version of one model: its spec (rnnserve/modelspec.py), session, I/O.
 
-    `run(feeds)` is the only method that runs onnxruntime. It fills zero h0/c0
-    for state inputs the caller omitted.
+    `run(feeds)` is the only method that runs onnxruntime. It fills the zero state for
+    state inputs the caller omitted. `meta` is None for a model without our metadata
+    (its spec came from config.pbtxt or the graph: `source`).
     """
 
     def __init__(self, name: str, version: str, path: str, session: ort.InferenceSession,
-                 meta: ModelMeta):
+                 spec: ModelSpec, meta: ModelMeta | None = None, source: str = "metadata",
+                 allow_nonfinite: bool = False):
         self.name = name
         self.version = version
         self.path = path
         self.session = session
+        self.spec = spec
         self.meta = meta
+        self.source = source
+        self.allow_nonfinite = allow_nonfinite     # float inputs may hold NaN/Inf (config.pbtxt parameter)
         self.providers: list[str] = session.get_providers()
         self.inputs: list[TensorSpec] = [_spec(n) for n in session.get_inputs()]
         self.outputs: list[TensorSpec] = [_spec(n) for n in session.get_outputs()]
         self.input_names = [s.name for s in self.inputs]
         self.output_names = [s.name for s in self.outputs]
-        self.state_inputs: list[str] = list(meta.state_inputs)
-        self.state_outputs: list[str] = list(meta.state_outputs)
-        self.vocab: list[str] = list(meta.vocab)
+        self.state_inputs: list[str] = spec.state_inputs
+        self.state_outputs: list[str] = spec.state_outputs
+        self.vocab: list[str] = list(meta.vocab) if meta is not None else []
         self.char_to_id: dict[str, int] = {c: i for i, c in enumerate(self.vocab)}
         self.multichar_tokens: list[str] = multichar_tokens(self.vocab)   # any: the text API refuses
-        self._zeros: dict[int, np.ndarray] = {}
-        self._check_graph()
+        char_model = meta is not None and meta.is_char_model
+        # Right-padding is exact for our unidirectional char models only (see modelio.py).
+        self.io = ModelIO.from_spec(spec, pad=char_model and spec.streamable)
+        self._zeros: dict[int, tuple[np.ndarray, ...]] = {}
 
     # -- facts -------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self.meta.vocab_size
+        return len(self.vocab)
 
     @property
     def bidirectional(self) -> bool:
-        return self.meta.num_directions == 2
+        return self.meta is not None and self.meta.is_char_model and self.meta.num_directions == 2
 
     @property
     def streamable(self) -> bool:
-        return self.meta.streamable
+        return self.spec.streamable
 
-    def state_shape(self, batch: int):
-        return self.meta.state_shape(batch)
+    @property
+    def stateless_why(self) -> str:
+        """Why the model cannot carry state, for messages."""
+        return "is bidirectional" if self.bidirectional else "has no state inputs"
 
-    def zeros(self, batch: int) -> np.ndarray:
-        """The zero state of one state input for `batch` rows: shared and read-only (cached)."""
+    @property
+    def takes_text(self) -> bool:
+        """The text API needs a vocabulary, tokens in and logits out."""
+        names = [t.name for t in self.spec.inputs]
+        return bool(self.vocab) and names == [INPUT_TOKENS] and OUTPUT_LOGITS in self.output_names
+
+    def zero_states(self, batch: int) -> tuple[np.ndarray, ...]:
+        """The zero state of every state input for `batch` rows: shared and read-only (cached)."""
         z = self._zeros.get(batch)
         if z is None:
-            z = np.zeros(self.state_shape(batch), np.float32)
-            z.flags.writeable = False
+            z = tuple(np.zeros(s.concrete_shape(batch), s.dtype) for s in self.spec.states)
+            for a in z:
+                a.flags.writeable = False
             if batch <= ZEROS_CACHED_BATCH:
                 self._zeros[batch] = z
         return z
 
-    def state_pairs(self):
-        """[(input name, output name)]: h0<-hn, c0<-cn."""
-        return list(zip(self.state_inputs, self.state_outputs))
+    def state_shape(self, batch: int, name: str | None = None) -> tuple[int, ...]:
+        """The shape of state input `name` (the first one by default) for `batch` rows."""
+        pair = next(s for s in self.spec.states if name is None or s.input == name)
+        return pair.concrete_shape(batch)
 
-    def _check_graph(self) -> None:
-        """The graph must have exactly the I/O that the metadata promises."""
-        want_in, want_out = self.meta.io_spec()
-        if [s.name for s in want_in] != self.input_names or [s.name for s in want_out] != self.output_names:
-            raise ValueError(f"graph I/O {self.input_names} -> {self.output_names} does not match the metadata "
-                             f"({[s.name for s in want_in]} -> {[s.name for s in want_out]})")
-        dtypes = {s.name: s.datatype for s in self.inputs + self.outputs}
-        if dtypes[INPUT_TOKENS] != "INT64" or dtypes[OUTPUT_LOGITS] != "FP32":
-            raise ValueError(f"graph dtypes {dtypes} do not match the I/O contract (tokens INT64, logits FP32)")
+    def state_pairs(self):
+        """[(input name, output name)]: h0<-hn, c0<-cn, hidden_in<-hidden_out, ..."""
+        return list(zip(self.state_inputs, self.state_outputs))
 
     # -- the one onnxruntime call --------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session on validated feeds; omitted state inputs are zeros. Returns {output name: array}."""
         feeds = dict(feeds)
-        batch = int(feeds[INPUT_TOKENS].shape[0])
-        for name in self.state_inputs:
-            if name not in feeds:
-                feeds[name] = self.zeros(batch)
+        if len(feeds) < len(self.input_names):    # validated feeds: only state inputs can be missing
+            for name, z in zip(self.state_inputs, self.zero_states(self.io.rows(feeds))):
+                feeds.setdefault(name, z)
         try:
             values = self.session.run(self.output_names, feeds)
         except Exception as e:  # validation ran first, so this is our fault, not the client's
@@ -179,30 +195,51 @@ class ModelInstance:
         return dict(zip(self.output_names, values))
 
     def warmup(self, max_seq_len: int) -> None:
-        """A few runs at a few shapes, before the engine exists: they are not counted in the statistics."""
+        """A few runs at a few shapes, before the engine exists: they are not counted in the statistics.
+        A model whose inputs are not all batched (their values are the client's to choose) is not warmed up."""
+        if not all(t.batch_axis is not None for t in self.spec.inputs):
+            return
         t0 = time.perf_counter()
         for batch, seq in WARMUP_SHAPES:
+            if self.spec.fixed_batch and batch > 1:
+                continue
             seq = min(seq, max_seq_len)
-            tokens = np.zeros((batch, seq), np.int64)
-            for _ in range(WARMUP_REPEATS):
-                self.run({INPUT_TOKENS: tokens})
+            feeds = {t.name: np.zeros([batch if i == t.batch_axis else d if isinstance(d, int) else seq
+                                       for i, d in enumerate(t.shape)], t.dtype) for t in self.spec.inputs}
+            try:
+                for _ in range(WARMUP_REPEATS):
+                    self.run(feeds)
+            except ServeError:
+                log.info("model %s version %s: warm-up at batch %d, seq %d failed; serving without it",
+                         self.name, self.version, batch, seq)
+                break
         log.info("warmed up %s version %s in %.1f ms", self.name, self.version, (time.perf_counter() - t0) * 1e3)
 
     def describe(self) -> dict[str, str]:
         """Free-form facts for ModelMetadata.parameters."""
-        cfg = self.meta.config
-        return {
+        facts = {
             "providers": ",".join(self.providers),
             "version": self.version,
-            "arch": str(cfg["arch"]),
-            "vocab_size": str(self.vocab_size),
-            "hidden_size": str(cfg["hidden_size"]),
-            "num_layers": str(cfg["num_layers"]),
-            "bidirectional": str(self.bidirectional).lower(),
+            "io_source": self.source,
             "streamable": str(self.streamable).lower(),
             "state_inputs": ",".join(self.state_inputs),
             "state_outputs": ",".join(self.state_outputs),
-            "checkpoint_sha256": self.meta.checkpoint_sha256,
-            "opset": str(self.meta.opset),
-            "vocab": json.dumps(self.vocab, ensure_ascii=False),
+            "batched": str(self.io.mergeable).lower(),
+            "allow_nonfinite": str(self.allow_nonfinite).lower(),
         }
+        meta = self.meta
+        if meta is None:
+            return facts
+        facts.update({"opset": str(meta.opset), "checkpoint_sha256": meta.checkpoint_sha256, "format": meta.format})
+        cfg = meta.config
+        for key in ("arch", "hidden_size", "num_layers"):
+            if key in cfg:
+                facts[key] = str(cfg[key])
+        if meta.is_char_model:
+            facts["bidirectional"] = str(self.bidirectional).lower()
+        if self.vocab:
+            facts.update(vocab_size=str(self.vocab_size), vocab=json.dumps(self.vocab, ensure_ascii=False))
+        for key, names in (("class_names", meta.class_names), ("feature_names", meta.feature_names)):
+            if names:
+                facts[key] = json.dumps(names, ensure_ascii=False)
+        return facts

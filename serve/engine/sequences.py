@@ -1,9 +1,10 @@
 """Stateful sequences: the recurrent state stays on the server.
 
 Triton's semantics: a request with `sequence_id` and `sequence_start` begins
-a sequence from the zero state (or from h0/c0 the client sends); later
-requests with the same id continue from the state the previous request left
-(`hn`/`cn` become the next `h0`/`c0`); `sequence_end` frees it.
+a sequence from the zero state (or from the state inputs the client sends);
+later requests with the same id continue from the state the previous request
+left (each state output becomes its pair's input: hn -> h0, hidden_out ->
+hidden_in, ...); `sequence_end` frees it.
 
 Each sequence runs its requests strictly in arrival order, one at a time, even
 when a client pipelines them: a step is handed to the model's Batcher only
@@ -39,7 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnserve.serve.engine.batching import Batcher, ModelIO, Work
+from rnnserve.serve.engine.batching import Batcher
+from rnnserve.serve.engine.modelio import ModelIO, Work
 from rnnserve.serve.engine.statestore import MemoryStore, SeqRecord, StateStore, Write
 from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable
 
@@ -59,7 +61,7 @@ def digest(arrays: Sequence[np.ndarray]) -> str:
 
 @dataclass(eq=False)
 class _Step:
-    tokens: np.ndarray
+    inputs: dict[str, np.ndarray]
     start: bool
     end: bool
     client_states: States | None
@@ -114,17 +116,17 @@ class SequenceManager:
         self._reaper.start()
 
     # ---- public -------------------------------------------------------------
-    def submit(self, seq_id: Hashable, tokens: np.ndarray, *, start: bool, end: bool,
+    def submit(self, seq_id: Hashable, inputs: dict[str, np.ndarray], *, start: bool, end: bool,
                client_states: States | None = None, deadline: float | None = None,
                is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
         """Queue one request of a sequence; the Future resolves to the model outputs."""
         if not self._io.streamable:
             raise InvalidArgument(
-                f"model '{self.name}' is bidirectional: it cannot carry state across requests, "
+                f"model '{self.name}' has no state inputs: it cannot carry state across requests, "
                 "so sequence requests (sequence_id) are refused; send the whole sequence in one request")
-        batch = int(tokens.shape[0])
-        step = _Step(tokens, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
-                     digest([tokens, *(client_states or ())]) if step_id is not None else "")
+        batch = self._io.rows(inputs)
+        step = _Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
+                     digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "")
         load = False
         with self._lock:
             seq = self._seqs.get(seq_id)
@@ -292,9 +294,9 @@ class SequenceManager:
         if repeat:
             return "replay"
         if sid == want and not seq.ended:
-            if int(step.tokens.shape[0]) != seq.batch:
+            if self._io.rows(step.inputs) != seq.batch:
                 return InvalidArgument(f"sequence {seq.key!r} started with batch {seq.batch}; "
-                                       f"this request has batch {int(step.tokens.shape[0])}")
+                                       f"this request has batch {self._io.rows(step.inputs)}")
             step.applied_id = sid
             return "run"
         if self._store.shared and not step.reloaded:
@@ -341,7 +343,7 @@ class SequenceManager:
             if isinstance(verdict, ServeError):
                 step.future.set_exception(verdict)
                 continue
-            work = Work(step.tokens, tuple(state), need_state=True, deadline=step.deadline,
+            work = Work(step.inputs, tuple(state), need_state=True, deadline=step.deadline,
                         is_cancelled=step.is_cancelled, tag=step)
             try:
                 fut = self._batcher.submit(work)

@@ -248,6 +248,9 @@ def model_config_to_proto(cfg: ModelConfigInfo) -> pb.ModelConfigResponse:
                              optional=s.optional) for s in cfg.inputs],
         output=[mc.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape)
                 for s in cfg.outputs])
+    config.instance_group.add(count=cfg.instance_count)
+    for key, value in cfg.parameters.items():
+        config.parameters[key].string_value = value
     dyn = cfg.dynamic_batching
     if cfg.sequence_batching is not None:
         seq = config.sequence_batching

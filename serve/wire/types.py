@@ -80,6 +80,8 @@ class ModelConfigInfo:
     outputs: list[TensorSpec]
     dynamic_batching: dict[str, Any] | None = None   # preferred_batch_size, max_queue_delay_microseconds
     sequence_batching: dict[str, Any] | None = None  # max_sequence_idle_microseconds, states: List[StateSpec]
+    instance_count: int = 1                          # instance_group count in force
+    parameters: dict[str, str] = field(default_factory=dict)   # config.pbtxt `parameters` in force
 
 
 @dataclass

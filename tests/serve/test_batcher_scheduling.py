@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from rnnserve.serve.engine.batching import Batcher, Work
+from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
-from tests.batching_models import CountingRun, GatedRun, Runs, build_models
+from tests.batching_models import CountingRun, GatedRun, Runs, build_models, work
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,15 @@ def test_backpressure_deadline_and_cancel(models):
     b = Batcher("lstm", run, m.io, max_batch_size=1, max_queue_size=3)
     try:
         toks = np.ones((1, 5), np.int64)
-        busy = b.submit(Work(toks, m.zero(1)))
+        busy = b.submit(work(toks, m.zero(1)))
         assert run.entered.wait(10)              # the scheduler is inside a run
-        late = Work(toks, m.zero(1), deadline=time.monotonic() + 0.01)
-        cancelled = Work(toks, m.zero(1))
-        ok = Work(toks, m.zero(1))
+        late = work(toks, m.zero(1), deadline=time.monotonic() + 0.01)
+        cancelled = work(toks, m.zero(1))
+        ok = work(toks, m.zero(1))
         for w in (late, cancelled, ok):
             b.submit(w)
         with pytest.raises(Unavailable, match="queue full"):
-            b.submit(Work(toks, m.zero(1)))
+            b.submit(work(toks, m.zero(1)))
         assert b.cancel(cancelled) and b.queue_depth() == 2
         with pytest.raises(Cancelled):
             cancelled.future.result(timeout=1)
@@ -59,7 +59,7 @@ def test_no_added_wait_at_concurrency_one(models):
         toks = np.ones((1, 8), np.int64)
         t0 = time.monotonic()
         for _ in range(3):
-            b.submit(Work(toks, m.zero(1))).result(timeout=30)
+            b.submit(work(toks, m.zero(1))).result(timeout=30)
         assert time.monotonic() - t0 < 3.0       # one 3 s delay would exceed this
         assert runs.execution_count == 3
     finally:
@@ -80,7 +80,7 @@ def test_inline_runs_on_the_callers_thread_only_when_idle(models):
     b = Batcher("lstm", run, m.io, max_batch_size=8)
     try:
         toks = np.ones((1, 6), np.int64)
-        fut = b.submit(Work(toks, m.zero(1)), inline=True)
+        fut = b.submit(work(toks, m.zero(1)), inline=True)
         assert fut.done() and seen == [threading.current_thread().name]
         np.testing.assert_array_equal(fut.result()["logits"], m.alone(toks, m.zero(1))["logits"])
     finally:
@@ -88,9 +88,9 @@ def test_inline_runs_on_the_callers_thread_only_when_idle(models):
     runs = Runs()
     b = Batcher("lstm", gated, m.io, max_batch_size=8, on_run=runs)
     try:
-        first = b.submit(Work(toks, m.zero(1)))          # the scheduler thread takes it
+        first = b.submit(work(toks, m.zero(1)))          # the scheduler thread takes it
         assert gated.entered.wait(10)
-        queued = b.submit(Work(toks, m.zero(1)), inline=True)
+        queued = b.submit(work(toks, m.zero(1)), inline=True)
         assert not queued.done() and b.queue_depth() == 1  # busy: it queued instead of running
         gated.gate.set()
         first.result(timeout=30)
@@ -110,13 +110,13 @@ def test_instances_bound_the_runs_in_progress(models, instances):
     b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=0, instances=instances)
     try:
         toks = [np.full((1, 4), i, np.int64) for i in range(3)]
-        futs = [b.submit(Work(toks[0], m.zero(1)))]
+        futs = [b.submit(work(toks[0], m.zero(1)))]
         assert run.wait_running(1)
-        futs.append(b.submit(Work(toks[1], m.zero(1))))
+        futs.append(b.submit(work(toks[1], m.zero(1))))
         assert run.wait_running(instances)        # a second scheduler took it, if there is one
         time.sleep(0.1)
         assert run.running == instances and b.queue_depth() == 2 - instances
-        futs.append(b.submit(Work(toks[2], m.zero(1))))
+        futs.append(b.submit(work(toks[2], m.zero(1))))
         for _ in range(3):
             run.gate.release()
         for t, fut in zip(toks, futs):
@@ -138,14 +138,14 @@ def test_work_queued_during_a_run_goes_without_the_queue_delay(models):
     b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=3_000_000)
     try:
         toks = np.ones((1, 5), np.int64)
-        first = b.submit(Work(toks, m.zero(1)))
+        first = b.submit(work(toks, m.zero(1)))
         assert run.wait_running(1)
-        four = [b.submit(Work(toks, m.zero(1))) for _ in range(4)]   # queue while the model is busy
+        four = [b.submit(work(toks, m.zero(1))) for _ in range(4)]   # queue while the model is busy
         run.gate.release()
         first.result(timeout=30)
         assert run.wait_running(1)                 # the four went at once, as one batch
         assert run.rows == [1, 4]
-        late = b.submit(Work(toks, m.zero(1)))     # recent batches held 4 rows; this one is alone
+        late = b.submit(work(toks, m.zero(1)))     # recent batches held 4 rows; this one is alone
         t0 = time.monotonic()
         run.gate.release()
         run.gate.release()
@@ -173,10 +173,10 @@ def test_inline_only_while_recent_runs_held_one_row(models):
     b = Batcher("lstm", run, m.io, max_batch_size=8, max_queue_delay_us=0)
     try:
         me = threading.current_thread().name
-        b.submit(Work(np.ones((3, 5), np.int64), m.zero(3)), inline=True).result(timeout=30)
+        b.submit(work(np.ones((3, 5), np.int64), m.zero(3)), inline=True).result(timeout=30)
         toks = np.ones((1, 5), np.int64)
         for _ in range(9):
-            b.submit(Work(toks, m.zero(1)), inline=True).result(timeout=30)
+            b.submit(work(toks, m.zero(1)), inline=True).result(timeout=30)
         assert threads[0] == me                                    # nothing recent: inline
         assert all(t.startswith("batcher-lstm-") for t in threads[1:9])  # a 3-row run is recent
         assert threads[9] == me                                    # eight 1-row runs since
@@ -193,9 +193,9 @@ def test_the_next_run_does_not_wait_for_callers_to_be_completed(models):
     release = threading.Event()
     try:
         toks = np.ones((1, 5), np.int64)
-        first = b.submit(Work(toks, m.zero(1)))
+        first = b.submit(work(toks, m.zero(1)))
         first.add_done_callback(lambda _f: release.wait(30))
-        second = b.submit(Work(toks, m.zero(1)))
+        second = b.submit(work(toks, m.zero(1)))
         run.gate.release()                                   # the first run goes through
         until = time.monotonic() + 10
         while len(run.rows) < 2 and time.monotonic() < until:
@@ -220,7 +220,7 @@ def test_a_run_that_outlives_close_still_answers_its_caller(models):
     b = Batcher("lstm", run, m.io)
     try:
         toks = np.ones((1, 5), np.int64)
-        fut = b.submit(Work(toks, m.zero(1)))
+        fut = b.submit(work(toks, m.zero(1)))
         assert run.entered.wait(10)
         b.close(timeout=0.1)
         run.gate.set()

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from rnnserve.serve.engine.batching import Batcher, Work
+from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.engine.sequences import SequenceManager
 from rnnserve.serve.errors import InvalidArgument, Unavailable
-from tests.batching_models import ARCHS, UNIDIRECTIONAL, Runs, build_models
+from tests.batching_models import ARCHS, UNIDIRECTIONAL, Runs, build_models, work
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,13 @@ def test_batched_equals_alone(models, arch):
         works = []
         for i in range(40):
             rows, T = int(rng.integers(1, 4)), int(rng.integers(1, 30))
-            works.append(Work(rng.integers(0, 12, (rows, T)).astype(np.int64),
+            works.append(work(rng.integers(0, 12, (rows, T)).astype(np.int64),
                               m.rand_state(rng, rows), need_state=bool(i % 3 == 0)))
         for w in works:
             b.submit(w)
         for w in works:
             got = w.future.result(timeout=30)
-            ref = m.alone(w.tokens, w.states)
+            ref = m.alone(w.inputs["tokens"], w.states)
             assert got["logits"].shape == ref["logits"].shape
             np.testing.assert_allclose(got["logits"], ref["logits"], rtol=0, atol=1e-6)
             if w.need_state:
@@ -66,7 +66,7 @@ def test_sequence_chunks_equal_whole(models, arch):
             futs, pos = [], 0
             while pos < tokens.shape[1]:
                 piece = tokens[:, pos:pos + chunk]
-                futs.append(sm.submit(("s", chunk), piece, start=pos == 0,
+                futs.append(sm.submit(("s", chunk), {"tokens": piece}, start=pos == 0,
                                       end=pos + chunk >= tokens.shape[1]))
                 pos += chunk
             got = np.concatenate([f.result(timeout=30)["logits"] for f in futs], axis=1)
@@ -87,7 +87,7 @@ def test_many_sequences_interleaved_batch_together(models):
     results = {}
 
     def stream(i):
-        futs = [sm.submit(i, seqs[i][:, t:t + 1], start=t == 0, end=t == 39) for t in range(40)]
+        futs = [sm.submit(i, {"tokens": seqs[i][:, t:t + 1]}, start=t == 0, end=t == 39) for t in range(40)]
         results[i] = np.concatenate([f.result(timeout=60)["logits"] for f in futs], axis=1)
 
     try:
@@ -111,21 +111,21 @@ def test_sequence_start_with_client_state_and_rules(models):
     try:
         toks = rng.integers(0, 12, (1, 9)).astype(np.int64)
         h0 = m.rand_state(rng, 1)
-        first = sm.submit("x", toks[:, :4], start=True, end=False, client_states=h0).result(timeout=30)
-        second = sm.submit("x", toks[:, 4:], start=False, end=False).result(timeout=30)
+        first = sm.submit("x", {"tokens": toks[:, :4]}, start=True, end=False, client_states=h0).result(timeout=30)
+        second = sm.submit("x", {"tokens": toks[:, 4:]}, start=False, end=False).result(timeout=30)
         ref = m.alone(toks, h0)
         np.testing.assert_allclose(np.concatenate([first["logits"], second["logits"]], 1),
                                    ref["logits"], atol=1e-5, rtol=0)
         # Unknown sequence without START.
         with pytest.raises(InvalidArgument, match="START is required"):
-            sm.submit("nope", toks, start=False, end=False)
+            sm.submit("nope", {"tokens": toks}, start=False, end=False)
         # State inputs only with START.
         with pytest.raises(InvalidArgument, match="only be sent with sequence_start"):
-            sm.submit("x", toks, start=False, end=False, client_states=h0)
+            sm.submit("x", {"tokens": toks}, start=False, end=False, client_states=h0)
         # Capacity: "x" is live, "y" fills it, "z" is refused without evicting anything.
-        sm.submit("y", toks, start=True, end=False).result(timeout=30)
+        sm.submit("y", {"tokens": toks}, start=True, end=False).result(timeout=30)
         with pytest.raises(Unavailable, match="too many live sequences"):
-            sm.submit("z", toks, start=True, end=False)
+            sm.submit("z", {"tokens": toks}, start=True, end=False)
         assert sm.live() == 2
         # Idle sequences are freed after the timeout.
         deadline = time.monotonic() + 10
@@ -142,8 +142,8 @@ def test_bidirectional_refuses_sequences(models):
     b = Batcher("bilstm", m.run, m.io)
     sm = SequenceManager("bilstm", b, m.io, m.zero)
     try:
-        with pytest.raises(InvalidArgument, match="bidirectional"):
-            sm.submit(1, np.zeros((1, 3), np.int64), start=True, end=False)
+        with pytest.raises(InvalidArgument, match="no state inputs"):
+            sm.submit(1, {"tokens": np.zeros((1, 3), np.int64)}, start=True, end=False)
     finally:
         sm.close()
         b.close()

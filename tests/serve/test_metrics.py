@@ -121,14 +121,15 @@ def test_metrics_count_what_was_sent(charlm_repo, tmp_path):
         client.stop_stream()
         assert [e is None for e in errors] == [True, False, True]
 
-        # concurrent load: 16 clients x 4 one-row requests share onnxruntime runs
+        # concurrent load: 16 clients x 4 requests (8 rows x 64 tokens, so that runs last long enough
+        # for concurrent requests to overlap on a loaded machine) share onnxruntime runs
         gate = threading.Barrier(16)
 
         def load(_):
             own = tc.InferenceServerClient(address)
             gate.wait()
             try:
-                return [code(own.infer, "bigru", [tokens([[5, 6, 7, 8]])]) for _ in range(4)]
+                return [code(own.infer, "bigru", [tokens([[5, 6, 7, 8] * 16] * 8)]) for _ in range(4)]
             finally:
                 own.close()
 
@@ -161,7 +162,7 @@ def test_metrics_count_what_was_sent(charlm_repo, tmp_path):
         inferences = by(m, "rnnserve_inferences_total", "model", "version")
         executions = by(m, "rnnserve_executions_total", "model", "version")
         assert inferences[("charlm", "1")] == 3 and inferences[("charlm", "2")] == 2   # rows run
-        assert inferences[("bigru", "1")] == 64 and executions[("bigru", "1")] < 64    # runs were shared
+        assert inferences[("bigru", "1")] == 512 and executions[("bigru", "1")] < 64   # runs were shared
         for key, n in executions.items():
             assert 1 <= n <= inferences[key]
         assert by(m, "rnnserve_batch_size_count", "model", "version") == executions
@@ -171,7 +172,7 @@ def test_metrics_count_what_was_sent(charlm_repo, tmp_path):
         assert queued[("bigru", "1")] == 64 and queued[("charlm", "1")] == 3
         # the same numbers as ModelStatistics, which counts every onnxruntime run itself
         stats = client.get_inference_statistics("bigru", "1").model_stats[0]
-        assert stats.execution_count == executions[("bigru", "1")] and stats.inference_count == 64
+        assert stats.execution_count == executions[("bigru", "1")] and stats.inference_count == 512
         buckets = [(float(labels["le"]), v) for labels, v in m["rnnserve_batch_size_bucket"]
                    if labels["model"] == "bigru"]
         assert max(v for _, v in buckets) == executions[("bigru", "1")]

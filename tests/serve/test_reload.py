@@ -133,15 +133,20 @@ def test_new_versions_are_picked_up_and_failures_keep_the_rest_serving(repo, pol
     assert np.array_equal(infer(client, "chargru", "1")[1], gru_v1)   # the old version stays addressable
     assert client.get_model_metadata("chargru").versions == ["1", "2"]
 
-    # a corrupt version 3 and a version 4 without our metadata: UNAVAILABLE with the reason
+    # a corrupt version 3 and a version 4 without our metadata whose state pairs are ambiguous
+    # (h0 -> hn or h0_out): UNAVAILABLE with the reason
     publish(repo, "chargru", 3, content=b"this is not an onnx file")
     proto = onnx.load(model_file(repo, "charlm", 2))
     del proto.metadata_props[:]
+    for node in proto.graph.node:
+        node.output[:] = ["h0_out" if n == "cn" else n for n in node.output]
+    next(o for o in proto.graph.output if o.name == "cn").name = "h0_out"
     publish(repo, "chargru", 4, content=proto.SerializeToString())
     wait_for(lambda: index(client).get(("chargru", "4"), ("",))[0] == "UNAVAILABLE", "version 4 to fail")
     entries = index(client)
     assert entries[("chargru", "3")][0] == "UNAVAILABLE" and "failed to load" in entries[("chargru", "3")][1]
-    assert entries[("chargru", "4")][0] == "UNAVAILABLE" and "rnnserve" in entries[("chargru", "4")][1]
+    assert entries[("chargru", "4")][0] == "UNAVAILABLE" and "'h0' could pair" in entries[("chargru", "4")][1]
+    assert "config.pbtxt" in entries[("chargru", "4")][1]
     assert entries[("chargru", "2")] == ("READY", "") and entries[("charlm", "2")] == ("READY", "")
     assert infer(client, "chargru")[0] == "2" and client.is_model_ready("chargru")
     assert not client.is_model_ready("chargru", "3")
