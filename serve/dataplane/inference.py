@@ -102,7 +102,7 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, inline: boo
     feeds = validation.check_infer_inputs(inst, req.inputs, req.input_datatypes, max_seq_len)
     deadline = request_deadline(req, params.timeout_us, arrived)
     check_runnable(req, deadline)
-    inputs = engine.inputs_of(feeds)
+    inputs = feeds if len(feeds) == len(engine.io.inputs) else engine.inputs_of(feeds)   # no states sent
     batch = engine.io.rows(feeds)
     cancel = None
     if params.in_sequence:

@@ -216,7 +216,7 @@ def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
             raise InvalidArgument(f"missing input '{t.name}' ({t.datatype} {_shape_text(t.shape)}) "
                                   f"for model '{inst.name}'")
         arr = inputs[t.name]
-        _check_dtype(t.name, arr, datatypes.get(t.name), t.datatype)
+        _check_dtype(t.name, arr, datatypes.get(t.name), DTYPES[t.dtype])
         check_shape(t, arr, sizes, max_seq_len)
         if t.name == INPUT_TOKENS and inst.vocab:
             check_token_ids(inst, arr)

@@ -75,6 +75,7 @@ class _Step:
     expect: str = "*"                    # the store token its state came from ('*' = a START)
     write: Write | None = None           # its write-through (shared store), set before it is answered
     reloaded: bool = False               # the sequence was reloaded from the store for it once
+    rows: int = 1                        # its batch size
 
 
 @dataclass(eq=False)
@@ -127,6 +128,7 @@ class SequenceManager:
         batch = self._io.rows(inputs)
         step = _Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
                      digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "")
+        step.rows = batch
         load = False
         with self._lock:
             seq = self._seqs.get(seq_id)
@@ -294,9 +296,9 @@ class SequenceManager:
         if repeat:
             return "replay"
         if sid == want and not seq.ended:
-            if self._io.rows(step.inputs) != seq.batch:
+            if step.rows != seq.batch:
                 return InvalidArgument(f"sequence {seq.key!r} started with batch {seq.batch}; "
-                                       f"this request has batch {self._io.rows(step.inputs)}")
+                                       f"this request has batch {step.rows}")
             step.applied_id = sid
             return "run"
         if self._store.shared and not step.reloaded:
