@@ -85,7 +85,8 @@ def main(argv=None) -> None:
         publish(repo, f"{name}_cfg", path, CONFIGS[name])
     refs = {name: Reference(path, name) for name, path in paths.items()}
     rng = np.random.default_rng(0)
-    print(f"| model | I/O from | loop max abs diff | chunks vs whole | batched vs alone | rows/run |\n|{'---|' * 6}")
+    print("| model | I/O from | sequences vs onnxruntime loop | chunks vs whole run | batched vs alone | rows/run |")
+    print("|" + "---|" * 6)
     with serving(repo) as (_, address):
         ctx = SimpleNamespace(address=address, client=tc.InferenceServerClient(address))
         for name in paths:
