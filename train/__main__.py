@@ -1,5 +1,7 @@
 """rnnserve-train --task hello --model <preset> [--out DIR]
 rnnserve-train --task charlm --corpus FILE [--model char-lstm] [--out DIR] [...]
+rnnserve-train --task forecast [--data FILE.csv|vega:NAME] [--target COL] [--features COL,...]
+               [--time-column COL] [--horizon H] [--arch gru] [--time-budget MIN] [...]
 
 The default output directory is runs/<task>/<model>/.
 """
@@ -15,6 +17,7 @@ from rnnserve.cli import EXIT_INTERRUPTED, user_error
 from rnnserve.train.charlm import CHAR_PRESET_NAMES, MODEL_OVERRIDES, TrainConfig, train_charlm
 from rnnserve.train.checkpoint import CheckpointError
 from rnnserve.train.data import CorpusError
+from rnnserve.train.forecast_cli import add_forecast_args, run_forecast
 from rnnserve.train.hello import DEFAULT_SEED, train_hello
 from rnnserve.train.model import ARCHS, ENCODINGS, PRESET_NAMES
 from rnnserve.train.stopping import TrainingInterrupted
@@ -34,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__  # defaults live in one place: the dataclass
     p = argparse.ArgumentParser(prog="rnnserve-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("hello", "charlm"), required=True,
+    p.add_argument("--task", choices=("hello", "charlm", "forecast"), required=True,
                    help="hello: the lecture notes' hello -> ohlol presets; charlm: a character language model "
-                        "on --corpus")
+                        "on --corpus; forecast: a forecaster on a CSV time series (--data)")
     p.add_argument("--model", help=f"hello: one of {PRESET_NAMES} or all; charlm: one of {CHAR_PRESET_NAMES} "
                                    "(default char-lstm)")
     p.add_argument("--out", help="output directory (default runs/<task>/<model>/)")
@@ -75,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast for training (true/false, default %(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
-    m = p.add_argument_group("charlm model overrides (default: the --model preset's value, 2x512, emb 64, "
-                             "dropout 0.3)")
+    add_forecast_args(p.add_argument_group("forecast (also uses --arch, --hidden-size, --num-layers, --dropout, "
+                                            "--seq-len, --batch-size, --max-steps, --time-budget, --lr, --seed, "
+                                            "--weight-decay, --eval-interval)"))
+    m = p.add_argument_group("model overrides (charlm default: the --model preset's value, 2x512, emb 64, "
+                             "dropout 0.3; forecast: gru, hidden 64, 1 layer)")
     m.add_argument("--arch", choices=ARCHS, help="recurrent layer type")
     m.add_argument("--encoding", choices=ENCODINGS, help="how tokens enter the network")
     m.add_argument("--emb-size", type=int, help="embedding size (encoding embedding)")
@@ -162,6 +168,8 @@ def main(argv=None) -> int:
     try:
         if args.task == "hello":
             return _run_hello(args, p)
+        if args.task == "forecast":
+            return run_forecast(args, p)
         return _run_charlm(args, p, argv)
     except KeyboardInterrupt:  # a second Ctrl-C, or one during the hello task
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,46 @@
+"""forecast.png: the forecaster against the actual values over the test split."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import numpy as np
+
+from rnnserve.train.forecast_data import Series
+
+log = logging.getLogger(__name__)
+
+
+def plot_forecast(series: Series, whole: np.ndarray, horizon: int, path: str) -> None:
+    """Regression: the actual target, the 1-step forecast and the H-step forecast, each placed at the time
+    it forecasts. Classification: the actual class and the predicted next-step class."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    b1, n = series.split("test")
+    xs = ([datetime.fromtimestamp(t) for t in series.time] if series.time is not None
+          else list(range(len(series.target))))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    test = slice(b1, n)
+    if series.head == "regression":
+        ax.plot(xs[test], series.target[test], color="black", linewidth=1.2, label="actual")
+        ax.plot(xs[test], whole[b1 - 1:n - 1, 0], linewidth=0.9, label="forecast 1 step ahead")
+        if horizon > 1:
+            ax.plot(xs[b1 + horizon - 1:n], whole[b1 - 1:n - horizon, horizon - 1], linewidth=0.9, alpha=0.8,
+                    label=f"forecast {horizon} steps ahead")
+        ax.set_ylabel(series.target_name)
+    else:
+        ax.step(xs[test], series.target[test], where="mid", color="black", label="actual")
+        ax.step(xs[test], whole[b1 - 1:n - 1].argmax(-1) + 0.08, where="mid", alpha=0.8,
+                label="forecast (next step)")
+        ax.set_yticks(range(len(series.class_names)), series.class_names)
+    ax.set_title(f"{series.target_name}: forecast against actual over the test split")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    log.info("wrote %s", path)
