@@ -44,7 +44,8 @@ from rnnserve.contract import (
 )
 from rnnserve.export.parity import ATOL, DEFAULT_TRAIN_SEQ_LEN, RTOL, format_summary, run_parity
 from rnnserve.files import atomic_write_json, file_sha256
-from rnnserve.train.checkpoint import load_checkpoint
+from rnnserve.train.checkpoint import load_checkpoint, read_checkpoint
+from rnnserve.train.forecast_model import is_forecast_checkpoint, load_forecaster
 from rnnserve.train.model import CharRNN, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,12 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
 
     On any failure no new model.onnx is written (an older one in out_dir is left as it was).
     """
+    if is_forecast_checkpoint(read_checkpoint(ckpt_path)):
+        from rnnserve.export.forecast_export import export_forecaster  # it builds on this module
+
+        forecaster, ckpt = load_forecaster(ckpt_path)
+        return export_forecaster(forecaster, ckpt, file_sha256(ckpt_path), out_dir, opset=opset, gate=gate,
+                                 atol=atol, threads=threads)
     t0 = time.perf_counter()
     model, ckpt = load_checkpoint(ckpt_path)
     multichar = multichar_tokens(list(ckpt["vocab"]))

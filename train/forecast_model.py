@@ -144,7 +144,8 @@ class Forecaster(nn.Module):
         valid = (seen[..., 0] >= P).to(x_t.dtype)                # a whole period seen at step t
         change = (x_t - z[:, :x_t.shape[1]]) * valid / self.cfg.target_std
         new_count = torch.clamp(count + pos[-1:].to(x_t.dtype) + 1, max=float(P))
-        new_history = torch.cat([z[:, -P:], new_count], dim=1)
+        # The reshape states the fixed width for the exported graph's shape inference.
+        new_history = torch.cat([z[:, -P:], new_count], dim=1).reshape(-1, P + 1)
         return base, torch.stack([change, valid], dim=-1), new_history
 
     def forward(self, features: torch.Tensor, state: tuple[torch.Tensor, ...] | None = None):
