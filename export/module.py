@@ -82,8 +82,13 @@ def _resize(examples: dict[str, np.ndarray], axes: dict[str, tuple[int | None, i
 
 
 def _run(module: nn.Module, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-    with torch.no_grad():
-        outs = _as_tuple(module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())))
+    shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
+    try:
+        with torch.no_grad():
+            outs = _as_tuple(module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())))
+    except Exception as e:
+        raise ExportError(f"the module fails on inputs {shapes} ({type(e).__name__}: {str(e)[:200]}); "
+                          f"are its batch and time axes declared?") from e
     return tuple(o.detach().numpy() for o in outs)
 
 
