@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rnnserve.contract import INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.contract import DIM_BATCH, DIM_SEQ, INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
 from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS
 from rnnserve.export.onnx_export import DEFAULT_OPSET, export_checkpoint
 from rnnserve.export.parity import DEFAULT_TRAIN_SEQ_LEN
@@ -40,7 +40,8 @@ from rnnserve.export.variants import (
     variant_session,
 )
 from rnnserve.files import file_sha256
-from rnnserve.train.checkpoint import load_checkpoint
+from rnnserve.train.checkpoint import load_checkpoint, read_checkpoint
+from rnnserve.train.forecast_model import is_forecast_checkpoint, load_forecaster
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +133,31 @@ def plan(paths: list[str], name_from: str, variants: list[str]) -> tuple[list[tu
     return todo, failed
 
 
+def _latency_feeds(meta: ModelMeta) -> tuple[dict[str, np.ndarray], str]:
+    """Inputs at batch 1, seq 64 (zero states; random tokens for char models), and the output to fetch."""
+    if meta.is_char_model:
+        rng = np.random.default_rng(0)
+        feeds = {INPUT_TOKENS: rng.integers(0, meta.vocab_size, (LATENCY_BATCH, LATENCY_SEQ), dtype=np.int64),
+                 **{n: np.zeros(meta.state_shape(LATENCY_BATCH), np.float32) for n in meta.state_inputs}}
+        return feeds, OUTPUT_LOGITS
+    spec = meta.spec
+    sizes = {DIM_BATCH: LATENCY_BATCH, DIM_SEQ: LATENCY_SEQ}
+    feeds = {t.name: np.zeros([sizes.get(d, 1) if isinstance(d, str) else d for d in t.shape], t.dtype)
+             for t in spec.inputs}
+    feeds.update({s.input: np.zeros(s.concrete_shape(LATENCY_BATCH), s.dtype) for s in spec.states})
+    return feeds, spec.outputs[0].name
+
+
 def measure_latency(path: str, meta: ModelMeta, variant: str = "", threads: int | None = None) -> float:
     """p50 milliseconds of one onnxruntime CPU run at batch 1, seq 64 (zero state), after warm-up."""
     sess = variant_session(path, variant, threads)
-    rng = np.random.default_rng(0)
-    feeds = {INPUT_TOKENS: rng.integers(0, meta.vocab_size, (LATENCY_BATCH, LATENCY_SEQ), dtype=np.int64),
-             **{n: np.zeros(meta.state_shape(LATENCY_BATCH), np.float32) for n in meta.state_inputs}}
+    feeds, output = _latency_feeds(meta)
     for _ in range(LATENCY_WARMUP):
-        sess.run([OUTPUT_LOGITS], feeds)
+        sess.run([output], feeds)
     times = []
     for _ in range(LATENCY_RUNS):
         t0 = time.perf_counter()
-        sess.run([OUTPUT_LOGITS], feeds)
+        sess.run([output], feeds)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000.0
 
@@ -183,7 +197,8 @@ class _Job:
 
     def loaded(self):
         if self._loaded is None:
-            self._loaded = load_checkpoint(self.ckpt)
+            is_forecast = is_forecast_checkpoint(read_checkpoint(self.ckpt))
+            self._loaded = (load_forecaster if is_forecast else load_checkpoint)(self.ckpt)
         return self._loaded
 
     def run(self) -> None:
@@ -218,20 +233,23 @@ class _Job:
         meta = _meta_of(res.onnx_path)
         p50 = measure_latency(res.onnx_path, meta, threads=opts.threads)
         report = res.parity
-        record = {"checkpoint": self.ckpt, "checkpoint_sha256": self.sha, "arch": meta.arch,
+        record = {"checkpoint": self.ckpt, "checkpoint_sha256": self.sha, "arch": meta.config.get("arch", ""),
                   "params": model.num_params(), "latency_p50_ms": round(p50, 4),
                   "latency_shape": [LATENCY_BATCH, LATENCY_SEQ],
                   "parity": {**parity_record(report), "cases": len(report["cases"]),
                              "stepwise": len(report["stepwise"])}}
         repo.publish(self.name, version, staged, triton_config(self.name, meta, max_batch_size=opts.max_batch_size),
                      record, {"variant": None, "base_model": None})
-        self.rows.append(Row(self.name, "new", meta.arch, model.num_params(), report["max_abs_diff"], None,
+        self.rows.append(Row(self.name, "new", meta.config.get("arch", ""), model.num_params(), report["max_abs_diff"], None,
                              os.path.getsize(repo.model_path(self.name, version)), p50, version))
         return version
 
     def _variant(self, variant: str, base_onnx: str, base_version: int) -> None:
         repo = self.repo
         vname = f"{self.name}-{variant}"
+        if not _meta_of(base_onnx).is_char_model:
+            self._fail(vname, "variants are built for char models only")
+            return
         if repo.newest_sha(vname) == self.sha:
             self.rows.append(_skipped_row(repo, vname))
             return
@@ -270,7 +288,7 @@ class _Job:
                                  rep["top1_agreement"], size, p50, reason=result.reason, variant=variant,
                                  threshold=rep["threshold"]))
             return
-        record = {"checkpoint": self.ckpt, "checkpoint_sha256": self.sha, "arch": meta.arch,
+        record = {"checkpoint": self.ckpt, "checkpoint_sha256": self.sha, "arch": meta.config.get("arch", ""),
                   "params": model.num_params(), "latency_p50_ms": round(p50, 4),
                   "latency_shape": [LATENCY_BATCH, LATENCY_SEQ], "variant_report": rep}
         if result.parity is not None:

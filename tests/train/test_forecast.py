@@ -30,7 +30,8 @@ def _hourly_csv(path, n=500, seed=0) -> str:
         for i in range(n):
             temp = 10 + 5 * math.sin(2 * math.pi * i / 24) + 0.01 * i + rng.normal(0, 0.3)
             sky = ["sun", "fog", "rain"][(i // 7) % 3]
-            f.write(f"{(t0 + timedelta(hours=i)).strftime('%Y-%m-%d %H:%M')},{temp:.3f},{rng.uniform(0, 9):.2f},{sky}\n")
+            stamp = (t0 + timedelta(hours=i)).strftime("%Y-%m-%d %H:%M")
+            f.write(f"{stamp},{temp:.3f},{rng.uniform(0, 9):.2f},{sky}\n")
     return str(path)
 
 
@@ -125,3 +126,22 @@ def test_classification_head_via_cli(hourly, tmp_path, capsys):
                           .get_modelmeta().custom_metadata_map)
     assert meta.class_names == ["fog", "rain", "sun"]
     assert meta.spec.output("class_logits").shape == ("batch", "seq", 3)
+
+
+def test_export_batch_publishes_a_forecaster(trained, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from rnnserve.export.batch import BatchOptions, run_batch
+
+    repo = str(tmp_path / "repo")
+    outcome = run_batch(BatchOptions(checkpoints=[trained.ckpt_path], repository=repo, threads=1, progress=False))
+    assert outcome.ok, outcome.failures
+    name = os.path.basename(os.path.dirname(trained.ckpt_path))
+    assert [r.status for r in outcome.rows] == ["new"] and outcome.rows[0].p50_ms > 0
+    with open(os.path.join(repo, name, "config.pbtxt")) as f:
+        cfg = text_format.Parse(f.read(), model_config_pb2.ModelConfig())
+    assert cfg.max_batch_size == 0 and [i.name for i in cfg.input] == ["features"]
+    assert list(cfg.input[0].dims) == [1, -1, 4]
+    assert [(s.input_name, s.output_name, list(s.dims)) for s in cfg.sequence_batching.state] == [
+        ("h0", "hn", [1, 1, 8]), ("history_in", "history_out", [1, 25])]
