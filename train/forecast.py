@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rnnserve.timeseries import DAY_S, DEFAULT_DATA
 from rnnserve.train.checkpoint import read_checkpoint, save_checkpoint
-from rnnserve.train.forecast_data import DAY_S, DEFAULT_DATA, Series, load_series, season_candidates
+from rnnserve.train.forecast_data import Series, load_series, season_candidates
 from rnnserve.train.forecast_eval import beats_baselines, format_table, horizon_targets, pick_period, score_split
 from rnnserve.train.forecast_model import TASK, Forecaster, ForecastModelConfig
 from rnnserve.train.forecast_plot import plot_forecast

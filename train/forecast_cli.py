@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from rnnserve.timeseries import BUILTIN, DEFAULT_DATA
 from rnnserve.train.forecast import ForecastConfig, train_forecast
-from rnnserve.train.forecast_data import BUILTIN, DEFAULT_DATA, ForecastDataError
+from rnnserve.train.forecast_data import ForecastDataError
 from rnnserve.train.forecast_model import FORECAST_ARCHS, HEADS
 
 log = logging.getLogger(__name__)

@@ -7,92 +7,37 @@ model takes and returns raw units). Each feature column has a kind:
   turned into sin/cos inside the model;
 - "category": the index of a label in the column's class list (one-hot inside the model).
 The split is chronological (train 70% / validation 15% / test 15%); statistics come from train only.
-The built-in data are the weather tables the `vega_datasets` package ships as CSV files.
+Reading the CSV and building the frames is rnnserve/timeseries.py (the client streams the same frames).
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import numpy as np
 
+from rnnserve.timeseries import (
+    DAY_OF_YEAR,
+    DAY_S,
+    HOUR,
+    HOUR_S,
+    TimeSeriesError,
+    calendar_names,
+    class_list,
+    default_feature_names,
+    frames,
+    numeric,
+    parse_time,
+    read_table,
+    resolve,
+    split_bounds,
+    step_seconds,
+)
+
 log = logging.getLogger(__name__)
 
-SPLIT = (0.70, 0.15, 0.15)
-BUILTIN_PREFIX = "vega:"
-# name -> (file shipped in vega_datasets/_data, default target, time column)
-BUILTIN = {
-    "seattle-temps": ("seattle-temps.csv", "temp", "date"),        # hourly, 2010
-    "seattle-weather": ("seattle-weather.csv", "weather", "date"),  # daily, 2012-2015
-}
-DEFAULT_DATA = BUILTIN_PREFIX + "seattle-temps"
-_TIME_FORMATS = ("%Y/%m/%d %H:%M", "%Y/%m/%d", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S",
-                 "%Y-%m-%d")
-HOUR_S, DAY_S = 3600.0, 86400.0
-
-
-class ForecastDataError(Exception):
-    """The CSV is missing, malformed, or its columns do not fit the request."""
-
-
-def builtin_path(name: str) -> str:
-    """The local file of a built-in table (vega_datasets works offline once installed)."""
-    if name not in BUILTIN:
-        raise ForecastDataError(f"unknown built-in data {name!r}; choose from {', '.join(BUILTIN)}")
-    try:
-        import vega_datasets
-    except ImportError as e:
-        raise ForecastDataError("the built-in data need the vega_datasets package: pip install -e '.[train]'") from e
-    path = os.path.join(os.path.dirname(vega_datasets.__file__), "_data", BUILTIN[name][0])
-    if not os.path.isfile(path):
-        raise ForecastDataError(f"vega_datasets has no {BUILTIN[name][0]} at {path}")
-    return path
-
-
-def resolve(data: str) -> tuple[str, str | None, str | None]:
-    """(csv path, default target, default time column) for a path or `vega:<name>`."""
-    if data.startswith(BUILTIN_PREFIX):
-        name = data[len(BUILTIN_PREFIX):]
-        path = builtin_path(name)
-        return path, BUILTIN[name][1], BUILTIN[name][2]
-    if not os.path.isfile(data):
-        raise ForecastDataError(f"data file not found: {data}")
-    return data, None, None
-
-
-def read_table(path: str) -> dict[str, list[str]]:
-    """Columns of a CSV file with a header row, as strings."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
-        raise ForecastDataError(f"{path}: needs a header row and data rows")
-    header = [h.strip() for h in rows[0]]
-    body = [r for r in rows[1:] if r]
-    bad = [i + 2 for i, r in enumerate(body) if len(r) != len(header)]
-    if bad:
-        raise ForecastDataError(f"{path}: rows {bad[:5]} do not have {len(header)} fields")
-    return {h: [r[i].strip() for r in body] for i, h in enumerate(header)}
-
-
-def parse_time(values: list[str]) -> np.ndarray:
-    """Seconds since the epoch (naive local time) for each value; the first format that parses all wins."""
-    for fmt in _TIME_FORMATS:
-        try:
-            return np.array([datetime.strptime(v, fmt).timestamp() for v in values], dtype=np.float64)
-        except ValueError:
-            continue
-    raise ForecastDataError(f"cannot parse time values such as {values[0]!r} (formats: {', '.join(_TIME_FORMATS)})")
-
-
-def _numeric(name: str, values: list[str]) -> np.ndarray | None:
-    try:
-        return np.array([float(v) for v in values], dtype=np.float64)
-    except ValueError:
-        return None
+ForecastDataError = TimeSeriesError
 
 
 @dataclass
@@ -142,50 +87,38 @@ def load_series(data: str, target: str | None = None, features: list[str] | None
     n = len(table[target])
     if n < 40:
         raise ForecastDataError(f"{path}: {n} rows are too few to split 70/15/15 and train")
-    target_numeric = _numeric(target, table[target])
+    target_numeric = numeric(table[target])
     head = head or ("regression" if target_numeric is not None else "classification")
     if head == "regression" and target_numeric is None:
         raise ForecastDataError(f"target {target!r} is not numeric; use the classification head")
-    if features is None:  # the numeric columns and the target (its own history)
-        features = [c for c in table if c != time_column and (c == target or _numeric(c, table[c]) is not None)]
-    elif target not in features:
-        features = [target, *features]
-
-    class_names: list[str] = []
-    if head == "classification":
-        class_names = sorted(set(table[target]))
-        tgt = np.array([class_names.index(v) for v in table[target]], dtype=np.int64)
-    else:
-        tgt = target_numeric
-    infos, cols = [], []
-    for col in features:
-        values = _numeric(col, table[col])
-        if values is not None:
-            infos.append(FeatureInfo(col, "numeric"))
-        elif col == target and class_names:
-            infos.append(FeatureInfo(col, "category", lo=0, hi=len(class_names) - 1))
-            values = tgt.astype(np.float64)
-        else:
-            raise ForecastDataError(f"feature column {col!r} is not numeric (only the classification "
-                                    f"target may be categorical)")
-        cols.append(values)
     time, step = None, None
     if time_column:
         time = parse_time(table[time_column])
         if np.any(np.diff(time) <= 0):
             raise ForecastDataError(f"time column {time_column!r} is not strictly increasing")
-        step = float(np.median(np.diff(time)))
-        stamps = [datetime.fromtimestamp(t) for t in time]
-        if step < DAY_S:
-            infos.append(FeatureInfo("hour", "hour", lo=0, hi=23))
-            cols.append(np.array([s.hour + s.minute / 60.0 for s in stamps]))
-        infos.append(FeatureInfo("day_of_year", "doy", lo=1, hi=366))
-        cols.append(np.array([s.timetuple().tm_yday for s in stamps], dtype=np.float64))
-    x = np.stack(cols, axis=1)
-    if not np.all(np.isfinite(x)):
-        raise ForecastDataError(f"{path}: missing or non-finite values in the feature columns")
-    b0 = int(round(n * SPLIT[0]))
-    b1 = int(round(n * (SPLIT[0] + SPLIT[1])))
+        step = step_seconds(time)
+    if features is None:
+        features = default_feature_names(table, target, time_column, step)
+    else:
+        other = [c for c in features if c != target and numeric(table[c]) is None]
+        if other:
+            raise ForecastDataError(f"feature columns {other} are not numeric (only the classification target "
+                                    f"may be categorical)")
+        features = ([] if target in features else [target]) + features + calendar_names(step)
+    class_names = class_list(table[target]) if head == "classification" else []
+    x = frames(table, features, time_column, class_names)
+    tgt = (np.array([class_names.index(v) for v in table[target]], dtype=np.int64) if class_names
+           else target_numeric)
+    infos = []
+    for name in features:
+        if name in (HOUR, DAY_OF_YEAR) and name not in table:
+            infos.append(FeatureInfo(name, "hour", lo=0, hi=23) if name == HOUR
+                         else FeatureInfo(name, "doy", lo=1, hi=366))
+        elif numeric(table[name]) is None:
+            infos.append(FeatureInfo(name, "category", lo=0, hi=len(class_names) - 1))
+        else:
+            infos.append(FeatureInfo(name, "numeric"))
+    b0, b1 = split_bounds(n)
     for i, info in enumerate(infos):
         if info.kind == "numeric":  # train only: nothing from validation or test leaks in
             tr = x[:b0, i]
