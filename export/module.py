@@ -40,16 +40,8 @@ import torch.nn as nn
 
 from rnnserve.contract import DIM_BATCH, DIM_SEQ, MODEL_FILENAME, build_general_metadata
 from rnnserve.export.module_parity import GATE_SEQ_LENS, run_module_parity, take
-from rnnserve.export.onnx_export import (
-    DEFAULT_OPSET,
-    FAILED_PARITY_FILENAME,
-    PARITY_FILENAME,
-    ExportError,
-    ExportResult,
-    _dims,
-)
-from rnnserve.export.parity import ATOL, format_summary
-from rnnserve.files import atomic_write_json
+from rnnserve.export.onnx_export import DEFAULT_OPSET, ExportError, ExportResult, _dims, write_gated
+from rnnserve.export.parity import ATOL
 from rnnserve.modelspec import DTYPES, ModelSpec, SpecError, StatePair, TensorDecl
 
 log = logging.getLogger(__name__)
@@ -238,15 +230,12 @@ def export_module(module: nn.Module, out_dir: str, *, inputs: Mapping[str, torch
                                    opset=opset, vocab=vocab, class_names=class_names, feature_names=feature_names,
                                    model_config=model_config, train_config=train_config,
                                    checkpoint_sha256=checkpoint_sha256)
-    os.makedirs(out_dir, exist_ok=True)
-    final_path = os.path.join(out_dir, MODEL_FILENAME)
-    tmp_path = os.path.join(out_dir, f".{MODEL_FILENAME}.tmp.{os.getpid()}")
-    report, parity_path = None, None
-    try:
+
+    def write(path: str) -> str:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
             try:
-                torch.onnx.export(module, tuple(torch.from_numpy(examples[n]) for n in inputs), tmp_path,
+                torch.onnx.export(module, tuple(torch.from_numpy(examples[n]) for n in inputs), path,
                                   dynamo=False, opset_version=opset, input_names=list(inputs),
                                   output_names=list(outputs), dynamic_axes=dynamic_axes, do_constant_folding=True)
             except Exception as e:
@@ -254,31 +243,21 @@ def export_module(module: nn.Module, out_dir: str, *, inputs: Mapping[str, torch
                 raise ExportError(f"ONNX export failed: {type(e).__name__}: {first}") from e
         for w in caught:  # deprecation + tracer notes; the shape check and the gate are the real guard
             log.debug("exporter warning: %s", str(w.message).splitlines()[0])
-        proto = onnx.load(tmp_path)
+        proto = onnx.load(path)
         settle_output_dims(proto, outs)
         io = check_spec_io(proto, ins, outs)
         onnx.helper.set_model_props(proto, props)
         proto.doc_string = f"rnnserve: {type(module).__name__} exported by rnnserve.export.module"
         onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, tmp_path)
-        if gate:
-            report = run_module_parity(module, tmp_path, spec, examples, list(inputs), list(outputs),
-                                       atol=atol, seq_lens=seq_lens, argmax_outputs=argmax_outputs,
-                                       threads=threads)
-            if not report["pass"]:
-                failed_path = os.path.join(out_dir, FAILED_PARITY_FILENAME)
-                atomic_write_json(failed_path, report)
-                raise ExportError(f"parity gate failed: {format_summary(report)}; no {MODEL_FILENAME} written "
-                                  f"(report: {failed_path})")
-            parity_path = os.path.join(out_dir, PARITY_FILENAME)
-            atomic_write_json(parity_path, report)
-        for stale in (FAILED_PARITY_FILENAME, *(() if gate else (PARITY_FILENAME,))):
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
-        os.replace(tmp_path, final_path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        onnx.save(proto, path)
+        return io
+
+    def gate_fn(path: str) -> dict[str, Any]:
+        return run_module_parity(module, path, spec, examples, list(inputs), list(outputs), atol=atol,
+                                 seq_lens=seq_lens, argmax_outputs=argmax_outputs, threads=threads)
+
+    io, report, parity_path = write_gated(out_dir, type(module).__name__, write, gate_fn if gate else None)
+    final_path = os.path.join(out_dir, MODEL_FILENAME)
     seconds = time.perf_counter() - t0
     log.info("exported %s: %s in %.1fs", final_path, io, seconds)
     return ExportResult(onnx_path=final_path, parity=report, seconds=seconds, parity_path=parity_path, io=io)

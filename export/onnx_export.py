@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +181,37 @@ def _guarded(what: str, fn, *args, **kwargs):
         raise ExportError(f"{what} failed: {type(e).__name__}: {first}") from e
 
 
+def write_gated(out_dir: str, what: str, export_fn: Callable[[str], Any],
+                gate_fn: Callable[[str], dict[str, Any]] | None) -> tuple[Any, dict[str, Any] | None, str | None]:
+    """export_fn(path) writes the model to a temp file in out_dir; gate_fn(path) returns its parity report
+    (None: no gate). Only a model that passes becomes out_dir/model.onnx, beside parity.json; a failing
+    one leaves parity.failed.json and raises ExportError. Returns (export_fn's result, report, report path)."""
+    os.makedirs(out_dir, exist_ok=True)
+    final_path = os.path.join(out_dir, MODEL_FILENAME)
+    tmp_path = os.path.join(out_dir, f".{MODEL_FILENAME}.tmp.{os.getpid()}")
+    report, parity_path = None, None
+    try:
+        result = export_fn(tmp_path)
+        if gate_fn is not None:
+            report = gate_fn(tmp_path)
+            if not report["pass"]:
+                failed_path = os.path.join(out_dir, FAILED_PARITY_FILENAME)
+                atomic_write_json(failed_path, report)
+                raise ExportError(f"parity gate failed for {what}: {format_summary(report)}; "
+                                  f"no {MODEL_FILENAME} written (report: {failed_path})")
+            parity_path = os.path.join(out_dir, PARITY_FILENAME)
+            atomic_write_json(parity_path, report)
+        # Reports left by an earlier export into this folder no longer describe the model.
+        for stale in (FAILED_PARITY_FILENAME, *(() if gate_fn else (PARITY_FILENAME,))):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        os.replace(tmp_path, final_path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    return result, report, parity_path
+
+
 def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSET, gate: bool = True,
                       atol: float = ATOL, rtol: float = RTOL, threads: int | None = None) -> ExportResult:
     """Export a checkpoint to out_dir/model.onnx (+ parity.json). Raises CheckpointError or ExportError.
@@ -206,29 +237,12 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
         log.warning("%s: train_config has no seq_len; the gate uses %d", ckpt_path, DEFAULT_TRAIN_SEQ_LEN)
         train_seq_len = DEFAULT_TRAIN_SEQ_LEN
     os.makedirs(out_dir, exist_ok=True)
+    gate_fn = (lambda path: _guarded(f"parity gate for {ckpt_path}", run_parity, model, path, atol=atol, rtol=rtol,
+                                     train_seq_len=train_seq_len, threads=threads)) if gate else None
+    proto, report, parity_path = write_gated(
+        out_dir, ckpt_path, lambda path: _guarded(f"ONNX export of {ckpt_path}", export_model, model, info, path,
+                                                  opset=opset), gate_fn)
     final_path = os.path.join(out_dir, MODEL_FILENAME)
-    tmp_path = os.path.join(out_dir, f".{MODEL_FILENAME}.tmp.{os.getpid()}")
-    report, parity_path = None, None
-    try:
-        proto = _guarded(f"ONNX export of {ckpt_path}", export_model, model, info, tmp_path, opset=opset)
-        if gate:
-            report = _guarded(f"parity gate for {ckpt_path}", run_parity, model, tmp_path,
-                              train_seq_len=train_seq_len, atol=atol, rtol=rtol, threads=threads)
-            if not report["pass"]:
-                failed_path = os.path.join(out_dir, FAILED_PARITY_FILENAME)
-                atomic_write_json(failed_path, report)
-                raise ExportError(f"parity gate failed for {ckpt_path}: {format_summary(report)}; "
-                                  f"no {MODEL_FILENAME} written (report: {failed_path})")
-            parity_path = os.path.join(out_dir, PARITY_FILENAME)
-            atomic_write_json(parity_path, report)
-        # Reports left by an earlier export into this folder no longer describe the model.
-        for stale in (FAILED_PARITY_FILENAME, *(() if gate else (PARITY_FILENAME,))):
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
-        os.replace(tmp_path, final_path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     seconds = time.perf_counter() - t0
     log.info("export %s -> %s in %.1fs", ckpt_path, final_path, seconds)
     meta = parse_metadata({p.key: p.value for p in proto.metadata_props})
