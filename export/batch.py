@@ -240,7 +240,8 @@ class _Job:
                              "stepwise": len(report["stepwise"])}}
         repo.publish(self.name, version, staged, triton_config(self.name, meta, max_batch_size=opts.max_batch_size),
                      record, {"variant": None, "base_model": None})
-        self.rows.append(Row(self.name, "new", meta.config.get("arch", ""), model.num_params(), report["max_abs_diff"], None,
+        self.rows.append(Row(self.name, "new", meta.config.get("arch", ""), model.num_params(),
+                             report["max_abs_diff"], None,
                              os.path.getsize(repo.model_path(self.name, version)), p50, version))
         return version
 

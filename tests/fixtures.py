@@ -6,12 +6,15 @@ REPO/<model>/<version>/model.onnx.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rnnserve.export.onnx_export import export_checkpoint
@@ -104,3 +107,21 @@ def serving(repository: str, **overrides):
         yield server, f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+# Tiny forecaster settings and data (tests/train/test_forecast.py, tests/serve/test_forecast_serving.py).
+TINY_FORECAST = dict(hidden_size=8, seq_len=32, batch_size=8, max_steps=30, eval_interval=15)
+
+
+def hourly_csv(path, n=500, seed=0) -> str:
+    """A synthetic hourly series: a daily cycle, a trend, noise, a wind column and a categorical sky."""
+    rng = np.random.default_rng(seed)
+    t0 = datetime(2021, 3, 1)
+    with open(path, "w") as f:
+        f.write("time,temp,wind,sky\n")
+        for i in range(n):
+            temp = 10 + 5 * math.sin(2 * math.pi * i / 24) + 0.01 * i + rng.normal(0, 0.3)
+            sky = ["sun", "fog", "rain"][(i // 7) % 3]
+            stamp = (t0 + timedelta(hours=i)).strftime("%Y-%m-%d %H:%M")
+            f.write(f"{stamp},{temp:.3f},{rng.uniform(0, 9):.2f},{sky}\n")
+    return str(path)

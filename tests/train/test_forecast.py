@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-from datetime import datetime, timedelta
 
 import numpy as np
 import onnxruntime as ort
@@ -18,26 +16,13 @@ from rnnserve.train.forecast import ForecastConfig, train_forecast
 from rnnserve.train.forecast_data import ForecastDataError, load_series
 from rnnserve.train.forecast_eval import horizon_targets, macro_f1, seasonal_naive
 from rnnserve.train.forecast_model import load_forecaster
-
-TINY = dict(hidden_size=8, seq_len=32, batch_size=8, max_steps=30, eval_interval=15)
-
-
-def _hourly_csv(path, n=500, seed=0) -> str:
-    rng = np.random.default_rng(seed)
-    t0 = datetime(2021, 3, 1)
-    with open(path, "w") as f:
-        f.write("time,temp,wind,sky\n")
-        for i in range(n):
-            temp = 10 + 5 * math.sin(2 * math.pi * i / 24) + 0.01 * i + rng.normal(0, 0.3)
-            sky = ["sun", "fog", "rain"][(i // 7) % 3]
-            stamp = (t0 + timedelta(hours=i)).strftime("%Y-%m-%d %H:%M")
-            f.write(f"{stamp},{temp:.3f},{rng.uniform(0, 9):.2f},{sky}\n")
-    return str(path)
+from tests.fixtures import TINY_FORECAST as TINY
+from tests.fixtures import hourly_csv
 
 
 @pytest.fixture(scope="module")
 def hourly(tmp_path_factory) -> str:
-    return _hourly_csv(tmp_path_factory.mktemp("data") / "hourly.csv")
+    return hourly_csv(tmp_path_factory.mktemp("data") / "hourly.csv")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,64 @@
+"""A forecaster served: CSV rows streamed one at a time through a sequence (rnnserve-client forecast)
+equal onnxruntime over the same rows in one run; the tensor infer command takes float features."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.serve.client import main as client_main
+from rnnserve.timeseries import frames, read_table
+from rnnserve.train.forecast import ForecastConfig, train_forecast
+from tests.fixtures import TINY_FORECAST, hourly_csv, serving
+
+FEATURES = ["temp", "wind", "hour", "day_of_year"]
+
+
+@pytest.fixture(scope="module")
+def forecast_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forecast_serving")
+    csv = hourly_csv(root / "hourly.csv", n=300, seed=3)
+    result = train_forecast(ForecastConfig(out=str(root / "ckpt"), data=csv, target="temp", time_column="time",
+                                           horizon=3, **TINY_FORECAST))
+    export_checkpoint(result.ckpt_path, str(root / "repo" / "weather" / "1"), gate=False)
+    return str(root / "repo"), csv
+
+
+def _client_json(capsys, *args: str) -> dict:
+    assert client_main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_forecast_command_streams_rows_through_a_sequence(forecast_repo, capsys):
+    repo, csv = forecast_repo
+    with serving(repo) as (_, address):
+        out = _client_json(capsys, "--address", address, "--json", "forecast", "weather", "--data", csv,
+                           "--target", "temp", "--time-column", "time", "--start", "200", "--rows", "6",
+                           "--warmup", "30")
+    assert out["output"] == "forecast" and out["horizon"] == 3 and len(out["rows"]) == 6
+    # The same 36 rows in one onnxruntime run, state from zeros: the streamed answers must match.
+    x = frames(read_table(csv), FEATURES, "time")[None, 170:206]
+    sess = ort.InferenceSession(os.path.join(repo, "weather", "1", "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"features": x, "h0": np.zeros((1, 1, 8), np.float32), "history_in": np.zeros((1, 25), np.float32)}
+    whole = sess.run(["forecast"], feeds)[0][0, 30:]
+    streamed = np.array([[r["forecast_next"], r["forecast_last"]] for r in out["rows"]])
+    np.testing.assert_allclose(streamed, whole[:, [0, 2]], atol=1e-4)
+    actual = read_table(csv)["temp"]
+    assert [r["actual_next"] for r in out["rows"]] == pytest.approx([float(actual[i + 1]) for i in range(200, 206)])
+
+
+def test_infer_takes_float_features(forecast_repo, capsys, tmp_path):
+    repo, _ = forecast_repo
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"features": [[[12.5, 3.0, 5.0, 60.0], [13.0, 2.0, 6.0, 60.0]]]}))
+    with serving(repo) as (_, address):
+        by_flag = _client_json(capsys, "--address", address, "--json", "infer", "weather",
+                               "--features", "12.5,3,5,60;13,2,6,60", "--output", "forecast")
+        by_file = _client_json(capsys, "--address", address, "--json", "infer", "weather", "--inputs", str(inputs),
+                               "--output", "forecast", "--sequence-id", "9", "--sequence-start", "--sequence-end")
+    assert by_flag["forecast"]["shape"] == [1, 2, 3] and by_flag["forecast"]["datatype"] == "FP32"
+    np.testing.assert_allclose(by_file["forecast"]["data"], by_flag["forecast"]["data"], atol=1e-5)
