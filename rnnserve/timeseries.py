@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -74,13 +74,20 @@ def read_table(path: str) -> dict[str, list[str]]:
 
 
 def parse_time(values: list[str]) -> np.ndarray:
-    """Seconds since the epoch (naive local time) for each value; the first format that parses all wins."""
+    """Seconds since the epoch for each value, the clock time read as UTC (so no daylight-saving gap or
+    repeat, whatever the machine's time zone); the first format that parses all values wins."""
     for fmt in _TIME_FORMATS:
         try:
-            return np.array([datetime.strptime(v, fmt).timestamp() for v in values], dtype=np.float64)
+            return np.array([datetime.strptime(v, fmt).replace(tzinfo=UTC).timestamp() for v in values],
+                            dtype=np.float64)
         except ValueError:
             continue
     raise TimeSeriesError(f"cannot parse time values such as {values[0]!r} (formats: {', '.join(_TIME_FORMATS)})")
+
+
+def to_datetime(seconds: float) -> datetime:
+    """The clock time parse_time read."""
+    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None)
 
 
 def numeric(values: list[str]) -> np.ndarray | None:
@@ -123,7 +130,7 @@ def frames(table: dict[str, list[str]], feature_names: list[str], time_column: s
             if time_column is None or time_column not in table:
                 raise TimeSeriesError(f"feature {name!r} needs the time column (got {time_column!r})")
             if stamps is None:
-                stamps = [datetime.fromtimestamp(t) for t in parse_time(table[time_column])]
+                stamps = [to_datetime(t) for t in parse_time(table[time_column])]
             cols.append([s.hour + s.minute / 60.0 for s in stamps] if name == HOUR
                         else [s.timetuple().tm_yday for s in stamps])
             continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import random
-from datetime import datetime
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from rnnserve.timeseries import (
     resolve,
     split_bounds,
     step_seconds,
+    to_datetime,
 )
 
 OUTPUTS = ("forecast", "class_logits")
@@ -71,7 +71,7 @@ def load_frames(args) -> dict:
 
 def _label(data: dict, i: int) -> str:
     if data["times"] is not None:
-        return datetime.fromtimestamp(data["times"][i]).strftime("%Y-%m-%d %H:%M")
+        return to_datetime(data["times"][i]).strftime("%Y-%m-%d %H:%M")
     return f"row {i}"
 
 

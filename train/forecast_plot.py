@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 
 import numpy as np
 
+from rnnserve.timeseries import to_datetime
 from rnnserve.train.forecast_data import Series
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def plot_forecast(series: Series, whole: np.ndarray, horizon: int, path: str) ->
     import matplotlib.pyplot as plt
 
     b1, n = series.split("test")
-    xs = ([datetime.fromtimestamp(t) for t in series.time] if series.time is not None
+    xs = ([to_datetime(t) for t in series.time] if series.time is not None
           else list(range(len(series.target))))
     fig, axes = plt.subplots(2, 1, figsize=(11, 7.5))
     zoom = max(b1, n - ZOOM_STEPS)
