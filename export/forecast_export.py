@@ -75,4 +75,4 @@ def export_forecaster(model: Forecaster, ckpt: dict[str, Any], checkpoint_sha256
         states=pairs, feature_names=cfg.feature_names, class_names=ckpt.get("class_names") or None,
         model_config=cfg.to_dict(), train_config=ckpt["train_config"], checkpoint_sha256=checkpoint_sha256,
         opset=opset, gate=gate, atol=atol, seq_lens=seq_lens,
-        argmax_outputs=[OUTPUT_CLASS_LOGITS] if cfg.head == "classification" else [], threads=threads)
+        argmax_output=OUTPUT_CLASS_LOGITS if cfg.head == "classification" else None, threads=threads)

@@ -199,7 +199,7 @@ def export_module(module: nn.Module, out_dir: str, *, inputs: Mapping[str, torch
                   class_names: list[str] | None = None, feature_names: list[str] | None = None,
                   model_config: Mapping[str, Any] | None = None, train_config: Mapping[str, Any] | None = None,
                   checkpoint_sha256: str | None = None, opset: int = DEFAULT_OPSET, gate: bool = True,
-                  atol: float = ATOL, seq_lens: Sequence[int] = GATE_SEQ_LENS, argmax_outputs: Sequence[str] = (),
+                  atol: float = ATOL, seq_lens: Sequence[int] = GATE_SEQ_LENS, argmax_output: str | None = None,
                   threads: int | None = None) -> ExportResult:
     """Export `module` to out_dir/model.onnx (+ parity.json); see the module docstring. Raises ExportError."""
     t0 = time.perf_counter()
@@ -254,7 +254,7 @@ def export_module(module: nn.Module, out_dir: str, *, inputs: Mapping[str, torch
 
     def gate_fn(path: str) -> dict[str, Any]:
         return run_module_parity(module, path, spec, examples, list(inputs), list(outputs), atol=atol,
-                                 seq_lens=seq_lens, argmax_outputs=argmax_outputs, threads=threads)
+                                 seq_lens=seq_lens, argmax_output=argmax_output, threads=threads)
 
     io, report, parity_path = write_gated(out_dir, type(module).__name__, write, gate_fn if gate else None)
     final_path = os.path.join(out_dir, MODEL_FILENAME)

@@ -103,7 +103,7 @@ def test_gru_tagger(tmp_path):
     m = GRUTagger().eval()
     res = export_module(m, str(tmp_path), inputs={"tokens": torch.randint(0, 30, (2, 6)), "h0": torch.zeros(1, 2, 16)},
                         outputs=["tags", "hn"], states=[("h0", "hn")], class_names=["O", "B", "I"],
-                        vocab=[chr(97 + i) for i in range(30)], seq_lens=SEQS, argmax_outputs=["tags"])
+                        vocab=[chr(97 + i) for i in range(30)], seq_lens=SEQS, argmax_output="tags")
     assert res.parity["pass"] and res.parity["stepwise"]
     assert os.path.exists(os.path.join(tmp_path, "parity.json"))
     meta = _meta(res.onnx_path)
@@ -159,7 +159,7 @@ def test_bidirectional_classifier_is_stateless(tmp_path):
     torch.manual_seed(2)
     m = BiClassifier().eval()
     res = export_module(m, str(tmp_path), inputs={"tokens": torch.randint(0, 20, (2, 5))}, outputs=["label"],
-                        class_names=["w", "x", "y", "z"], seq_lens=SEQS, argmax_outputs=["label"])
+                        class_names=["w", "x", "y", "z"], seq_lens=SEQS, argmax_output="label")
     assert res.parity["pass"] and res.parity["stepwise"] == []
     spec = _meta(res.onnx_path).spec
     assert not spec.streamable
