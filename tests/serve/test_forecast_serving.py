@@ -62,3 +62,27 @@ def test_infer_takes_float_features(forecast_repo, capsys, tmp_path):
                                "--output", "forecast", "--sequence-id", "9", "--sequence-start", "--sequence-end")
     assert by_flag["forecast"]["shape"] == [1, 2, 3] and by_flag["forecast"]["datatype"] == "FP32"
     np.testing.assert_allclose(by_file["forecast"]["data"], by_flag["forecast"]["data"], atol=1e-5)
+
+
+def test_an_exported_user_module_serves_like_ours(tmp_path):
+    """export_module's folder dropped into a repository: streamed steps equal the module's whole run."""
+    import torch
+
+    from rnnserve.export.module import export_module
+    from rnnserve.serve.client import RnnClient
+    from tests.user_modules import GRUTagger
+
+    torch.manual_seed(5)
+    tagger = GRUTagger().eval()
+    repo = tmp_path / "repo"
+    export_module(tagger, str(repo / "tagger" / "1"), inputs={"tokens": torch.randint(0, 30, (2, 6)),
+                                                              "h0": torch.zeros(1, 2, 16)},
+                  outputs=["tags", "hn"], states=[("h0", "hn")], gate=False)
+    tokens = np.random.default_rng(6).integers(0, 30, (1, 9)).astype(np.int64)
+    with torch.no_grad():
+        whole = tagger(torch.from_numpy(tokens), torch.zeros(1, 1, 16))[0].numpy()
+    with serving(str(repo)) as (_, address), RnnClient(address) as client:
+        steps = [client.infer_tensors("tagger", {"tokens": tokens[:, t:t + 3]}, sequence_id=11,
+                                      sequence_start=t == 0, sequence_end=t == 6, outputs=["tags"])["tags"]
+                 for t in range(0, 9, 3)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole, atol=1e-5)
