@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 
+from rnnserve.cli import user_error
 from rnnserve.timeseries import (
     DEFAULT_DATA,
     TimeSeriesError,
@@ -48,7 +49,7 @@ def add_parser(command) -> None:
     p.add_argument("--start", type=int, help="first row to print (default: the start of the test split)")
     p.add_argument("--rows", type=int, default=24, help="rows streamed one at a time (default %(default)s)")
     p.add_argument("--warmup", type=int, default=48, help="rows sent first, in one request (default %(default)s)")
-    p.add_argument("--sequence-id", type=int, help="default: random")
+    p.add_argument("--sequence-id", type=int, help="the sequence the rows go into (default: a random id)")
 
 
 def load_frames(args) -> dict:
@@ -85,12 +86,12 @@ def cmd_forecast(client, args) -> dict:
     try:
         data = load_frames(args)
     except TimeSeriesError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(user_error(str(e))) from None
     x, n = data["x"], len(data["actual"])
     start = split_bounds(n)[1] if args.start is None else args.start
     warm = max(0, min(args.warmup, start))
     if not 0 <= start < n or args.rows < 1:
-        raise SystemExit(f"error: --start must be in [0, {n}) and --rows >= 1")
+        raise SystemExit(user_error(f"--start must be in [0, {n}) and --rows >= 1"))
     rows = min(args.rows, n - start)
     seq_id = args.sequence_id or random.randint(1, 2**31 - 1)
     out_name, results = None, []

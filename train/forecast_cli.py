@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from rnnserve.cli import user_error
 from rnnserve.timeseries import BUILTIN, DEFAULT_DATA
 from rnnserve.train.forecast import ForecastConfig, train_forecast
 from rnnserve.train.forecast_data import ForecastDataError
 from rnnserve.train.forecast_model import FORECAST_ARCHS, HEADS
 
-log = logging.getLogger(__name__)
 _D = ForecastConfig.__dataclass_fields__
 
 
@@ -39,19 +38,19 @@ def add_forecast_args(g) -> None:
 def run_forecast(args, p: argparse.ArgumentParser) -> int:
     if args.arch is not None and args.arch not in FORECAST_ARCHS:
         p.error(f"--task forecast needs --arch in {FORECAST_ARCHS}")
-    given = {k: getattr(args, k) for k in ("arch", "hidden_size", "num_layers", "dropout", "lr", "seed", "weight_decay",
-                                           "max_steps", "time_budget")
+    given = {k: getattr(args, k) for k in ("arch", "hidden_size", "num_layers", "dropout", "lr", "seed",
+                                           "weight_decay", "max_steps", "time_budget")
              if getattr(args, k) is not None}
     try:
         cfg = ForecastConfig(out=args.out or "runs/forecast/weather", data=args.data, target=args.target,
                              features=args.features, time_column=args.time_column, head=args.head,
-                             horizon=args.horizon, season=args.season, seq_len=args.seq_len, batch_size=args.batch_size,
-                             eval_interval=args.eval_interval, threads=args.threads, **given)
+                             horizon=args.horizon, season=args.season, seq_len=args.seq_len,
+                             batch_size=args.batch_size, eval_interval=args.eval_interval, threads=args.threads,
+                             **given)
     except ValueError as e:
         p.error(str(e))
     try:
         train_forecast(cfg)
-    except (ForecastDataError, ValueError) as e:
-        log.error("%s", e)
-        return 1
+    except (ForecastDataError, ValueError) as e:  # the data do not fit the request: a user error
+        return user_error(str(e))
     return 0
