@@ -12,8 +12,10 @@ The built-in data are the weather tables the `vega_datasets` package ships as CS
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -39,11 +41,11 @@ def builtin_path(name: str) -> str:
     """The local file of a built-in table (vega_datasets works offline once installed)."""
     if name not in BUILTIN:
         raise TimeSeriesError(f"unknown built-in data {name!r}; choose from {', '.join(BUILTIN)}")
-    try:
-        import vega_datasets
-    except ImportError as e:
-        raise TimeSeriesError("the built-in data need the vega_datasets package (pip install vega_datasets)") from e
-    path = os.path.join(os.path.dirname(vega_datasets.__file__), "_data", BUILTIN[name][0])
+    # Found, not imported: the package imports pandas, and only its data files are needed here.
+    spec = importlib.util.find_spec("vega_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise TimeSeriesError("the built-in data need the vega_datasets package (pip install vega_datasets)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "_data", BUILTIN[name][0])
     if not os.path.isfile(path):
         raise TimeSeriesError(f"vega_datasets has no {BUILTIN[name][0]} at {path}")
     return path
@@ -124,7 +126,7 @@ def frames(table: dict[str, list[str]], feature_names: list[str], time_column: s
     """[N, F] float32 raw frames for the given names (see the module docstring)."""
     n = len(next(iter(table.values())))
     stamps = None
-    cols = []
+    cols: list[Any] = []
     for name in feature_names:
         if name in (HOUR, DAY_OF_YEAR) and name not in table:
             if time_column is None or time_column not in table:

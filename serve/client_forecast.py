@@ -113,7 +113,7 @@ def cmd_forecast(client, args) -> dict:
     return _report(args, data, results, out_name, seq_id, warm)
 
 
-def _report(args, data: dict, results, out_name: str, seq_id: int, warm: int) -> dict:
+def _report(args, data: dict, results, out_name: str | None, seq_id: int, warm: int) -> dict:
     actual, n = data["actual"], len(data["actual"])
     classify = out_name == "class_logits"
     horizon = 1 if classify else len(results[0][1])
