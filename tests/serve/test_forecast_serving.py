@@ -86,3 +86,34 @@ def test_an_exported_user_module_serves_like_ours(tmp_path):
                                       sequence_start=t == 0, sequence_end=t == 6, outputs=["tags"])["tags"]
                  for t in range(0, 9, 3)]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), whole, atol=1e-5)
+
+
+def test_concurrent_sensors_each_equal_their_own_run(forecast_repo):
+    """Four sensors stream one reading at a time, concurrently (the server may batch their steps across
+    sequences): each one's forecasts equal onnxruntime over its own rows in one run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rnnserve.serve.client import RnnClient
+
+    repo, csv = forecast_repo
+    x = frames(read_table(csv), FEATURES, "time")
+    starts = (20, 90, 150, 230)
+    sess = ort.InferenceSession(os.path.join(repo, "weather", "1", "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def alone(start: int) -> np.ndarray:
+        feeds = {"features": x[None, start:start + 12], "h0": np.zeros((1, 1, 8), np.float32),
+                 "history_in": np.zeros((1, 25), np.float32)}
+        return sess.run(["forecast"], feeds)[0][0]
+
+    with serving(repo) as (_, address):
+        def sensor(k: int) -> np.ndarray:
+            with RnnClient(address) as client:
+                return np.concatenate([client.infer_tensors(
+                    "weather", {"features": x[None, starts[k] + t:starts[k] + t + 1]}, outputs=["forecast"],
+                    sequence_id=100 + k, sequence_start=t == 0, sequence_end=t == 11)["forecast"][0]
+                    for t in range(12)])
+
+        with ThreadPoolExecutor(4) as ex:
+            streamed = list(ex.map(sensor, range(4)))
+    for k, start in enumerate(starts):
+        np.testing.assert_allclose(streamed[k], alone(start), atol=1e-4)
