@@ -9,6 +9,9 @@
     rnnserve-client score MODEL TEXT
     rnnserve-client stream MODEL [CHUNK ...]   (no CHUNK: one chunk per stdin line)
     rnnserve-client infer MODEL --tokens 0,1,2;3,2,1 [--sequence-id ID --start --end --step N]
+    rnnserve-client infer MODEL --features 48.1,0,305;47.9,1,305 [--sequence-id 7 --start]
+    rnnserve-client infer MODEL --inputs inputs.json   ({"name": nested list, ...}; floats FP32, ints INT64)
+    rnnserve-client forecast MODEL --data FILE.csv|vega:NAME [--rows 24 --warmup 48 --start-row ROW]
 
 --address defaults to $RNNSERVE_ADDRESS, else 127.0.0.1:8001 (HOST:PORT, [IPv6]:PORT,
 or a gRPC target with a scheme such as unix:/path or dns:///host:port). Output is
@@ -30,6 +33,7 @@ import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rnnserve.serve import client_forecast, client_tensors
 from rnnserve.serve.wire import convert
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
@@ -164,6 +168,14 @@ class RnnClient:
         for name, state in (("h0", h0), ("c0", c0)):
             if state is not None:
                 inputs[name] = np.asarray(state, dtype=np.float32)
+        return self.infer_tensors(model, inputs, version=version, outputs=outputs, sequence_id=sequence_id,
+                                  start=start, end=end, step=step)
+
+    def infer_tensors(self, model: str, inputs: dict[str, np.ndarray], version: str = "",
+                      outputs: list[str] | None = None, sequence_id: int | str = 0, start: bool = False,
+                      end: bool = False, step: int | None = None) -> dict[str, np.ndarray]:
+        """Any model: named numpy inputs (float features, token ids, ...) -> named outputs; with
+        sequence_id, one step of a server-side sequence, as for infer()."""
         params, metadata = sequence_parameters(sequence_id, start, end, step)
         request = convert.infer_request_to_proto(model, inputs, version=version, outputs=outputs,
                                                  parameters=params)
@@ -204,15 +216,6 @@ def unescape(text: str) -> str:
     """--stop's escapes: \\n newline, \\t tab, \\r carriage return, \\\\ backslash; any other
     backslash stays as it is."""
     return _ESCAPE.sub(lambda m: ESCAPES[m.group(1)], text)
-
-
-def _parse_tokens(text: str) -> np.ndarray:
-    """"0,1,2;3,2,1" -> int64 [[0,1,2],[3,2,1]] (rows split by ';')."""
-    try:
-        rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
-        return np.array(rows, dtype=np.int64)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"tokens must look like 0,1,2;3,2,1: {exc}") from None
 
 
 def _print_table(rows: list[list[str]]) -> None:
@@ -310,20 +313,6 @@ def _cmd_stream(client: RnnClient, args) -> dict:
             "decoded": "".join(r["decoded"] for r in replies)}
 
 
-def _cmd_infer(client: RnnClient, args) -> dict:
-    seq_id = int(args.sequence_id) if args.sequence_id.isdigit() else args.sequence_id
-    outputs = client.infer(args.model, args.tokens, version=args.version, outputs=args.output or None,
-                           sequence_id=seq_id, start=args.start, end=args.end, step=args.step)
-    result = {name: {"datatype": convert.tensor_to_raw(a)[0], "shape": list(a.shape),
-                     "data": a.tolist()} for name, a in outputs.items()}
-    if not args.json:
-        for name, array in outputs.items():
-            print(f"{name}: {array.dtype} {list(array.shape)}")
-        if "logits" in outputs:
-            print(f"argmax ids: {outputs['logits'].argmax(-1).tolist()}")
-    return result
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnserve-client", description="rnnserve client",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -376,13 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="candidates shown per position")
     p.add_argument("--keep-newlines", action="store_true",
                    help="stdin lines keep their newline character")
-    p = command("infer", _cmd_infer, "raw tensor inference (Open Inference Protocol)", model=True)
-    p.add_argument("--tokens", type=_parse_tokens, required=True, help="e.g. 0,1,2;3,2,1")
-    p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
-    p.add_argument("--sequence-id", default="", help="a step of this server-side sequence (number or string)")
-    p.add_argument("--start", action="store_true", help="the sequence's first step")
-    p.add_argument("--end", action="store_true", help="the sequence's last step")
-    p.add_argument("--step", type=int, default=None, help="the step's id (a retry is answered exactly once)")
+    client_tensors.add_parser(command)
+    client_forecast.add_parser(command)
     return parser
 
 

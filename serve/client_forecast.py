@@ -46,7 +46,7 @@ def add_parser(command) -> None:
     p.add_argument("--time-column", help="time column (default: the built-in table's `date`)")
     p.add_argument("--feature-names", type=_names, help="the model's feature_names (default: as training chose)")
     p.add_argument("--class-names", type=_names, help="the model's class_names (default: the target's labels)")
-    p.add_argument("--start", type=int, help="first row to print (default: the start of the test split)")
+    p.add_argument("--start-row", type=int, help="first row to print (default: the start of the test split)")
     p.add_argument("--rows", type=int, default=24, help="rows streamed one at a time (default %(default)s)")
     p.add_argument("--warmup", type=int, default=48, help="rows sent first, in one request (default %(default)s)")
     p.add_argument("--sequence-id", type=int, help="the sequence the rows go into (default: a random id)")
@@ -88,10 +88,10 @@ def cmd_forecast(client, args) -> dict:
     except TimeSeriesError as e:
         raise SystemExit(user_error(str(e))) from None
     x, n = data["x"], len(data["actual"])
-    start = split_bounds(n)[1] if args.start is None else args.start
+    start = split_bounds(n)[1] if args.start_row is None else args.start_row
     warm = max(0, min(args.warmup, start))
     if not 0 <= start < n or args.rows < 1:
-        raise SystemExit(user_error(f"--start must be in [0, {n}) and --rows >= 1"))
+        raise SystemExit(user_error(f"--start-row must be in [0, {n}) and --rows >= 1"))
     rows = min(args.rows, n - start)
     seq_id = args.sequence_id or random.randint(1, 2**31 - 1)
     out_name, results = None, []
@@ -99,7 +99,7 @@ def cmd_forecast(client, args) -> dict:
     def step(lo: int, hi: int, first: bool, last: bool):
         nonlocal out_name
         outs = client.infer_tensors(args.model, {"features": x[None, lo:hi]}, version=args.version,
-                                    sequence_id=seq_id, sequence_start=first, sequence_end=last)
+                                    sequence_id=seq_id, start=first, end=last)
         out_name = next((o for o in OUTPUTS if o in outs), None)
         if out_name is None:
             raise SystemExit(f"error: the model answered {sorted(outs)}, none of {list(OUTPUTS)}")

@@ -1,8 +1,8 @@
 """`rnnserve-client infer MODEL ...`: raw tensor inference for any model (Open Inference Protocol).
 
 Inputs come from --tokens (int64 [batch, seq]), --features (float32 [1, steps, F]) or a JSON
-file (--inputs: {name: nested list}, floats as FP32, ints as INT64); --sequence-id with
---sequence-start / --sequence-end makes the request a step of a sequence on the server.
+file (--inputs: {name: nested list}, floats as FP32, ints as INT64); --sequence-id (with
+--start / --end / --step) makes the request a step of a sequence on the server.
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def cmd_infer(client, args) -> dict:
         inputs[args.features_name] = args.features
     if not inputs:
         raise SystemExit(user_error("infer needs --tokens, --features or --inputs"))
+    seq_id = int(args.sequence_id) if args.sequence_id.isdigit() else args.sequence_id
     outputs = client.infer_tensors(args.model, inputs, version=args.version, outputs=args.output or None,
-                                   sequence_id=args.sequence_id, sequence_start=args.sequence_start,
-                                   sequence_end=args.sequence_end)
+                                   sequence_id=seq_id, start=args.start, end=args.end, step=args.step)
     result = {name: {"datatype": convert.tensor_to_raw(a)[0], "shape": list(a.shape),
                      "data": a.tolist()} for name, a in outputs.items()}
     if not args.json:
@@ -75,6 +75,7 @@ def add_parser(command) -> None:
     p.add_argument("--features-name", default="features", help="input name for --features (default %(default)s)")
     p.add_argument("--inputs", type=load_inputs, help="JSON file {input name: nested list}")
     p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
-    p.add_argument("--sequence-id", type=int, default=0, help="a step of this sequence (state kept on the server)")
-    p.add_argument("--sequence-start", action="store_true", help="this step starts the sequence (fresh state)")
-    p.add_argument("--sequence-end", action="store_true", help="this step ends it (the server frees its state)")
+    p.add_argument("--sequence-id", default="", help="a step of this server-side sequence (number or string)")
+    p.add_argument("--start", action="store_true", help="the sequence's first step")
+    p.add_argument("--end", action="store_true", help="the sequence's last step")
+    p.add_argument("--step", type=int, default=None, help="the step's id (a retry is answered exactly once)")

@@ -37,7 +37,7 @@ def test_forecast_command_streams_rows_through_a_sequence(forecast_repo, capsys)
     repo, csv = forecast_repo
     with serving(repo) as (_, address):
         out = _client_json(capsys, "--address", address, "--json", "forecast", "weather", "--data", csv,
-                           "--target", "temp", "--time-column", "time", "--start", "200", "--rows", "6",
+                           "--target", "temp", "--time-column", "time", "--start-row", "200", "--rows", "6",
                            "--warmup", "30")
     assert out["output"] == "forecast" and out["horizon"] == 3 and len(out["rows"]) == 6
     # The same 36 rows in one onnxruntime run, state from zeros: the streamed answers must match.
@@ -59,7 +59,7 @@ def test_infer_takes_float_features(forecast_repo, capsys, tmp_path):
         by_flag = _client_json(capsys, "--address", address, "--json", "infer", "weather",
                                "--features", "12.5,3,5,60;13,2,6,60", "--output", "forecast")
         by_file = _client_json(capsys, "--address", address, "--json", "infer", "weather", "--inputs", str(inputs),
-                               "--output", "forecast", "--sequence-id", "9", "--sequence-start", "--sequence-end")
+                               "--output", "forecast", "--sequence-id", "9", "--start", "--end")
     assert by_flag["forecast"]["shape"] == [1, 2, 3] and by_flag["forecast"]["datatype"] == "FP32"
     np.testing.assert_allclose(by_file["forecast"]["data"], by_flag["forecast"]["data"], atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_an_exported_user_module_serves_like_ours(tmp_path):
         whole = tagger(torch.from_numpy(tokens), torch.zeros(1, 1, 16))[0].numpy()
     with serving(str(repo)) as (_, address), RnnClient(address) as client:
         steps = [client.infer_tensors("tagger", {"tokens": tokens[:, t:t + 3]}, sequence_id=11,
-                                      sequence_start=t == 0, sequence_end=t == 6, outputs=["tags"])["tags"]
+                                      start=t == 0, end=t == 6, outputs=["tags"])["tags"]
                  for t in range(0, 9, 3)]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), whole, atol=1e-5)
 
@@ -110,7 +110,7 @@ def test_concurrent_sensors_each_equal_their_own_run(forecast_repo):
             with RnnClient(address) as client:
                 return np.concatenate([client.infer_tensors(
                     "weather", {"features": x[None, starts[k] + t:starts[k] + t + 1]}, outputs=["forecast"],
-                    sequence_id=100 + k, sequence_start=t == 0, sequence_end=t == 11)["forecast"][0]
+                    sequence_id=100 + k, start=t == 0, end=t == 11)["forecast"][0]
                     for t in range(12)])
 
         with ThreadPoolExecutor(4) as ex:
