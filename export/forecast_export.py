@@ -17,7 +17,7 @@ import torch.nn as nn
 from rnnserve.export.module import export_module
 from rnnserve.export.module_parity import GATE_SEQ_LENS
 from rnnserve.export.onnx_export import DEFAULT_OPSET, ExportResult
-from rnnserve.export.parity import ATOL
+from rnnserve.export.tolerance import ATOL, RTOL
 from rnnserve.train.forecast_model import Forecaster
 
 INPUT_FEATURES = "features"
@@ -55,7 +55,7 @@ def example_features(model: Forecaster, batch: int, seq: int, rng: np.random.Gen
 
 
 def export_forecaster(model: Forecaster, ckpt: dict[str, Any], checkpoint_sha256: str, out_dir: str, *,
-                      opset: int = DEFAULT_OPSET, gate: bool = True, atol: float = ATOL,
+                      opset: int = DEFAULT_OPSET, gate: bool = True, atol: float = ATOL, rtol: float = RTOL,
                       threads: int | None = None) -> ExportResult:
     cfg = model.cfg
     rng = np.random.default_rng(0)
@@ -74,5 +74,5 @@ def export_forecaster(model: Forecaster, ckpt: dict[str, Any], checkpoint_sha256
         ForecastGraph(model).eval(), out_dir, inputs=inputs, outputs=[out_name, *(o for _, o in pairs)],
         states=pairs, feature_names=cfg.feature_names, class_names=ckpt.get("class_names") or None,
         model_config=cfg.to_dict(), train_config=ckpt["train_config"], checkpoint_sha256=checkpoint_sha256,
-        opset=opset, gate=gate, atol=atol, seq_lens=seq_lens,
+        opset=opset, gate=gate, atol=atol, rtol=rtol, seq_lens=seq_lens,
         argmax_output=OUTPUT_CLASS_LOGITS if cfg.head == "classification" else None, threads=threads)

@@ -41,7 +41,7 @@ import torch.nn as nn
 from rnnserve.contract import DIM_BATCH, DIM_SEQ, MODEL_FILENAME, build_general_metadata
 from rnnserve.export.module_parity import GATE_SEQ_LENS, run_module_parity, take
 from rnnserve.export.onnx_export import DEFAULT_OPSET, ExportError, ExportResult, _dims, write_gated
-from rnnserve.export.parity import ATOL
+from rnnserve.export.tolerance import ATOL, RTOL
 from rnnserve.modelspec import DTYPES, ModelSpec, SpecError, StatePair, TensorDecl
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,8 @@ def export_module(module: nn.Module, out_dir: str, *, inputs: Mapping[str, torch
                   class_names: list[str] | None = None, feature_names: list[str] | None = None,
                   model_config: Mapping[str, Any] | None = None, train_config: Mapping[str, Any] | None = None,
                   checkpoint_sha256: str | None = None, opset: int = DEFAULT_OPSET, gate: bool = True,
-                  atol: float = ATOL, seq_lens: Sequence[int] = GATE_SEQ_LENS, argmax_output: str | None = None,
+                  atol: float = ATOL, rtol: float = RTOL, seq_lens: Sequence[int] = GATE_SEQ_LENS,
+                  argmax_output: str | None = None,
                   threads: int | None = None) -> ExportResult:
     """Export `module` to out_dir/model.onnx (+ parity.json); see the module docstring. Raises ExportError."""
     t0 = time.perf_counter()
@@ -253,7 +254,7 @@ def export_module(module: nn.Module, out_dir: str, *, inputs: Mapping[str, torch
         return io
 
     def gate_fn(path: str) -> dict[str, Any]:
-        return run_module_parity(module, path, spec, examples, list(inputs), list(outputs), atol=atol,
+        return run_module_parity(module, path, spec, examples, list(inputs), list(outputs), atol=atol, rtol=rtol,
                                  seq_lens=seq_lens, argmax_output=argmax_output, threads=threads)
 
     io, report, parity_path = write_gated(out_dir, type(module).__name__, write, gate_fn if gate else None)

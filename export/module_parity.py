@@ -3,8 +3,8 @@
 Cases: batch sizes {1, 3, 16} x seq lens (GATE_SEQ_LENS, plus whatever the caller adds) when an
 input has a time axis; the inputs are the caller's examples with rows and steps drawn at random
 (so ids and categories stay valid), and every state starts random. Every output and every final
-state must agree within atol (export/parity.py's comparison); the output named argmax_output
-(class scores) must also agree on the argmax, except near-ties.
+state must agree elementwise within |d| <= atol + rtol*|ref| (export/tolerance.py); the output
+named argmax_output (class scores) must also agree on the argmax, except near-ties.
 Stateful models also run in onnxruntime in chunks (one step at a time, then uneven chunks),
 carrying the states, and that must equal the whole run: every output with a time axis,
 concatenated, and the final states.
@@ -20,7 +20,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rnnserve.export.parity import BATCHES, _argmax_check, _max_abs, make_session
+from rnnserve.export.parity import BATCHES, _worst, make_session
+from rnnserve.export.tolerance import ATOL, RTOL, Tolerance, compare_outputs
 from rnnserve.modelspec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,10 @@ def _torch_run(module: torch.nn.Module, feeds: dict[str, np.ndarray]) -> list[np
     return [o.numpy() for o in out]
 
 
-def _compare(names: Sequence[str], ref: Sequence[np.ndarray], got: Sequence[np.ndarray], atol: float,
-             argmax_output: str | None) -> dict[str, Any]:
-    diffs = {n: _max_abs(r, g) for n, r, g in zip(names, ref, got)}
-    argmax = {"argmax_mismatches": 0, "argmax_near_ties": 0}
-    if argmax_output is not None:
-        i = list(names).index(argmax_output)
-        argmax = _argmax_check(ref[i], got[i], atol)
-    worst = max(diffs.values()) if diffs else 0.0
-    return {"max_abs_diff": worst, "diffs": diffs, **argmax, "pass": worst <= atol and argmax["argmax_mismatches"] == 0}
+def _compare(names: Sequence[str], ref, got, tol: Tolerance, argmax_output: str | None) -> dict[str, Any]:
+    """export/tolerance.py's comparison; argmax counts are 0 where no output is class scores."""
+    return {"argmax_mismatches": 0, "argmax_near_ties": 0,
+            **compare_outputs(list(names), list(ref), list(got), tol, argmax_output=argmax_output)}
 
 
 def _case(fn, case: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +80,8 @@ def _case(fn, case: dict[str, Any]) -> dict[str, Any]:
     try:
         case.update(fn())
     except Exception as e:
-        case.update({"error": f"{type(e).__name__}: {e}", "max_abs_diff": None, "argmax_mismatches": 0,
-                     "pass": False})
+        case.update({"error": f"{type(e).__name__}: {e}", "max_abs_diff": None, "max_rel_diff": None,
+                     "ratio": None, "argmax_mismatches": 0, "pass": False})
     return case
 
 
@@ -111,11 +107,12 @@ def _streamed(sess, spec: ModelSpec, feeds: dict[str, np.ndarray], outputs: Sequ
 
 
 def run_module_parity(module: torch.nn.Module, onnx_path: str, spec: ModelSpec, examples: dict[str, np.ndarray],
-                      input_order: Sequence[str], output_order: Sequence[str], *, atol: float,
-                      seq_lens: Sequence[int] = GATE_SEQ_LENS, batches: Sequence[int] = BATCHES,
+                      input_order: Sequence[str], output_order: Sequence[str], *, atol: float = ATOL,
+                      rtol: float = RTOL, seq_lens: Sequence[int] = GATE_SEQ_LENS, batches: Sequence[int] = BATCHES,
                       argmax_output: str | None = None, seed: int = 0, threads: int | None = None) -> dict[str, Any]:
     """The gate's report (JSON-serialisable) with report["pass"]."""
     t0 = time.perf_counter()
+    tol = Tolerance(atol, rtol)
     module.eval()
     sess = make_session(onnx_path, threads)
     rng = np.random.default_rng(seed)
@@ -127,7 +124,7 @@ def run_module_parity(module: torch.nn.Module, onnx_path: str, spec: ModelSpec, 
         feeds = random_feeds(spec, examples, rng, batch, seq)
         ref = _torch_run(module, feeds)
         got = sess.run(list(output_order), feeds)
-        return _compare(output_order, ref, got, atol, argmax_output)
+        return _compare(output_order, ref, got, tol, argmax_output)
 
     cases = [_case(lambda b=b, s=s: whole(b, s), {"batch": b, "seq": s}) for b in batches for s in seqs]
     stepwise = []
@@ -138,16 +135,18 @@ def run_module_parity(module: torch.nn.Module, onnx_path: str, spec: ModelSpec, 
             feeds = random_feeds(spec, examples, rng, STREAM_BATCH, seq)
             ref = sess.run(list(output_order), feeds)
             got = _streamed(sess, spec, feeds, output_order, seq, chunk)
-            return _compare(output_order, ref, got, atol, argmax_output)
+            return _compare(output_order, ref, got, tol, argmax_output)
 
         stepwise = [_case(lambda s=s, c=c: stream(s, c), {"batch": STREAM_BATCH, "seq": s, "chunk": c})
                     for s in STREAM_SEQS for c in STREAM_CHUNKS]
     all_cases = cases + stepwise
+    crashed = any(c["max_abs_diff"] is None for c in all_cases)
     report = {
         "pass": all(c["pass"] for c in all_cases),
-        "max_abs_diff": None if any(c["max_abs_diff"] is None for c in all_cases)
-        else max(c["max_abs_diff"] for c in all_cases),
-        "thresholds": {"max_abs_diff": atol, "argmax": f"identical for {argmax_output}, except near-ties"},
+        "max_abs_diff": None if crashed else max(c["max_abs_diff"] for c in all_cases),
+        "max_rel_diff": None if crashed else max(c["max_rel_diff"] for c in all_cases),
+        "worst": None if crashed else _worst(cases, stepwise),
+        "tolerance": {**tol.as_dict(), "argmax": f"identical for {argmax_output}, except near ties"},
         "batches": list(batches), "seq_lens": [s for s in seqs if s is not None],
         "cases": cases, "stepwise": stepwise,
         "stepwise_note": ("onnxruntime in chunks carrying the states vs the whole run" if streamable

@@ -223,7 +223,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, opset: int = DEFAULT_OPSE
 
         forecaster, ckpt = load_forecaster(ckpt_path)
         return export_forecaster(forecaster, ckpt, file_sha256(ckpt_path), out_dir, opset=opset, gate=gate,
-                                 atol=atol, threads=threads)
+                                 atol=atol, rtol=rtol, threads=threads)
     t0 = time.perf_counter()
     model, ckpt = load_checkpoint(ckpt_path)
     multichar = multichar_tokens(list(ckpt["vocab"]))
