@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.export.batch import BatchOptions, run_batch
 from rnnserve.serve.client import main as client_main
 from rnnserve.timeseries import frames, read_table
 from rnnserve.train.forecast import ForecastConfig, train_forecast
@@ -22,9 +22,13 @@ FEATURES = ["temp", "wind", "hour", "day_of_year"]
 def forecast_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("forecast_serving")
     csv = hourly_csv(root / "hourly.csv", n=300, seed=3)
-    result = train_forecast(ForecastConfig(out=str(root / "ckpt"), data=csv, target="temp", time_column="time",
+    result = train_forecast(ForecastConfig(out=str(root / "weather"), data=csv, target="temp", time_column="time",
                                            horizon=3, **TINY_FORECAST))
-    export_checkpoint(result.ckpt_path, str(root / "repo" / "weather" / "1"), gate=False)
+    # Published as `rnnserve-export batch` does: through the gate, with the config.pbtxt the server reads too.
+    outcome = run_batch(BatchOptions(checkpoints=[result.ckpt_path], repository=str(root / "repo"), threads=1,
+                                     progress=False))
+    assert outcome.ok, outcome.failures
+    assert os.path.exists(root / "repo" / "weather" / "config.pbtxt")
     return str(root / "repo"), csv
 
 
