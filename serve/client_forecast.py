@@ -3,12 +3,13 @@
 The rows go into one sequence (the server keeps the model's state): first --warmup rows in one
 request with sequence_start, then one request per row, the last with sequence_end. Each answer's
 forecast (or class) is printed against what actually came next. The frames are built from the
-CSV as training built them (rnnserve.timeseries): pass --feature-names / --class-names when the
-model was trained on other columns than the defaults.
+CSV as training built them (rnnserve.timeseries), in the order of the model's feature_names as
+the server reports them (ModelConfig parameters); --feature-names / --class-names override.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 
 import numpy as np
@@ -52,7 +53,14 @@ def add_parser(command) -> None:
     p.add_argument("--sequence-id", type=int, help="the sequence the rows go into (default: a random id)")
 
 
-def load_frames(args) -> dict:
+def served_names(client, args) -> dict[str, list[str]]:
+    """feature_names / class_names from the model's metadata, as the server reports them in ModelConfig."""
+    params = client.config(args.model, args.version).get("parameters", {})
+    return {k: json.loads(params[k]["string_value"]) for k in ("feature_names", "class_names") if k in params}
+
+
+def load_frames(args, served: dict[str, list[str]] | None = None) -> dict:
+    served = served or {}
     path, default_target, default_time = resolve(args.data)
     table = read_table(path)
     target = args.target or default_target
@@ -62,10 +70,12 @@ def load_frames(args) -> dict:
     times = parse_time(table[time_column]) if time_column else None
     step = step_seconds(times) if times is not None else None
     actual = numeric(table[target])
-    class_names = None if actual is not None else (args.class_names or class_list(table[target]))
+    class_names = None if actual is not None else (args.class_names or served.get("class_names")
+                                                   or class_list(table[target]))
     if class_names is not None:
         actual = np.array([class_names.index(v) if v in class_names else -1 for v in table[target]])
-    names = args.feature_names or default_feature_names(table, target, time_column, step)
+    names = args.feature_names or served.get("feature_names") or default_feature_names(table, target, time_column,
+                                                                                        step)
     return {"x": frames(table, names, time_column, class_names), "actual": actual, "times": times,
             "class_names": class_names, "target": target, "feature_names": names}
 
@@ -84,7 +94,7 @@ def _fmt(data: dict, v) -> str:
 
 def cmd_forecast(client, args) -> dict:
     try:
-        data = load_frames(args)
+        data = load_frames(args, served_names(client, args))
     except TimeSeriesError as e:
         raise SystemExit(user_error(str(e))) from None
     x, n = data["x"], len(data["actual"])
@@ -150,4 +160,5 @@ def _report(args, data: dict, results, out_name: str | None, seq_id: int, warm: 
             print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
         print("  ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None))
     return {"model": args.model, "sequence_id": seq_id, "output": out_name, "horizon": horizon,
+            "feature_names": data["feature_names"],
             "rows": table, "summary": summary}

@@ -143,6 +143,8 @@ class DataPlane:
         batch = s.max_batch_size if inst.io.mergeable else 1
         parameters = {"max_batch_size": str(batch), "allow_nonfinite": str(inst.allow_nonfinite).lower(),
                       "io_source": inst.source}
+        facts = inst.describe()  # a client needs these to build inputs / read outputs (JSON lists)
+        parameters.update({k: facts[k] for k in ("feature_names", "class_names") if k in facts})
         return ModelConfigInfo(name=name, platform=PLATFORM, max_batch_size=0, inputs=inputs,
                                outputs=list(inst.outputs),
                                dynamic_batching={"preferred_batch_size": [batch],
