@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rnnserve.export.parity import BATCHES, _worst, make_session
+from rnnserve.export.parity import BATCHES, case_totals, make_session
 from rnnserve.export.tolerance import ATOL, RTOL, Tolerance, compare_outputs
 from rnnserve.modelspec import ModelSpec
 
@@ -139,13 +139,8 @@ def run_module_parity(module: torch.nn.Module, onnx_path: str, spec: ModelSpec, 
 
         stepwise = [_case(lambda s=s, c=c: stream(s, c), {"batch": STREAM_BATCH, "seq": s, "chunk": c})
                     for s in STREAM_SEQS for c in STREAM_CHUNKS]
-    all_cases = cases + stepwise
-    crashed = any(c["max_abs_diff"] is None for c in all_cases)
     report = {
-        "pass": all(c["pass"] for c in all_cases),
-        "max_abs_diff": None if crashed else max(c["max_abs_diff"] for c in all_cases),
-        "max_rel_diff": None if crashed else max(c["max_rel_diff"] for c in all_cases),
-        "worst": None if crashed else _worst(cases, stepwise),
+        **case_totals(cases, stepwise),
         "tolerance": {**tol.as_dict(), "argmax": f"identical for {argmax_output}, except near ties"},
         "batches": list(batches), "seq_lens": [s for s in seqs if s is not None],
         "cases": cases, "stepwise": stepwise,

@@ -133,14 +133,8 @@ def run_parity(model: torch.nn.Module, onnx_path: str, *, train_seq_len: int, at
     if meta.streamable:
         stepwise = [_stepwise_case(sess, meta, rng, STEPWISE_BATCH, s, tol)
                     for s in sorted({train_seq_len, STEPWISE_EXTRA_SEQ})]
-    all_cases = cases + stepwise
-    crashed = any(c["max_abs_diff"] is None for c in all_cases)
     report = {
-        "pass": all(c["pass"] for c in all_cases),
-        # None where a case crashed (the report stays strict JSON: no Infinity).
-        "max_abs_diff": None if crashed else max(c["max_abs_diff"] for c in all_cases),
-        "max_rel_diff": None if crashed else max(c["max_rel_diff"] for c in all_cases),
-        "worst": None if crashed else _worst(cases, stepwise),
+        **case_totals(cases, stepwise),
         "tolerance": {**tol.as_dict(),
                       "argmax": "identical, except near ties: the PyTorch scores of the two classes within "
                                 "the tolerance"},
@@ -155,6 +149,19 @@ def run_parity(model: torch.nn.Module, onnx_path: str, *, train_seq_len: int, at
     report["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("parity %s: %s", onnx_path, format_summary(report))
     return report
+
+
+def case_totals(cases: list[dict[str, Any]], stepwise: list[dict[str, Any]]) -> dict[str, Any]:
+    """A report's verdict and worst figures over its cases (any gate: this one, export/module_parity.py)."""
+    all_cases = cases + stepwise
+    crashed = any(c["max_abs_diff"] is None for c in all_cases)
+    return {
+        "pass": all(c["pass"] for c in all_cases),
+        # None where a case crashed (the report stays strict JSON: no Infinity).
+        "max_abs_diff": None if crashed else max(c["max_abs_diff"] for c in all_cases),
+        "max_rel_diff": None if crashed else max(c["max_rel_diff"] for c in all_cases),
+        "worst": None if crashed else _worst(cases, stepwise),
+    }
 
 
 def _worst(cases: list[dict[str, Any]], stepwise: list[dict[str, Any]]) -> dict[str, Any]:
