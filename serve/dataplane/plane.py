@@ -157,7 +157,8 @@ class DataPlane:
         sequence_start / sequence_end, Triton's semantics). Waits with cancellation polling:
         a cancelled call leaves the queue (Cancelled), a queued request past its deadline
         is dropped (DeadlineExceeded)."""
-        return inference.infer(self._engine_for(req), req, self.settings.max_seq_len)
+        engine = self._engine_for(req)   # its batcher's max batch: the model's config.pbtxt may set it
+        return inference.infer(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size)
 
     def _engine_for(self, req: InferRequest) -> ModelEngine:
         """The engine a request goes to. A sequence stays on the version it started on: a later
@@ -191,7 +192,8 @@ class DataPlane:
         """
         try:
             engine = self._engine_for(req)
-            return inference.submit(engine, req, self.settings.max_seq_len).response_future()
+            return inference.submit(engine, req, self.settings.max_seq_len,
+                                    engine.batcher.max_batch_size).response_future()
         except ServeError as e:
             failed: Future = Future()
             failed.set_exception(e)

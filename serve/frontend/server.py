@@ -12,6 +12,12 @@ the repository turns NOT_SERVING).
 
 Metrics (settings.metrics_port >= 0): Prometheus text at http://host:metrics_port/metrics
 (serve/metrics.py), bound by create_server; `server.metrics_port` is the bound port.
+
+Security (README "Security"): with settings.tls_cert the gRPC port and the metrics endpoint
+speak TLS (mTLS with tls_client_ca; serve/frontend/tls.py, reloaded by reload_certificates()
+and when the files change); with tokens every call passes serve/frontend/auth.py first;
+request bodies that do not decode get INVALID_ARGUMENT (serve/frontend/decoding.py);
+requests above settings.max_message_bytes (after decompression) are refused by gRPC.
 """
 from __future__ import annotations
 
@@ -21,31 +27,31 @@ import time
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rnnserve.serve.dataplane.plane import DataPlane
+from rnnserve.serve.frontend import auth, tls
+from rnnserve.serve.frontend.decoding import add_servicer
+from rnnserve.serve.frontend.grpc_errors import status_for
 from rnnserve.serve.frontend.observe import RequestObservation
 from rnnserve.serve.frontend.priority import handler_initializer
 from rnnserve.serve.frontend.servicers import InferenceServicer, TextServicer
 from rnnserve.serve.metrics import start_endpoint
-from rnnserve.serve.settings import ServeSettings
+from rnnserve.serve.settings import GRPC_MAX_MESSAGE, ServeSettings
 from rnnserve.serve.wire.gen import _pool
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
-from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.serve.wire.gen import text_service_pb2 as tpb
-from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
 
 logger = logging.getLogger(__name__)
 
 HEALTH_REFRESH_S = 1.0
 DRAIN_POLL_S = 0.01
-SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-    tpb.DESCRIPTOR.services_by_name["TextService"].full_name,
-    health.SERVICE_NAME,
-    reflection.SERVICE_NAME,
-)
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+TEXT_SERVICE = tpb.DESCRIPTOR.services_by_name["TextService"]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+SERVICE_NAMES = (INFERENCE_SERVICE.full_name, TEXT_SERVICE.full_name, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _pool_lock = threading.Lock()
@@ -77,37 +83,48 @@ class Server:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         self._health_lock = threading.Lock()
         self._health_names: set = set()
+        self.policy = auth.load_policy(settings.token_file, settings.tokens, settings.health_needs_token)
+        self.certificates = tls.certificate_files(settings)   # None without TLS
         # Every answered inference request -> ModelStatistics and the Prometheus request series.
         observation = RequestObservation(dataplane.record_request)
+        checks = [auth.AuthInterceptor(self.policy, status_for)] if self.policy.enabled else []
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers,
                                        thread_name_prefix="rnnserve-grpc",
                                        initializer=handler_initializer(settings.handler_sched_batch,
                                                                        settings.handler_nice)),
-            interceptors=[observation],
-            options=[("grpc.max_send_message_length", settings.max_message_bytes),
+            interceptors=[*checks, observation],
+            # Answers are bounded by the request limits (batch, seq, top_k, tokens), so the send
+            # limit is the most gRPC can carry.
+            options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
                      ("grpc.max_receive_message_length", settings.max_message_bytes),
                      ("grpc.so_reuseport", 0)])
         inference = InferenceServicer(dataplane, dataplane.admin, on_repository_change=self.refresh_health,
                                       observe_stream_request=observation.stream_request)
         text = TextServicer(dataplane)
         metrics = dataplane.metrics
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc_server)
-        tpb_grpc.add_TextServiceServicer_to_server(text, self.grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc_server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server,
-                                            pool=reflection_pool())
+        add_servicer(self.grpc_server, inference, INFERENCE_SERVICE)
+        add_servicer(self.grpc_server, text, TEXT_SERVICE)
+        add_servicer(self.grpc_server, self._health, HEALTH_SERVICE)
+        self.reflection = settings.reflection if settings.reflection is not None else not self.policy.enabled
+        if self.reflection:
+            reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server, pool=reflection_pool())
         self.port = self._bind(settings.host, settings.port)
         self.address = address(settings.host, self.port)
+        auth.warn_if_open(self.policy, settings.host)
         # Bound last, so a failure above leaves no endpoint behind; it serves from now on.
-        self._metrics_endpoint = start_endpoint(metrics, settings.host, settings.metrics_port)
+        context = self.certificates.ssl_context() if self.certificates is not None else None
+        self._metrics_endpoint = start_endpoint(metrics, settings.host, settings.metrics_port, context)
         self.metrics_port: int | None = getattr(self._metrics_endpoint, "port", None)
         self._refresher = threading.Thread(target=self._refresh_loop, name="rnnserve-health",
                                            daemon=True)
 
     def _bind(self, host: str, port: int) -> int:
         try:
-            bound = self.grpc_server.add_insecure_port(address(host, port))
+            if self.certificates is not None:
+                bound = self.grpc_server.add_secure_port(address(host, port), self.certificates.grpc_credentials())
+            else:
+                bound = self.grpc_server.add_insecure_port(address(host, port))
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address(host, port)}: {exc}") from exc
         if bound == 0:
@@ -119,6 +136,11 @@ class Server:
         self.grpc_server.start()
         self._refresher.start()
         return self
+
+    def reload_certificates(self) -> None:
+        """Re-read the TLS files for the next connections (SIGHUP); nothing without TLS."""
+        if self.certificates is not None:
+            self.certificates.reload()
 
     def refresh_health(self) -> None:
         """Set every health status from the data plane's readiness."""
@@ -164,7 +186,9 @@ class Server:
 
 
 def create_server(settings: ServeSettings, dataplane=None) -> tuple[Server, int]:
-    """-> (server, bound port). Without a dataplane, one is made and loaded from settings."""
+    """-> (server, bound port). Without a dataplane, one is made and loaded from settings.
+    ValueError, before anything is loaded, for settings out of range (ServeSettings.problems)."""
+    settings.check()
     owns = dataplane is None
     if owns:
         dataplane = DataPlane(settings)

@@ -18,6 +18,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
+from rnnserve.serve.errors import quoted
+from rnnserve.serve.frontend import decoding
 from rnnserve.serve.frontend.grpc_errors import handles_errors, status_for
 from rnnserve.serve.wire import convert
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
@@ -67,9 +69,11 @@ class _PipelinedStream:
             for request in self._requests:
                 t0 = time.perf_counter()
                 try:
-                    fut = self._dp.infer_async(_infer_request(request, self._context))
+                    fut = self._dp.infer_async(_infer_request(decoding.check(request), self._context))
                 except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
                     fut = _failed(exc)
+                    if isinstance(request, decoding.Undecodable):
+                        request = pb.ModelInferRequest()
                 self._submitted.put((request, fut, t0))
         except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
             logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
@@ -110,7 +114,7 @@ def _stream_answer(request: pb.ModelInferRequest, fut: Future) -> pb.ModelStream
             infer_response=convert.infer_response_to_proto(fut.result()))
     _, message = status_for(exc, "ModelStreamInfer")
     if request.id:
-        message = f"request '{request.id}': {message}"
+        message = f"request {quoted(request.id)}: {message}"
     return pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(model_name=request.model_name,
@@ -225,7 +229,7 @@ class TextServicer(tpb_grpc.TextServiceServicer):
         The first message opens it (model/version/top_k); every message with text is answered."""
         first, stream, chunk = None, None, 0
         try:
-            for request in request_iterator:
+            for request in map(decoding.check, request_iterator):
                 if stream is None:
                     first = request
                     stream = self._dp.open_text_stream(
