@@ -67,23 +67,29 @@ def test_concurrent_infers_equal_alone_and_share_runs(charlm_dataplane):
             inputs |= {n: rng.standard_normal(inst.state_shape(1)).astype(np.float32) for n in inst.state_inputs}
         reqs.append((inputs, None if i % 2 else ["logits"]))
     alone = [infer(dp, model, x, requested_outputs=o) for x, o in reqs]
-    before = totals(dp, model)
-    gate = threading.Barrier(12)
+    alone = [a for i in range(12) for a in alone[i::12]]
 
-    def client(chunk):
+    def client(chunk, gate):
         gate.wait()
         return [infer(dp, model, x, requested_outputs=o) for x, o in chunk]
 
-    with ThreadPoolExecutor(12) as ex:
-        got = [r for part in ex.map(client, [reqs[i::12] for i in range(12)]) for r in part]
-    alone = [a for i in range(12) for a in alone[i::12]]
-    for a, g in zip(alone, got):
-        assert list(a) == list(g)
-        for name in a:
-            assert g[name].shape == a[name].shape
-            np.testing.assert_allclose(g[name], a[name], rtol=0, atol=1e-6)
-    after = totals(dp, model)
-    assert after.inference_count - before.inference_count == len(reqs)
+    # Whether 12 blocking callers overlap is up to the OS scheduler (on a loaded 2-core machine
+    # they may all find the model idle and run inline, one at a time), so a burst is repeated
+    # until one shares a run; every burst must be exact and counted.
+    for _attempt in range(5):
+        before = totals(dp, model)
+        gate = threading.Barrier(12)
+        with ThreadPoolExecutor(12) as ex:
+            got = [r for part in ex.map(client, [reqs[i::12] for i in range(12)], [gate] * 12) for r in part]
+        for a, g in zip(alone, got):
+            assert list(a) == list(g)
+            for name in a:
+                assert g[name].shape == a[name].shape
+                np.testing.assert_allclose(g[name], a[name], rtol=0, atol=1e-6)
+        after = totals(dp, model)
+        assert after.inference_count - before.inference_count == len(reqs)
+        if after.execution_count - before.execution_count < len(reqs):
+            break
     assert after.execution_count - before.execution_count < len(reqs)       # runs were shared
     merged = {k: v.count - before.batch_stats.get(k, type(v)()).count for k, v in after.batch_stats.items()}
     assert any(size > 1 and n > 0 for size, n in merged.items())            # every request had 1 row
@@ -254,16 +260,19 @@ def test_concurrent_generates_equal_alone(charlm_dataplane):
                                                    seed=job["seed"]))
     alone = [gen(j) for j in jobs]
     engine = dp.engine("charlm")
-    runs = engine.counters.snapshot().execution_count
-    gate = threading.Barrier(len(jobs))
 
-    def gen_together(job):
+    def gen_together(job, gate):
         gate.wait()
         return gen(job)
 
-    with ThreadPoolExecutor(len(jobs)) as ex:
-        together = list(ex.map(gen_together, jobs))
-    assert together == alone
+    for _attempt in range(5):   # overlap is up to the OS scheduler: see the stateless test above
+        runs = engine.counters.snapshot().execution_count
+        gate = threading.Barrier(len(jobs))
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            together = list(ex.map(gen_together, jobs, [gate] * len(jobs)))
+        assert together == alone
+        if engine.counters.snapshot().execution_count - runs < 30 * len(jobs):
+            break
     # steps of different generates shared runs
     assert engine.counters.snapshot().execution_count - runs < 30 * len(jobs)
 
