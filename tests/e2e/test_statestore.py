@@ -19,7 +19,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from rnnserve.serve.client import SEQUENCE_HEADER, RnnClient
+from rnnserve.serve.rnnclient import SEQUENCE_HEADER, RnnClient
 from tests.cluster import Replica, start_replicas
 
 MODEL = "charlm"
