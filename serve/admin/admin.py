@@ -12,7 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rnnserve.serve.admin.reload import RepositoryPoller
-from rnnserve.serve.admin.repository import READY, Repository
+from rnnserve.serve.admin.repository import Repository
+from rnnserve.serve.admin.scan import READY
 from rnnserve.serve.engine.runtime import choose_providers
 from rnnserve.serve.errors import Unavailable
 from rnnserve.serve.settings import ServeSettings

@@ -1,7 +1,6 @@
-"""The model repository: DIR/<model>/<version>/model.onnx, as Triton lays it out.
+"""The model repository: loading what serve/admin/scan.py finds in DIR/<model>/<version>/.
 
-Versions are positive integer folder names (ASCII digits, no leading zero); other
-folders are skipped (logged once). Every version found is loaded; the
+Every version found is loaded; the
 newest READY version answers requests that name no version, and older ones are
 addressable by their version string. A version that fails to load (corrupt file,
 bad metadata, graph not matching the metadata) is recorded as UNAVAILABLE with
@@ -28,14 +27,23 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TypeGuard
 
 from rnnserve.contract import KEY_FORMAT, MODEL_FILENAME, parse_metadata
 from rnnserve.files import file_sha256
 from rnnserve.serve.admin import modelconfig
-from rnnserve.serve.admin.control import MAX_NAME_CHARS, inside, model_dir, name_problem, require_explicit
+from rnnserve.serve.admin.control import MAX_NAME_CHARS, model_dir, name_problem, require_explicit
 from rnnserve.serve.admin.describe import describe, graph_tensors
+from rnnserve.serve.admin.scan import (
+    LOADING,
+    READY,
+    UNAVAILABLE,
+    UNLOADED,
+    ModelEntry,
+    is_model_dir,
+    scan_model,
+    scan_names,
+)
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.engine.runtime import DeviceError, ModelInstance, create_session
 from rnnserve.serve.errors import InvalidArgument, NotFound, Unavailable, quoted
@@ -43,19 +51,6 @@ from rnnserve.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-READY, LOADING, UNAVAILABLE, UNLOADED = "READY", "LOADING", "UNAVAILABLE", "UNLOADED"
-
-
-@dataclass
-class ModelEntry:
-    name: str
-    version: str            # "" for a model folder that has no version folder at all
-    path: str
-    state: str = LOADING
-    reason: str = ""
-    engine: ModelEngine | None = None            # the loaded version (it owns its ModelInstance)
-    fingerprint: tuple | None = None   # stat facts of `path` and its config.pbtxt when it was last (tried to be) loaded
-    sha256: str = ""                                 # of the loaded model.onnx
 
 
 def _stat(path: str) -> tuple[int, ...] | None:
@@ -89,57 +84,8 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
 
-_skipped: set[str] = set()   # folders already reported as skipped (polls repeat every pass)
-
-
-def _skip(path: str, why: str) -> None:
-    if path not in _skipped:
-        _skipped.add(path)
-        log.warning("skipping %s: %s", path, why)
-
-
-def is_version(folder: str) -> bool:
-    """Version folders are positive integers in ASCII digits ('²' or '٣' pass str.isdigit)."""
-    return folder.isascii() and folder.isdigit() and not folder.startswith("0")
-
-
-def scan_model(root: str, name: str) -> list[ModelEntry]:
-    """The version entries of one model folder, oldest first (not loaded yet)."""
-    model_dir = os.path.join(root, name)
-    versions = []
-    for v in os.listdir(model_dir):
-        path = os.path.join(model_dir, v)
-        if not os.path.isdir(path):
-            continue
-        if not is_version(v):
-            _skip(path, "a version folder name is a positive integer in ASCII digits")
-        else:
-            versions.append(int(v))
-    versions.sort()
-    if not versions:
-        return [ModelEntry(name, "", model_dir, UNAVAILABLE,
-                           f"no version folder: expected {name}/<positive integer>/{MODEL_FILENAME}")]
-    return [ModelEntry(name, str(v), os.path.join(model_dir, str(v), MODEL_FILENAME)) for v in versions]
-
-
 def _engines(entries: Sequence[ModelEntry]) -> list[ModelEngine]:
     return [e.engine for e in entries if e.engine is not None]
-
-
-def _is_model_dir(root: str, name: str) -> bool:
-    path = os.path.join(root, name)
-    if name_problem(name) or not os.path.isdir(path):
-        return False
-    if not inside(root, path):
-        _skip(path, "it resolves outside the model repository")
-        return False
-    return True
-
-
-def scan_names(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        raise Unavailable(f"model repository {root!r} is not a directory")
-    return sorted(d for d in os.listdir(root) if _is_model_dir(root, d))
 
 
 def _serves(e: ModelEntry | None) -> TypeGuard[ModelEntry]:
@@ -247,7 +193,7 @@ class Repository:
             if self._closed:
                 return False
             try:
-                found = scan_model(root, name) if _is_model_dir(root, name) else None
+                found = scan_model(root, name) if is_model_dir(root, name) else None
             except FileNotFoundError:   # removed while we looked
                 found = None
             if found is None:

@@ -19,7 +19,8 @@ from concurrent.futures import Future
 from rnnserve import __version__
 from rnnserve.contract import PLATFORM
 from rnnserve.serve.admin.admin import RepositoryAdmin
-from rnnserve.serve.admin.repository import READY, Repository
+from rnnserve.serve.admin.repository import Repository
+from rnnserve.serve.admin.scan import READY
 from rnnserve.serve.dataplane import inference, textgen, validation
 from rnnserve.serve.dataplane.textstream import TextStream
 from rnnserve.serve.engine.model_engine import ModelEngine

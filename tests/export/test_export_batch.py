@@ -23,7 +23,7 @@ from rnnserve.export.int8 import op_counts
 from rnnserve.export.publish import MANIFEST_FILENAME, STAGING_PREFIX, sanitize_name
 from rnnserve.export.variants import KEY_VARIANT, VARIANT_REPORT, EvalText, make_variant, percent_pair, variant_session
 from rnnserve.files import file_sha256
-from rnnserve.serve.admin.repository import scan_model, scan_names
+from rnnserve.serve.admin.scan import scan_model, scan_names
 from rnnserve.train.checkpoint import save_checkpoint
 from rnnserve.train.hello import train_hello
 from rnnserve.train.model import PRESET_NAMES, CharRNN, ModelConfig

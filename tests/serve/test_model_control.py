@@ -10,7 +10,7 @@ import shutil
 import grpc
 import pytest
 
-from rnnserve.serve.admin.repository import is_version
+from rnnserve.serve.admin.scan import is_version
 from rnnserve.serve.frontend.server import create_server
 from rnnserve.serve.settings import ServeSettings
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
