@@ -13,6 +13,7 @@ its deadline passes is dropped with DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -84,3 +85,30 @@ async def outputs(bridge: LoopBridge, fut: Future, cancel: Callable[[], bool] | 
         if cancel is not None:
             cancel()
         raise
+
+
+class Coalescer:
+    """Requests the loop handles in one turn reach each model's Batcher together: the first
+    one holds the batcher (Batcher.together) until the end of the turn, so its scheduler
+    cannot start a run with the first request alone while the rest are still being read. With
+    one event loop reading every request, that is what lets concurrent requests share runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._open: dict[int, contextlib.AbstractContextManager] = {}
+
+    def hold(self, batcher) -> None:
+        """(On the loop.) Hold the batcher until the end of this turn of the loop."""
+        key = id(batcher)
+        if key in self._open:
+            return
+        held = batcher.together()
+        held.__enter__()
+        self._open[key] = held
+        if len(self._open) == 1:
+            self._loop.call_soon(self._release)
+
+    def _release(self) -> None:
+        opened, self._open = self._open, {}
+        for held in opened.values():
+            held.__exit__(None, None, None)

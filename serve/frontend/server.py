@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 HEALTH_REFRESH_S = 1.0
 DRAIN_POLL_S = 0.01
+DRAIN_SETTLE_S = 0.5
 PROBE_MARGIN = 256   # calls gRPC admits beyond our bounds: health and reflection
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -231,6 +232,9 @@ class Server:
         self.dataplane.start_draining()
         while self.dataplane.inflight() > 0 and time.monotonic() < until:
             time.sleep(DRAIN_POLL_S)
+        # Calls already on their way are still taken and answered UNAVAILABLE for a moment:
+        # grpc.aio would cancel a call that reaches it once it is stopping.
+        time.sleep(max(0.0, min(DRAIN_SETTLE_S, until - time.monotonic())))
         self._call(self._shut(max(0.0, until - time.monotonic())))
         self._close_loop()
         if self._metrics_endpoint is not None:

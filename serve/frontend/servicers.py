@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
-from rnnserve.serve.frontend.bridge import LoopBridge, outputs
+from rnnserve.serve.errors import ServeError
+from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge, outputs
 from rnnserve.serve.frontend.grpc_errors import handles_errors, status_for
 from rnnserve.serve.wire import convert
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
@@ -55,6 +56,15 @@ def _infer_request(request: pb.ModelInferRequest, context, call: _Call):
     return convert.infer_request_from_proto(request, context.time_remaining(), call.is_cancelled)
 
 
+def _submit(dp, coalesce: Coalescer, req):
+    """DataPlane.submit, with the model's batcher held until the loop's turn ends (Coalescer)."""
+    try:
+        coalesce.hold(dp.engine(req.model_name, req.model_version).batcher)
+    except ServeError:
+        pass   # dp.submit raises it again, for this request
+    return dp.submit(req)
+
+
 class _Blocking:
     """Runs data-plane calls that wait (text API, repository changes) off the loop."""
 
@@ -66,7 +76,7 @@ class _Blocking:
             self._executor, functools.partial(fn, *args, **kwargs))
 
 
-async def _pipelined(dp, bridge: LoopBridge, requests, context, observe):
+async def _pipelined(dp, bridge: LoopBridge, coalesce: Coalescer, requests, context, observe):
     """One ModelStreamInfer call. A reader task submits each request the moment it arrives
     (DataPlane.submit, in arrival order, so one sequence's steps keep their order and
     different sequences' steps share runs); answers go out in request order, as Triton does
@@ -80,7 +90,7 @@ async def _pipelined(dp, bridge: LoopBridge, requests, context, observe):
             async for request in requests:
                 t0 = time.perf_counter()
                 try:
-                    pending = dp.submit(_infer_request(request, context, call))
+                    pending = _submit(dp, coalesce, _infer_request(request, context, call))
                     waiter = bridge.wrap(pending.raw)
                 except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
                     pending, waiter = None, asyncio.get_running_loop().create_future()
@@ -133,6 +143,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._dp = dataplane
         self._admin = admin
         self._bridge = bridge
+        self._coalesce = Coalescer(asyncio.get_running_loop())
         self._observe_stream_request = observe_stream_request
         self._blocking = _Blocking(blocking)
         self._on_repository_change = on_repository_change or (lambda: None)
@@ -169,7 +180,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handles_errors
     async def ModelInfer(self, request, context):
-        pending = self._dp.submit(_infer_request(request, context, _Call(context)))
+        pending = _submit(self._dp, self._coalesce, _infer_request(request, context, _Call(context)))
         out = await outputs(self._bridge, pending.raw, pending.cancel, pending.deadline)
         return convert.infer_response_to_proto(pending.respond(out))
 
@@ -179,7 +190,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         waiting for earlier answers; answers go out in request order (Triton, non-decoupled),
         each as soon as it and the ones before it are done. An error is answered in-stream
         (error_message, plus the request's id in infer_response) and the stream goes on."""
-        async for answer in _pipelined(self._dp, self._bridge, request_iterator, context,
+        async for answer in _pipelined(self._dp, self._bridge, self._coalesce, request_iterator, context,
                                        self._observe_stream_request):
             yield answer
 
