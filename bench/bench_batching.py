@@ -237,7 +237,7 @@ def stream_sequences(address: str | list[str], tokens: np.ndarray, base_id: int,
             sent[i] = t + 1
             client = clients[((i + t) if alternate else i) % len(clients)]
             client.async_stream_infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
-                                      request_id=str(i), sequence_id=base_id + i,
+                                      request_id=f"s{i}",   # not numeric: a numeric id is a step id sequence_id=base_id + i,
                                       sequence_start=t == 0, sequence_end=t == steps - 1,
                                       parameters={"sequence_step": t} if step_ids else None)
 
@@ -245,7 +245,7 @@ def stream_sequences(address: str | list[str], tokens: np.ndarray, base_id: int,
             try:
                 if error is not None:
                     raise error
-                i = int(result.get_response().id)
+                i = int(result.get_response().id[1:])
                 if sent[i] < steps:
                     send(i)
                     return
