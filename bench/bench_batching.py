@@ -237,7 +237,7 @@ def stream_sequences(address: str | list[str], tokens: np.ndarray, base_id: int,
             sent[i] = t + 1
             client = clients[((i + t) if alternate else i) % len(clients)]
             client.async_stream_infer(MODEL, inputs[int(tokens[i, t])], outputs=outputs,
-                                      request_id=f"s{i}",   # not numeric: a numeric id is a step id sequence_id=base_id + i,
+                                      request_id=f"s{i}", sequence_id=base_id + i,   # a numeric id would be a step id
                                       sequence_start=t == 0, sequence_end=t == steps - 1,
                                       parameters={"sequence_step": t} if step_ids else None)
 
