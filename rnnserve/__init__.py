@@ -2,8 +2,11 @@
 
 The parts install under this one name: ``rnnserve.train`` (torch), ``rnnserve.export``
 (torch + onnx) and ``rnnserve.serve`` (onnxruntime + grpcio + protobuf, never torch).
-This package itself holds only what both sides share (see docs/design.md):
-``contract`` (the model format), ``files`` (atomic writes, hashes), ``errors``.
+This package itself holds only what the parts share (see docs/design.md):
+``contract`` and ``modelspec`` (the model format; their errors are ValueError /
+SpecError), ``serving`` (per-model serving defaults), ``timeseries`` (CSV frames for
+the forecaster and its client), ``files`` (atomic writes, hashes) and ``cli`` (how
+every command reports a user's mistake).
 """
 
 __version__ = "0.2.0"

@@ -10,7 +10,8 @@ bound addresses at WARNING (gRPC, and the metrics URL when --metrics-port is on)
 it writes the port to --port-file, if given, and the metrics port to
 <port-file>.metrics. With no READY model it logs an ERROR, and --strict exits 1. SIGTERM or SIGINT drains: no new calls,
 in-flight calls get --grace seconds, then the process exits 0. Further
-signals during the drain are logged and change nothing.
+signals during the drain are logged and change nothing. SIGHUP re-reads the TLS
+certificate files. A flag or RNNSERVE_* value out of range: one line, exit 2.
 """
 from __future__ import annotations
 
@@ -31,13 +32,18 @@ from rnnserve.serve.engine.runtime import DEVICES
 from rnnserve.serve.engine.statestore import shared_store
 from rnnserve.serve.errors import Unavailable
 from rnnserve.serve.frontend.server import create_server
-from rnnserve.serve.settings import ServeSettings
+from rnnserve.serve.memory import Trimmer
+from rnnserve.serve.settings import DEFAULT_POLL_INTERVAL_S, MODEL_CONTROL_MODES, ServeSettings
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "RNNSERVE_"
+EXIT_CONFIG = 2   # a flag or RNNSERVE_* value is wrong (argparse's status for bad flags)
 ALIASES = {"intra_op_threads": ["--threads"]}
-CHOICES = {"device": DEVICES}
+CHOICES = {"device": DEVICES, "model_control_mode": MODEL_CONTROL_MODES}
+KINDS = {"reflection": bool}              # fields whose default (None) does not tell the type
+ENV_ONLY = {"tokens"}                     # secrets: a command line is visible to every local user
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 HELP = {
     "repository": "model repository: DIR/<model>/<version>/model.onnx (or give --model)",
     "port": "0 = a free port (see --port-file)",
@@ -58,7 +64,9 @@ HELP = {
     "handler_nice": "Linux: the gRPC event loop thread and the call threads this many steps nicer (helps long "
                     "stateless runs, hurts per-message-bound streaming; see serve/frontend/priority.py)",
     "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
-    "poll_interval": "seconds between scans of the repository for new, changed and removed models (0 = off)",
+    "model_control_mode": "none: the repository is read at start only, RepositoryModelLoad/Unload are "
+                          "refused; poll: re-scanned every --poll-interval; explicit: load/unload over gRPC",
+    "poll_interval": f"seconds between repository scans in poll mode (0 = {DEFAULT_POLL_INTERVAL_S:g})",
     "metrics_port": "Prometheus /metrics on --host:PORT (-1 = off, 0 = a free port, written to "
                     "<--port-file>.metrics and logged)",
     "host": "address to listen on (0.0.0.0 = every interface)",
@@ -67,15 +75,24 @@ HELP = {
     "max_top_k": "largest top_k the text API accepts",
     "max_generate_tokens": "most tokens one Generate call may ask for",
     "warmup": "run each model on a few shapes at load, so the first request is not slow",
-    "max_message_bytes": "largest gRPC message, either way",
+    "max_message_bytes": "largest request accepted, compressed or not (its decompressed size counts)",
     "server_name": "the name ServerMetadata reports",
-    "max_batch_size": "most rows one onnxruntime run takes (dynamic batching; 1 = off)",
+    "max_batch_size": "most rows one onnxruntime run takes (dynamic batching; 1 = off), and one request may carry",
     "max_queue_delay_us": "longest a batch waits for more rows, and only when recent traffic says more are coming",
     "max_queue_size": "queued requests per model before new ones get UNAVAILABLE",
     "max_sequences": "live server-side sequences before a new START gets UNAVAILABLE",
     "sequence_idle_timeout_s": "seconds after which an idle sequence's state is freed",
     "state_store": "where sequence state lives: memory (this process) or redis://HOST:PORT/DB (Redis or "
                    "Valkey, shared by replicas: any replica serves any step; see the README)",
+    "tls_cert": "PEM certificate chain: TLS on the gRPC port and the metrics endpoint "
+                "(re-read on SIGHUP and when the file changes)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle that signs the client certificates (mTLS; with --tls-require-client-cert)",
+    "tls_require_client_cert": "mTLS: refuse clients without a certificate from --tls-client-ca",
+    "token_file": "bearer tokens, one 'ROLE TOKEN' per line (roles: infer, admin); "
+                  "RNNSERVE_TOKENS='ROLE:TOKEN,...' adds more",
+    "health_needs_token": "grpc.health.v1 needs a token too (default: open for probes)",
+    "reflection": "gRPC server reflection (default: on without tokens, off with them)",
 }
 
 
@@ -89,26 +106,70 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"not a boolean: {text!r}")
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (true/false, yes/no, on/off, 1/0)")
+
+
+def _parse_number(kind: type):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: "
+                                             f"{text!r}") from None
+    return parse
+
+
+def _parse_choice(choices: tuple[str, ...]):
+    """Any case in, the canonical spelling out."""
+    canonical = {c.lower(): c for c in choices}
+
+    def parse(text: str) -> str:
+        try:
+            return canonical[text.strip().lower()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}") from None
+    return parse
+
+
+def _parser_for(name: str, kind: type):
+    if name in CHOICES:
+        return _parse_choice(CHOICES[name])
+    if kind is bool:
+        return _parse_bool
+    return _parse_number(kind) if kind in (int, float) else kind
+
+
+def _config_error(parser: argparse.ArgumentParser, message: str):
+    parser.exit(EXIT_CONFIG, f"{parser.prog}: error: {message}\n")
+
+
+def _from_env(parser, env: Mapping[str, str], name: str, parse):
+    """RNNSERVE_<NAME> parsed exactly as its flag would be; one line and exit 2 when it is wrong."""
+    text = env[_env_name(name)]
+    try:
+        return parse(text)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        _config_error(parser, f"{_env_name(name)}={text[:100]!r}: {exc}")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """One flag per ServeSettings field; each default comes from RNNSERVE_<FIELD> when set."""
+    """One flag per ServeSettings field (but ENV_ONLY); each default comes from RNNSERVE_<FIELD>
+    when set, checked as the flag's value would be."""
     parser = argparse.ArgumentParser(
         prog="rnnserve-server", description=__doc__.split("\n\n")[0],
+        epilog=f"environment only: {_env_name('tokens')}='ROLE:TOKEN,...' (bearer tokens; roles infer, admin)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(ServeSettings):
+        if field.name in ENV_ONLY:
+            continue
         flag = "--" + field.name.replace("_", "-")
         env_name = _env_name(field.name)
         required = field.default is dataclasses.MISSING and field.name != "repository"  # or --model
         default: Any = None if field.default is dataclasses.MISSING else field.default
-        kind = type(default) if default is not None else str
-        parse = _parse_bool if kind is bool else kind
+        kind = KINDS.get(field.name) or (type(default) if default is not None else str)
+        parse = _parser_for(field.name, kind)
         if env_name in env:
-            try:
-                default = parse(env[env_name])
-            except ValueError as exc:
-                parser.error(f"{env_name}={env[env_name]!r}: {exc}")
+            default = _from_env(parser, env, field.name, parse)
             required = False
         kwargs: dict[str, Any] = dict(
             dest=field.name, default=default, required=required,
@@ -118,7 +179,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         else:
             kwargs["type"] = parse
             if field.name in CHOICES:
-                kwargs["choices"] = CHOICES[field.name]
+                kwargs["metavar"] = "{" + ",".join(CHOICES[field.name]) + "}"
         parser.add_argument(flag, *ALIASES.get(field.name, []), **kwargs)
     parser.add_argument("--port-file", default=env.get(_env_name("port_file")),
                         help=f"write the bound port here once listening [env {_env_name('port_file')}]")
@@ -127,15 +188,18 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="the name --model serves under (default: its folder's name)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 at start-up when no model is READY (default: serve anyway, logging an ERROR)")
-    parser.add_argument("--log-level", default=env.get(_env_name("log_level"), "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help=f"logging threshold [env {_env_name('log_level')}]")
+    level = _parse_choice(LOG_LEVELS)
+    parser.add_argument("--log-level", type=level, metavar="{" + ",".join(LOG_LEVELS) + "}",
+                        default=_from_env(parser, env, "log_level", level) if _env_name("log_level") in env
+                        else "INFO", help=f"logging threshold, any case [env {_env_name('log_level')}]")
     return parser
 
 
 def parse_settings(argv=None, env: Mapping[str, str] | None = None
                    ) -> tuple[ServeSettings, argparse.Namespace]:
-    parser = build_parser(os.environ if env is None else env)
+    """-> (settings, the parsed flags). Exits 2 with one line per problem when a value is wrong."""
+    env = os.environ if env is None else env
+    parser = build_parser(env)
     args = parser.parse_args(argv)
     if args.model and args.repository:
         parser.error("give --repository DIR or --model FILE, not both")
@@ -143,8 +207,14 @@ def parse_settings(argv=None, env: Mapping[str, str] | None = None
         parser.error("--repository DIR is required (or --model DIR/model.onnx for one exported model)")
     if args.model:
         args.repository = ""   # main() puts the one-model repository here
-    names = [f.name for f in dataclasses.fields(ServeSettings)]
-    return ServeSettings(**{n: getattr(args, n) for n in names}), args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings) if f.name not in ENV_ONLY}
+    values.update({name: env.get(_env_name(name), "") for name in ENV_ONLY})
+    settings = ServeSettings(**values)
+    problems = settings.problems()
+    if problems:
+        _config_error(parser, "\n".join(
+            f"--{name.replace('_', '-')} [env {_env_name(name)}] {text}" for name, text in problems))
+    return settings, args
 
 
 def _write_port_file(path: str, port: int) -> None:
@@ -153,7 +223,7 @@ def _write_port_file(path: str, port: int) -> None:
 
 def one_model_repository(model: str, name: str | None, root: str) -> str:
     """ROOT/<name>/1/model.onnx, a link to the exported file, so one export is served as it is
-    (a re-export to the same path is picked up by --poll-interval)."""
+    (a re-export to the same path is picked up with --model-control-mode poll)."""
     src = os.path.abspath(os.path.join(model, MODEL_FILENAME) if os.path.isdir(model) else model)
     if not os.path.isfile(src):
         raise ValueError(f"--model {model}: no such file (give the model.onnx that rnnserve-export wrote)")
@@ -188,7 +258,7 @@ def main(argv=None) -> int:
                     args.model, args.model_name, tmp))
             except ValueError as exc:
                 logger.error("cannot start: %s", exc)
-                return 2
+                return EXIT_CONFIG
         return _serve(settings, args)
 
 
@@ -206,6 +276,9 @@ def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
             logger.warning("%s", exc)
     try:
         server, port = create_server(settings)
+    except ValueError as exc:   # a configuration the flags could not check alone (a token file, ...)
+        logger.error("cannot start: %s", exc)
+        return EXIT_CONFIG
     except Exception as exc:  # noqa: BLE001 - start-up failure: say why, exit non-zero
         logger.error("cannot start: %s", exc)
         return 1
@@ -224,6 +297,8 @@ def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: server.reload_certificates())
+    trimmer = Trimmer()   # the process's memory back to the OS after large requests (serve/memory.py)
     server.start()
     if args.port_file:
         if server.metrics_port is not None:   # first: the gRPC port file says everything is up
@@ -238,6 +313,7 @@ def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
     while not stop_requested.wait(1.0):
         pass
     server.stop(settings.grace)
+    trimmer.close()
     return 0
 
 

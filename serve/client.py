@@ -18,6 +18,12 @@ or a gRPC target with a scheme such as unix:/path or dns:///host:port). Output i
 readable by default; --json prints one JSON object for scripts. A failed call prints
 the gRPC status and exits 1; a bad flag exits 2; a closed output pipe (`| head`)
 ends quietly with 141, as a process killed by SIGPIPE would.
+
+Security (README "Security"): --tls-ca CA.pem speaks TLS and checks the server's
+certificate against CA.pem (--tls without it: the system's CAs); --tls-cert/--tls-key
+present a client certificate (mTLS). --token TOKEN (or --token-file FILE, or
+$RNNSERVE_CLIENT_TOKEN) sends `authorization: Bearer TOKEN` with every call.
+The TLS flags also read $RNNSERVE_CLIENT_TLS_CA / _CERT / _KEY.
 """
 from __future__ import annotations
 
@@ -53,18 +59,42 @@ def _dict(message) -> dict:
                                      unquote_int64_if_possible=True)
 
 
-class RnnClient:
-    """A blocking client for both services. Calls raise grpc.RpcError on failure."""
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None):
+
+class RnnClient:
+    """A blocking client for both services. Calls raise grpc.RpcError on failure.
+
+    TLS when any of tls / tls_ca / tls_cert is given: tls_ca (PEM file) is the CA the server's
+    certificate must chain to (None = the system's CAs); tls_cert + tls_key (PEM files) are the
+    client certificate for mTLS. token: sent as `authorization: Bearer <token>` on every call."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None, *,
+                 tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, token: str | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if tls or tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca),
+                                                       private_key=_read(tls_key),
+                                                       certificate_chain=_read(tls_cert))
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._infer = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._text = tpb_grpc.TextServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def _opts(self) -> dict:
+        return {"timeout": self.timeout, "metadata": self._metadata}
 
     def close(self) -> None:
         self._channel.close()
@@ -82,41 +112,41 @@ class RnnClient:
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", ... ("" = the server)."""
         reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
-                                   timeout=self.timeout)
+                                   **self._opts)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def live(self) -> bool:
-        return self._infer.ServerLive(pb.ServerLiveRequest(), timeout=self.timeout).live
+        return self._infer.ServerLive(pb.ServerLiveRequest(), **self._opts).live
 
     def ready(self, model: str = "", version: str = "") -> bool:
         if model:
             return self._infer.ModelReady(pb.ModelReadyRequest(name=model, version=version),
-                                          timeout=self.timeout).ready
-        return self._infer.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout).ready
+                                          **self._opts).ready
+        return self._infer.ServerReady(pb.ServerReadyRequest(), **self._opts).ready
 
     def models(self) -> list[dict]:
         """Every model version in the repository: name, version, state, reason."""
-        reply = self._infer.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout)
+        reply = self._infer.RepositoryIndex(pb.RepositoryIndexRequest(), **self._opts)
         return [_dict(m) for m in reply.models]
 
     def metadata(self, model: str = "", version: str = "") -> dict:
         """The server's metadata, or a model's (name, versions, platform, inputs, outputs)."""
         if not model:
             return _dict(self._infer.ServerMetadata(pb.ServerMetadataRequest(),
-                                                    timeout=self.timeout))
+                                                    **self._opts))
         return _dict(self._infer.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version),
-                                               timeout=self.timeout))
+                                               **self._opts))
 
     def config(self, model: str, version: str = "") -> dict:
         return _dict(self._infer.ModelConfig(pb.ModelConfigRequest(name=model, version=version),
-                                             timeout=self.timeout).config)
+                                             **self._opts).config)
 
     # -- text ------------------------------------------------------------------------------
     def predict(self, model: str, text: str, top_k: int = 3, version: str = "") -> dict:
         """{"decoded": "ohlol", "positions": [{index, input_char, char, prob, top: [...]}, ...]}"""
         return _dict(self._text.Predict(tpb.PredictRequest(model=model, version=version,
                                                            text=text, top_k=top_k),
-                                        timeout=self.timeout))
+                                        **self._opts))
 
     def generate(self, model: str, prompt: str, max_tokens: int = 100, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -127,13 +157,13 @@ class RnnClient:
                                       top_k=top_k, top_p=top_p, stop=list(stop))
         if seed is not None:
             request.seed = seed
-        for event in self._text.Generate(request, timeout=self.timeout):
+        for event in self._text.Generate(request, **self._opts):
             yield _dict(event)
 
     def score(self, model: str, text: str, version: str = "") -> dict:
         """{log_likelihood, nats_per_char, bits_per_char, num_predicted}"""
         return _dict(self._text.Score(tpb.ScoreRequest(model=model, version=version, text=text),
-                                      timeout=self.timeout))
+                                      **self._opts))
 
     def stream(self, model: str, chunks: Iterable[str], top_k: int = 3,
                version: str = "") -> Iterator[dict]:
@@ -152,7 +182,7 @@ class RnnClient:
             if first is not None:   # no chunks at all: just open (and close) the stream
                 yield first
 
-        for reply in self._text.Stream(requests(), timeout=self.timeout):
+        for reply in self._text.Stream(requests(), **self._opts):
             yield _dict(reply)
 
     # -- tensors ---------------------------------------------------------------------------
@@ -179,8 +209,8 @@ class RnnClient:
         params, metadata = sequence_parameters(sequence_id, start, end, step)
         request = convert.infer_request_to_proto(model, inputs, version=version, outputs=outputs,
                                                  parameters=params)
-        return convert.infer_outputs_from_proto(self._infer.ModelInfer(request, timeout=self.timeout,
-                                                                       metadata=metadata))
+        return convert.infer_outputs_from_proto(self._infer.ModelInfer(
+            request, timeout=self.timeout, metadata=[*(self._metadata or ()), *metadata]))
 
 
 SEQUENCE_HEADER = "sequence-id"   # deploy/envoy.yaml hashes on it (locality; never needed for correctness)
@@ -321,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="server HOST:PORT [env RNNSERVE_ADDRESS]")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds (none: no deadline)")
+    security = {   # flag: (environment variable, help)
+        "--tls-ca": ("RNNSERVE_CLIENT_TLS_CA", "PEM CA file the server's certificate must chain to (implies TLS)"),
+        "--tls-cert": ("RNNSERVE_CLIENT_TLS_CERT", "PEM client certificate, for servers that ask for one (mTLS)"),
+        "--tls-key": ("RNNSERVE_CLIENT_TLS_KEY", "PEM private key of --tls-cert"),
+        "--token": ("RNNSERVE_CLIENT_TOKEN", "bearer token sent with every call"),
+        "--token-file": ("RNNSERVE_CLIENT_TOKEN_FILE", "file holding the bearer token"),
+    }
+    for flag, (env, help_text) in security.items():
+        parser.add_argument(flag, default=os.environ.get(env) or None, help=f"{help_text} [env {env}]")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CAs (no --tls-ca)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)   # the same flags after the subcommand
@@ -329,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                         help="per-call deadline, seconds (default: none)")
+    for flag, (env, help_text) in security.items():
+        common.add_argument(flag, default=argparse.SUPPRESS, help=f"{help_text} [env {env}]")
+    common.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
+                        help="TLS with the system's CAs (no --tls-ca)")
 
     def command(name, func, help_text, model=False):
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
@@ -370,8 +414,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args) -> int:
-    with RnnClient(args.address, timeout=args.timeout) as client:
+def _token(args, parser: argparse.ArgumentParser) -> str | None:
+    if args.token or not args.token_file:
+        return args.token
+    try:
+        with open(args.token_file, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        parser.error(f"cannot read --token-file {args.token_file}: {exc.strerror}")
+
+
+def _client(args, parser: argparse.ArgumentParser) -> RnnClient:
+    try:
+        return RnnClient(args.address, timeout=args.timeout, tls=args.tls, tls_ca=args.tls_ca,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, token=_token(args, parser))
+    except OSError as exc:
+        parser.error(f"cannot read a TLS file: {exc.filename}: {exc.strerror}")
+
+
+def _run(args, parser: argparse.ArgumentParser) -> int:
+    with _client(args, parser) as client:
         try:
             result = args.func(client, args)
         except grpc.RpcError as err:
@@ -387,9 +449,10 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        rc = _run(args)
+        rc = _run(args, parser)
         sys.stdout.flush()
         return rc
     except BrokenPipeError:

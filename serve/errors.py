@@ -40,3 +40,25 @@ class DeadlineExceeded(ServeError):
 
 class Cancelled(ServeError):
     code = "CANCELLED"
+
+
+class PermissionDenied(ServeError):
+    """The caller may not do this: a role without the right, or model control switched off."""
+    code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(ServeError):
+    """No valid credentials (a missing or unknown bearer token)."""
+    code = "UNAUTHENTICATED"
+
+
+QUOTE_CHARS = 100   # client strings quoted in messages are cut to this many characters
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """A client-supplied value for an error message: repr'd, cut to about `limit` characters, so a
+    huge name cannot blow up the status (gRPC carries it in a size-limited header)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

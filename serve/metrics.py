@@ -32,9 +32,14 @@ Warm-up runs are not counted. The series of a version removed from the repositor
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +127,37 @@ class _RepositoryCollector:
         return [state, live, queued]
 
 
-class MetricsEndpoint:
-    """The HTTP server of one registry on host:port (0 = a free port): GET /metrics."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:   # scrapes are not news
+        pass
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+
+class _MetricsServer(ThreadingWSGIServer):
+    def handle_error(self, request, client_address) -> None:   # e.g. a failed TLS handshake
+        log.debug("metrics endpoint: a request from %s failed", client_address[0], exc_info=True)
+
+
+class MetricsEndpoint:
+    """The HTTP(S) server of one registry on host:port (0 = a free port): GET /metrics.
+    With an ssl context (serve/frontend/tls.py) it speaks HTTPS; the handshake happens in the
+    request's own thread, so a client that never finishes one holds up nobody else."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, context: ssl.SSLContext | None = None):
+        server_class = type("MetricsServer", (_MetricsServer,),
+                            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._httpd: WSGIServer = make_server(host.strip("[]"), port, make_wsgi_app(registry), server_class,
+                                      handler_class=_QuietHandler)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+        if context is not None:
+            # typeshed leaves socketserver's `socket` untyped for subclasses; an SSLSocket is a socket
+            self._httpd.socket = context.wrap_socket(  # type: ignore[assignment]
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="rnnserve-metrics", daemon=True)
+        self._thread.start()
         self.port: int = self._httpd.server_port
-        log.info("Prometheus metrics on http://%s:%d/metrics", host, self.port)
+        log.info("Prometheus metrics on %s://%s:%d/metrics", "https" if context else "http", host, self.port)
 
     def close(self) -> None:
         self._httpd.shutdown()
@@ -139,11 +165,12 @@ class MetricsEndpoint:
         self._thread.join(5.0)
 
 
-def start_endpoint(metrics: Metrics | None, host: str, port: int) -> MetricsEndpoint | None:
-    """The endpoint for --metrics-port (-1 = none)."""
+def start_endpoint(metrics: Metrics | None, host: str, port: int,
+                   context: ssl.SSLContext | None = None) -> MetricsEndpoint | None:
+    """The endpoint for --metrics-port (-1 = none); HTTPS with `context`."""
     if port < 0:
         return None
     if metrics is None:
         raise ValueError("--metrics-port is set but the data plane was made without metrics "
                          "(ServeSettings.metrics_port -1)")
-    return MetricsEndpoint(metrics.registry, host, port)
+    return MetricsEndpoint(metrics.registry, host, port, context)

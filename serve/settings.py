@@ -1,5 +1,6 @@
 """Server settings: one dataclass. serve/__main__.py fills it from flags and
-RNNSERVE_* environment variables; tests build it directly."""
+RNNSERVE_* environment variables; tests build it directly. `problems()` lists
+what is out of range (the server refuses to start on any)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from rnnserve import serving
 
 log = logging.getLogger(__name__)
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")   # Triton's --model-control-mode names
+DEFAULT_POLL_INTERVAL_S = 10.0                       # poll mode without --poll-interval
+MiB = 2**20
+GRPC_MAX_MESSAGE = 2**31 - 1                         # the largest message gRPC carries
 
 
 @dataclass
@@ -30,10 +35,10 @@ class ServeSettings:
     max_concurrent_calls: int = 4096  # unary calls in progress; past either bound: RESOURCE_EXHAUSTED
     handler_sched_batch: bool = True  # handler threads: SCHED_BATCH (no wake-up preemption; Linux)
     handler_nice: int = 0             # handler threads: this much nicer (Linux; 0 = as the process)
-    max_message_bytes: int = 2**31 - 1
+    max_message_bytes: int = 64 * MiB  # largest request accepted, after decompression
     server_name: str = "rnnserve"
     # batching and sequences
-    max_batch_size: int = serving.MAX_BATCH_SIZE
+    max_batch_size: int = serving.MAX_BATCH_SIZE   # also the largest batch one request may carry
     instances: int = 0                # onnxruntime runs of one model in progress at once (0 = from the cores)
     max_queue_delay_us: int = serving.MAX_QUEUE_DELAY_US
     max_queue_size: int = 1024
@@ -41,8 +46,62 @@ class ServeSettings:
     sequence_idle_timeout_s: float = serving.SEQUENCE_IDLE_US / 1e6
     state_store: str = "memory"       # memory | redis://HOST:PORT/DB (serve/engine/statestore.py)
     # repository changes and metrics
-    poll_interval: float = 0.0        # seconds; 0 = no polling
+    model_control_mode: str = "none"  # none | poll | explicit
+    poll_interval: float = 0.0        # seconds between scans in poll mode (0 = DEFAULT_POLL_INTERVAL_S)
     metrics_port: int = -1            # -1 = no metrics endpoint; 0 = a free port
+    # security (README "Security")
+    tls_cert: str = ""                # PEM certificate chain: TLS on the gRPC port and metrics
+    tls_key: str = ""                 # its PEM private key
+    tls_client_ca: str = ""           # PEM CA bundle that client certificates are checked against
+    tls_require_client_cert: bool = False   # mTLS: refuse clients without a certificate
+    token_file: str = ""              # lines "ROLE TOKEN"; RNNSERVE_TOKENS="ROLE:TOKEN,..." adds more
+    tokens: str = ""                  # environment only (RNNSERVE_TOKENS): never a flag, never logged
+    health_needs_token: bool = False  # grpc.health.v1 stays open for probes unless this is set
+    reflection: bool | None = None    # None = on without tokens, off with them
+
+    @property
+    def poll_seconds(self) -> float:
+        """The scan interval in poll mode."""
+        return self.poll_interval or DEFAULT_POLL_INTERVAL_S
+
+    def problems(self) -> list[tuple[str, str]]:
+        """What is out of range, as (field, what is wrong); [] when the server can start."""
+        out = []
+        for name in ("max_seq_len", "max_batch_size", "max_queue_size", "max_sequences",
+                     "grpc_workers", "max_top_k", "max_generate_tokens", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                out.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        for name in ("intra_op_threads", "inter_op_threads", "instances", "max_queue_delay_us", "grace",
+                     "sequence_idle_timeout_s", "poll_interval", "max_streams", "max_concurrent_calls"):
+            if getattr(self, name) < 0:
+                out.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        if self.max_message_bytes > GRPC_MAX_MESSAGE:
+            out.append(("max_message_bytes", f"must be at most {GRPC_MAX_MESSAGE} (gRPC's limit), "
+                                             f"got {self.max_message_bytes}"))
+        if not 0 <= self.port <= 65535:
+            out.append(("port", f"must be in 0..65535, got {self.port}"))
+        if not -1 <= self.metrics_port <= 65535:
+            out.append(("metrics_port", f"must be -1 (off) or in 0..65535, got {self.metrics_port}"))
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            out.append(("model_control_mode", f"must be one of {', '.join(MODEL_CONTROL_MODES)}, "
+                                              f"got {self.model_control_mode!r}"))
+        elif self.poll_interval > 0 and self.model_control_mode != "poll":
+            out.append(("poll_interval", f"applies to the poll model control mode only, but the mode is "
+                                         f"{self.model_control_mode!r} (--model-control-mode poll)"))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            out.append(("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key go together"))
+        if (self.tls_client_ca or self.tls_require_client_cert) and not self.tls_cert:
+            out.append(("tls_client_ca", "client certificates need TLS: give tls_cert and tls_key too"))
+        elif bool(self.tls_client_ca) != self.tls_require_client_cert:
+            out.append(("tls_require_client_cert", "and tls_client_ca go together (mTLS: the CA that signs the "
+                                                   "client certificates, and refusing clients without one)"))
+        return out
+
+    def check(self) -> None:
+        """Raise ValueError naming every setting that is out of range."""
+        found = self.problems()
+        if found:
+            raise ValueError("; ".join(f"{name} {text}" for name, text in found))
 
 
 def machine_threading(cores: int) -> tuple[int, int]:

@@ -50,8 +50,8 @@ class RepositoryAdmin:
         log.info("repository %s: %d of %d model versions READY in %.2f s; active providers: %s",
                  self.settings.repository, sum(e.state == READY for e in entries), len(entries),
                  time.perf_counter() - t0, ", ".join(sorted(providers)) or "none")
-        if self.settings.poll_interval > 0:
-            self.poller = RepositoryPoller(repo.poll, self.settings.poll_interval).start()
+        if self.settings.model_control_mode == "poll":
+            self.poller = RepositoryPoller(repo.poll, self.settings.poll_seconds).start()
 
     @property
     def repository(self) -> Repository:

@@ -1,6 +1,7 @@
 """The model repository: DIR/<model>/<version>/model.onnx, as Triton lays it out.
 
-Versions are positive integer folder names. Every version found is loaded; the
+Versions are positive integer folder names (ASCII digits, no leading zero); other
+folders are skipped (logged once). Every version found is loaded; the
 newest READY version answers requests that name no version, and older ones are
 addressable by their version string. A version that fails to load (corrupt file,
 bad metadata, graph not matching the metadata) is recorded as UNAVAILABLE with
@@ -33,10 +34,11 @@ from typing import TypeGuard
 from rnnserve.contract import KEY_FORMAT, MODEL_FILENAME, parse_metadata
 from rnnserve.files import file_sha256
 from rnnserve.serve.admin import modelconfig
+from rnnserve.serve.admin.control import MAX_NAME_CHARS, inside, model_dir, name_problem, require_explicit
 from rnnserve.serve.admin.describe import describe, graph_tensors
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.engine.runtime import DeviceError, ModelInstance, create_session
-from rnnserve.serve.errors import NotFound, Unavailable
+from rnnserve.serve.errors import InvalidArgument, NotFound, Unavailable, quoted
 from rnnserve.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -87,11 +89,33 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
 
+_skipped: set[str] = set()   # folders already reported as skipped (polls repeat every pass)
+
+
+def _skip(path: str, why: str) -> None:
+    if path not in _skipped:
+        _skipped.add(path)
+        log.warning("skipping %s: %s", path, why)
+
+
+def is_version(folder: str) -> bool:
+    """Version folders are positive integers in ASCII digits ('²' or '٣' pass str.isdigit)."""
+    return folder.isascii() and folder.isdigit() and not folder.startswith("0")
+
+
 def scan_model(root: str, name: str) -> list[ModelEntry]:
     """The version entries of one model folder, oldest first (not loaded yet)."""
     model_dir = os.path.join(root, name)
-    versions = sorted(int(v) for v in os.listdir(model_dir)
-                      if v.isdigit() and int(v) > 0 and os.path.isdir(os.path.join(model_dir, v)))
+    versions = []
+    for v in os.listdir(model_dir):
+        path = os.path.join(model_dir, v)
+        if not os.path.isdir(path):
+            continue
+        if not is_version(v):
+            _skip(path, "a version folder name is a positive integer in ASCII digits")
+        else:
+            versions.append(int(v))
+    versions.sort()
     if not versions:
         return [ModelEntry(name, "", model_dir, UNAVAILABLE,
                            f"no version folder: expected {name}/<positive integer>/{MODEL_FILENAME}")]
@@ -103,7 +127,13 @@ def _engines(entries: Sequence[ModelEntry]) -> list[ModelEngine]:
 
 
 def _is_model_dir(root: str, name: str) -> bool:
-    return not name.startswith(".") and os.path.isdir(os.path.join(root, name))
+    path = os.path.join(root, name)
+    if name_problem(name) or not os.path.isdir(path):
+        return False
+    if not inside(root, path):
+        _skip(path, "it resolves outside the model repository")
+        return False
+    return True
 
 
 def scan_names(root: str) -> list[str]:
@@ -202,6 +232,8 @@ class Repository:
         """RepositoryModelLoad: reload every version of one model from disk, unchanged and
         failed ones too; NotFound (after dropping it) if its folder is gone. Unavailable if a
         version failed (the others, and what that version served before, keep serving)."""
+        require_explicit(self.settings.model_control_mode, "RepositoryModelLoad")
+        model_dir(self.settings.repository, name)   # InvalidArgument unless one folder of the repository
         self.sync_model(name, force=True)
         failed = [e for e in self.entries(name) if e.state != READY or e.reason]
         if failed:
@@ -221,7 +253,7 @@ class Repository:
             if found is None:
                 dropped = self._drop(name)
                 if force:
-                    raise NotFound(f"model '{name}' is not in the repository {root}")
+                    raise NotFound(f"model {quoted(name)} is not in the repository {root}")
                 return dropped
             if name in self._unloaded and not force:
                 return False
@@ -286,11 +318,14 @@ class Repository:
         return True
 
     def unload_model(self, name: str) -> None:
+        require_explicit(self.settings.model_control_mode, "RepositoryModelUnload")
+        if name_problem(name):
+            model_dir(self.settings.repository, name)   # raises InvalidArgument
         with self._sync:
             with self._lock:
                 entries = self._models.get(name)
                 if entries is None:
-                    raise NotFound(f"unknown model '{name}'")
+                    raise NotFound(f"unknown model {quoted(name)}")
                 old = _engines(entries)
                 for e in entries:
                     e.engine, e.state, e.reason = None, UNLOADED, "unloaded by request"
@@ -360,7 +395,7 @@ class Repository:
             entries = self._models.get(name)
             known = sorted(self._models)
         if entries is None:
-            raise NotFound(f"unknown model '{name}'; models in the repository: {', '.join(known) or 'none'}")
+            raise NotFound(f"unknown model {quoted(name)}; models in the repository: {', '.join(known) or 'none'}")
         return list(entries)
 
     def entry(self, name: str, version: str = "") -> ModelEntry:
@@ -371,12 +406,15 @@ class Repository:
                 if e.version == version:
                     return e
             have = ", ".join(e.version for e in entries if e.version) or "none"
-            raise NotFound(f"model '{name}' has no version '{version}'; versions: {have}")
+            raise NotFound(f"model '{name}' has no version {quoted(version)}; versions: {have}")
         ready = [e for e in entries if e.state == READY]
         return ready[-1] if ready else entries[-1]
 
     def get(self, name: str, version: str = "") -> ModelEngine:
-        """The engine serving (name, version): NotFound if unknown, Unavailable if not READY."""
+        """The engine serving (name, version): NotFound if unknown, Unavailable if not READY;
+        InvalidArgument for a name longer than any model name can be."""
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidArgument(f"the model name has {len(name)} characters, over the limit of {MAX_NAME_CHARS}")
         e = self.entry(name, version)
         engine = e.engine
         if e.state != READY or engine is None:

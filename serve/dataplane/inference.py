@@ -87,10 +87,10 @@ def check_runnable(req: InferRequest, deadline: float | None) -> None:
         raise DeadlineExceeded("the request's deadline passed before it ran")
 
 
-def infer(engine: ModelEngine, req: InferRequest, max_seq_len: int) -> InferResponse:
+def infer(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: int) -> InferResponse:
     """Validate, queue and wait for one request: the blocking form (DataPlane.infer). Stateless
     work may run on the caller's thread when the model is idle (see Batcher.submit)."""
-    return submit(engine, req, max_seq_len, inline=True).result()
+    return submit(engine, req, max_seq_len, max_batch, inline=True).result()
 
 
 def _check_rows(engine: ModelEngine, rows: sequence_rows.SequenceRows, params: validation.RequestParams,
@@ -111,7 +111,8 @@ def _check_rows(engine: ModelEngine, rows: sequence_rows.SequenceRows, params: v
             "so sequence requests (sequence_id) are refused; send the whole sequence in one request")
 
 
-def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, inline: bool = False) -> Pending:
+def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: int,
+           inline: bool = False) -> Pending:
     """Validate and queue one request; raises serve.errors.* for what is wrong before queueing.
     inline: the caller blocks on the answer, so stateless work may run on its thread when the
     model is idle (see Batcher.submit)."""
@@ -120,7 +121,7 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, inline: boo
     params = validation.check_parameters(req.parameters)
     outputs = validation.check_outputs(inst, req.requested_outputs)
     model_inputs, rows = sequence_rows.take(req.inputs, req.input_datatypes)
-    feeds = validation.check_infer_inputs(inst, model_inputs, req.input_datatypes, max_seq_len)
+    feeds = validation.check_infer_inputs(inst, model_inputs, req.input_datatypes, max_seq_len, max_batch)
     deadline = request_deadline(req, params.timeout_us, arrived)
     check_runnable(req, deadline)
     inputs = feeds if len(feeds) == len(engine.io.inputs) else engine.inputs_of(feeds)   # no states sent

@@ -163,7 +163,8 @@ class DataPlane:
         sequence_start / sequence_end, Triton's semantics). Waits with cancellation polling:
         a cancelled call leaves the queue (Cancelled), a queued request past its deadline
         is dropped (DeadlineExceeded)."""
-        return inference.infer(self._engine_for(req), req, self.settings.max_seq_len)
+        engine = self._engine_for(req)   # its batcher's max batch: the model's config.pbtxt may set it
+        return inference.infer(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size)
 
     def _engine_for(self, req: InferRequest) -> ModelEngine:
         """The engine a request goes to. A sequence stays on the version it started on: a later
@@ -189,7 +190,8 @@ class DataPlane:
     def submit(self, req: InferRequest) -> inference.Pending:
         """Validate and queue one request; returns at once (the asyncio front end awaits
         Pending.raw off its loop). Raises serve.errors.* for what is wrong before queueing."""
-        return inference.submit(self.engine(req.model_name, req.model_version), req, self.settings.max_seq_len)
+        engine = self.engine(req.model_name, req.model_version)
+        return inference.submit(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size)
 
     def infer_async(self, req: InferRequest) -> Future[InferResponse]:
         """Queue one request and return at once, for pipelined streams (ModelStreamInfer).
@@ -202,7 +204,8 @@ class DataPlane:
         """
         try:
             engine = self._engine_for(req)
-            return inference.submit(engine, req, self.settings.max_seq_len).response_future()
+            return inference.submit(engine, req, self.settings.max_seq_len,
+                                    engine.batcher.max_batch_size).response_future()
         except ServeError as e:
             failed: Future = Future()
             failed.set_exception(e)

@@ -19,9 +19,13 @@ import numpy as np
 from rnnserve.contract import INPUT_TOKENS, text_api_refusal
 from rnnserve.modelspec import DTYPES, StatePair, TensorDecl
 from rnnserve.serve.engine.runtime import ModelInstance
-from rnnserve.serve.errors import FailedPrecondition, InvalidArgument
+from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, quoted
 from rnnserve.serve.wire.types import ParamValue
 from rnnserve.serving import PARAM_ALLOW_NONFINITE
+
+MAX_SEQUENCE_ID_CHARS = 256   # a string sequence_id is kept while its sequence lives
+MAX_STOP_STRINGS = 32         # Generate: every stop string is checked after every token
+MAX_STOP_CHARS = 1024         # ... and their total length
 
 # numpy dtype (by its .str, e.g. "<i8") -> Open Inference Protocol datatype
 _DATATYPES = {np.dtype(t).str: name for t, name in (
@@ -60,17 +64,20 @@ def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
     if "sequence_id" in params:
         v = params["sequence_id"]
         if isinstance(v, str):
+            if len(v) > MAX_SEQUENCE_ID_CHARS:
+                raise InvalidArgument(f"parameter 'sequence_id' has {len(v)} characters, over the limit "
+                                      f"of {MAX_SEQUENCE_ID_CHARS}")
             p.sequence_id = v
         elif _is_int(v) and v >= 0:
             p.sequence_id = int(v)
         else:
             raise InvalidArgument(f"parameter 'sequence_id' must be a non-negative integer or a string, "
-                                  f"got {type(v).__name__} {v!r}")
+                                  f"got {type(v).__name__} {quoted(v)}")
     for key in ("sequence_start", "sequence_end"):
         if key in params:
             v = params[key]
             if not isinstance(v, (bool, np.bool_)):
-                raise InvalidArgument(f"parameter '{key}' must be a bool, got {type(v).__name__} {v!r}")
+                raise InvalidArgument(f"parameter '{key}' must be a bool, got {type(v).__name__} {quoted(v)}")
             setattr(p, key, bool(v))
     if "sequence_step" in params:
         v = params["sequence_step"]
@@ -82,8 +89,9 @@ def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
         if key in params:
             v = params[key]
             if not _is_int(v) or v < 0:
-                raise InvalidArgument(f"parameter '{key}' must be a non-negative integer"
-                                      f"{' (microseconds)' if key == 'timeout' else ''}, got {type(v).__name__} {v!r}")
+                unit = " (microseconds)" if key == "timeout" else ""
+                raise InvalidArgument(f"parameter '{key}' must be a non-negative integer{unit}, "
+                                      f"got {type(v).__name__} {quoted(v)}")
             setattr(p, attr, int(v))
     if (p.sequence_start or p.sequence_end or p.sequence_step is not None) and not p.in_sequence:
         raise InvalidArgument("parameters 'sequence_start'/'sequence_end'/'sequence_step' need a non-zero "
@@ -121,10 +129,10 @@ def check_outputs(inst: ModelInstance, requested: Sequence[str] | None) -> list[
     seen = set()
     for name in requested:
         if name not in inst.output_names:
-            raise InvalidArgument(f"unknown output '{name}' requested from model '{inst.name}'; "
+            raise InvalidArgument(f"unknown output {quoted(name)} requested from model '{inst.name}'; "
                                   f"its outputs are: {', '.join(inst.output_names)}")
         if name in seen:
-            raise InvalidArgument(f"output '{name}' is requested twice")
+            raise InvalidArgument(f"output {quoted(name)} is requested twice")
         seen.add(name)
     return list(requested)
 
@@ -195,7 +203,7 @@ def check_state(inst: ModelInstance, pair: StatePair, state: np.ndarray, batch: 
 
 
 def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
-                       datatypes: Mapping[str, str], max_seq_len: int) -> dict[str, np.ndarray]:
+                       datatypes: Mapping[str, str], max_seq_len: int, max_batch: int) -> dict[str, np.ndarray]:
     """Validated, C-contiguous feeds for ModelInstance.run (omitted states stay omitted = zeros)."""
     spec = inst.spec
     for name in inputs:
@@ -203,12 +211,12 @@ def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
             continue
         if inst.bidirectional and name in ("h0", "c0"):
             raise InvalidArgument(f"model '{inst.name}' is bidirectional and takes no state inputs "
-                                  f"(got '{name}'): it reads the whole sequence at once")
-        raise InvalidArgument(f"unknown input '{name}' for model '{inst.name}'; "
+                                  f"(got {quoted(name)}): it reads the whole sequence at once")
+        raise InvalidArgument(f"unknown input {quoted(name)} for model '{inst.name}'; "
                               f"its inputs are: {', '.join(inst.input_names)}")
     for name, arr in inputs.items():
         if not isinstance(arr, np.ndarray):
-            raise InvalidArgument(f"input '{name}' must be a tensor, got {type(arr).__name__}")
+            raise InvalidArgument(f"input {quoted(name)} must be a tensor, got {type(arr).__name__}")
     feeds: dict[str, np.ndarray] = {}
     sizes: dict[str, tuple[int, str]] = {}
     for t in spec.inputs:
@@ -224,6 +232,9 @@ def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
             check_finite(inst, f"input '{t.name}'", arr)
         feeds[t.name] = np.ascontiguousarray(arr)
     batch = inst.io.rows(feeds)
+    if batch > max_batch:
+        raise InvalidArgument(f"the request has batch {batch}, over the server's maximum of {max_batch} "
+                              f"(--max-batch-size); split the request")
     for pair in spec.states:
         if pair.input in inputs:
             state = inputs[pair.input]
@@ -256,7 +267,8 @@ def encode_text(inst: ModelInstance, text: str, max_seq_len: int, what: str = "t
     if -1 in ids:
         missing = list(dict.fromkeys(c for c, i in zip(text, ids) if i < 0))
         raise InvalidArgument(f"characters not in the vocabulary of model '{inst.name}': "
-                              f"{', '.join(repr(c) for c in missing)}")
+                              f"{', '.join(repr(c) for c in missing[:20])}"
+                              f"{f' ... ({len(missing)} in all)' if len(missing) > 20 else ''}")
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -279,4 +291,9 @@ def check_generate_args(max_tokens: int, temperature: float, top_k: int, top_p: 
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise InvalidArgument(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
-        raise InvalidArgument(f"stop must be a list of non-empty strings, got {stop!r}")
+        raise InvalidArgument(f"stop must be a list of non-empty strings, got {quoted(stop)}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop has {len(stop)} strings, over the limit of {MAX_STOP_STRINGS}")
+    if sum(len(s) for s in stop) > MAX_STOP_CHARS:
+        raise InvalidArgument(f"the stop strings have {sum(len(s) for s in stop)} characters in all, "
+                              f"over the limit of {MAX_STOP_CHARS}")

@@ -83,6 +83,9 @@ def create_session(path: str, providers: Sequence[str], device: str, intra_op_th
     # No busy-waiting in the intra-op pool: spinning threads starve the gRPC threads that
     # share the cores, and the batcher feeds one run at a time anyway.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # onnxruntime's CPU arena keeps the peak of the largest run for good; with malloc the
+    # memory of a large request goes back (serve/memory.py trims), see bench/memory.py.
+    so.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(path, sess_options=so, providers=list(providers),
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
     active = sess.get_providers()

@@ -43,7 +43,7 @@ import numpy as np
 from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.engine.modelio import ModelIO, Work
 from rnnserve.serve.engine.statestore import MemoryStore, SeqRecord, StateStore, Write
-from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable
+from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable, quoted
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class SequenceManager:
                 load = not start
             elif seq is None:
                 raise InvalidArgument(
-                    f"sequence {seq_id!r} is not active on model '{self.name}': "
+                    f"sequence {quoted(seq_id)} is not active on model '{self.name}': "
                     "its first request must set sequence_start=true (START is required)")
             elif start and not seq.pending and not seq.busy:
                 seq.batch = batch
@@ -154,7 +154,7 @@ class SequenceManager:
                         "sequence_start: the server keeps the state of a live sequence")
             if batch != seq.batch and not seq.loading:
                 raise InvalidArgument(
-                    f"sequence {seq_id!r} started with batch {seq.batch}; this request has batch {batch}")
+                    f"sequence {quoted(seq_id)} started with batch {seq.batch}; this request has batch {batch}")
             seq.pending.append(step)
             seq.last_used = time.monotonic()
             dispatch = not seq.busy
@@ -239,20 +239,20 @@ class SequenceManager:
             rec, error = None, e
         except Exception as e:  # noqa: BLE001 - a corrupt record must not strand the steps
             log.exception("model %s: loading sequence %r failed", self.name, seq.key)
-            rec, error = None, Unavailable(f"loading sequence {seq.key!r} from the state store failed: {e}")
+            rec, error = None, Unavailable(f"loading sequence {quoted(seq.key)} from the state store failed: {e}")
         with self._lock:
             if rec is not None and rec.version != self._version:
                 error = FailedPrecondition(
-                    f"sequence {seq.key!r} started on version {rec.version} of model '{self._model}', "
+                    f"sequence {quoted(seq.key)} started on version {rec.version} of model '{self._model}', "
                     f"this request reached version {self._version}: a sequence stays on its version; "
                     f"send its steps to version {rec.version} or start it again")
             elif rec is not None and not rec.ended and not self._fits(rec):
                 error = FailedPrecondition(
-                    f"sequence {seq.key!r}: its stored state does not fit model '{self._model}' version "
+                    f"sequence {quoted(seq.key)}: its stored state does not fit model '{self._model}' version "
                     f"{self._version} (the file was replaced since it started); start it again")
             elif rec is None and error is None and seq.loading:
                 error = InvalidArgument(
-                    f"sequence {seq.key!r} is not active on model '{self.name}' (nor in the state store): "
+                    f"sequence {quoted(seq.key)} is not active on model '{self.name}' (nor in the state store): "
                     "its first request must set sequence_start=true (START is required)")
             if error is not None and (seq.loading or seq.ended):
                 failed, seq.pending = list(seq.pending), collections.deque()
@@ -297,21 +297,21 @@ class SequenceManager:
             return "replay"
         if sid == want and not seq.ended:
             if step.rows != seq.batch:
-                return InvalidArgument(f"sequence {seq.key!r} started with batch {seq.batch}; "
+                return InvalidArgument(f"sequence {quoted(seq.key)} started with batch {seq.batch}; "
                                        f"this request has batch {step.rows}")
             step.applied_id = sid
             return "run"
         if self._store.shared and not step.reloaded:
             return "reload"   # this copy may be stale: another replica may have moved it on
         if seq.ended:
-            return InvalidArgument(f"sequence {seq.key!r} has ended (sequence_end): "
+            return InvalidArgument(f"sequence {quoted(seq.key)} has ended (sequence_end): "
                                    "its next request must set sequence_start=true (START is required)")
         if sid == seq.step:
             why = ("with other inputs" if seq.answer is not None
                    else "and its answer was not kept (its request carried no step id)")
-            return FailedPrecondition(f"sequence {seq.key!r}: step {sid} was already applied {why}; "
+            return FailedPrecondition(f"sequence {quoted(seq.key)}: step {sid} was already applied {why}; "
                                       f"the server expects step {want}")
-        return FailedPrecondition(f"sequence {seq.key!r}: got step {sid}, the server expects step {want} "
+        return FailedPrecondition(f"sequence {quoted(seq.key)}: got step {sid}, the server expects step {want} "
                                   f"(step {seq.step} is the last applied; repeat it to get its answer again)")
 
     def _dispatch(self, seq: _Seq) -> None:
@@ -389,7 +389,7 @@ class SequenceManager:
             return
         for d in dropped:
             d.future.set_exception(InvalidArgument(
-                f"sequence {seq.key!r} ended (sequence_end) before this request ran"))
+                f"sequence {quoted(seq.key)} ended (sequence_end) before this request ran"))
         if exc is None:
             step.future.set_result(out)
         else:

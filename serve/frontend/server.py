@@ -20,6 +20,12 @@ the repository turns NOT_SERVING).
 
 Metrics (settings.metrics_port >= 0): Prometheus text at http://host:metrics_port/metrics
 (serve/metrics.py), bound by create_server; `server.metrics_port` is the bound port.
+
+Security (README "Security"): with settings.tls_cert the gRPC port and the metrics endpoint
+speak TLS (mTLS with tls_client_ca; serve/frontend/tls.py, reloaded by reload_certificates()
+and when the files change); with tokens every call passes serve/frontend/auth.py first;
+request bodies that do not decode get INVALID_ARGUMENT (serve/frontend/decoding.py);
+requests above settings.max_message_bytes (after decompression) are refused by gRPC.
 """
 from __future__ import annotations
 
@@ -30,22 +36,23 @@ import time
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rnnserve.serve.dataplane.plane import DataPlane
+from rnnserve.serve.frontend import auth, tls
 from rnnserve.serve.frontend.bridge import LoopBridge
+from rnnserve.serve.frontend.decoding import add_servicer
+from rnnserve.serve.frontend.grpc_errors import status_for
 from rnnserve.serve.frontend.limits import CallLimits, set_limits
 from rnnserve.serve.frontend.observe import RequestObservation
 from rnnserve.serve.frontend.priority import handler_initializer, lower_this_thread
 from rnnserve.serve.frontend.servicers import InferenceServicer, TextServicer
 from rnnserve.serve.metrics import start_endpoint
-from rnnserve.serve.settings import ServeSettings
+from rnnserve.serve.settings import GRPC_MAX_MESSAGE, ServeSettings
 from rnnserve.serve.wire.gen import _pool
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
-from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.serve.wire.gen import text_service_pb2 as tpb
-from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +60,11 @@ HEALTH_REFRESH_S = 1.0
 DRAIN_POLL_S = 0.01
 DRAIN_SETTLE_S = 0.5
 PROBE_MARGIN = 256   # calls gRPC admits beyond our bounds: health and reflection
-SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-    tpb.DESCRIPTOR.services_by_name["TextService"].full_name,
-    health.SERVICE_NAME,
-    reflection.SERVICE_NAME,
-)
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+TEXT_SERVICE = tpb.DESCRIPTOR.services_by_name["TextService"]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+SERVICE_NAMES = (INFERENCE_SERVICE.full_name, TEXT_SERVICE.full_name, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _pool_lock = threading.Lock()
@@ -91,6 +97,9 @@ class Server:
         self._health_names: set = set()
         self._refresher: asyncio.Future | None = None
         self.limits = CallLimits(settings.max_streams, settings.max_concurrent_calls)
+        self.policy = auth.load_policy(settings.token_file, settings.tokens, settings.health_needs_token)
+        self.certificates = tls.certificate_files(settings)   # None without TLS
+        self.reflection = settings.reflection if settings.reflection is not None else not self.policy.enabled
         # Calls that wait inside the data plane (text API, repository changes) run here.
         self._blocking = futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rnnserve-call",
@@ -104,8 +113,10 @@ class Server:
             self._close_loop()
             raise
         self.address = address(settings.host, self.port)
+        auth.warn_if_open(self.policy, settings.host)
         # Bound last, so a failure above leaves no endpoint behind; it serves from now on.
-        self._metrics_endpoint = start_endpoint(dataplane.metrics, settings.host, settings.metrics_port)
+        context = self.certificates.ssl_context() if self.certificates is not None else None
+        self._metrics_endpoint = start_endpoint(dataplane.metrics, settings.host, settings.metrics_port, context)
         self.metrics_port: int | None = getattr(self._metrics_endpoint, "port", None)
 
     # -- the loop thread -----------------------------------------------------------------------
@@ -134,9 +145,12 @@ class Server:
         pending = max(1000, sum(bounds) + PROBE_MARGIN) if all(bounds) else 2**31 - 1
         # Every answered inference request -> ModelStatistics and the Prometheus request series.
         observation = RequestObservation(self.dataplane.record_request)
+        checks = [auth.AuthInterceptor(self.policy, status_for)] if self.policy.enabled else []
         self.grpc_server = grpc.aio.server(
-            interceptors=[observation],
-            options=[("grpc.max_send_message_length", s.max_message_bytes),
+            interceptors=[*checks, observation],
+            # Answers are bounded by the request limits (batch, seq, top_k, tokens), so the send
+            # limit is the most gRPC can carry.
+            options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
                      ("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.so_reuseport", 0),
                      ("grpc.server.max_pending_requests", pending),
@@ -149,15 +163,19 @@ class Server:
         text = TextServicer(self.dataplane, self._blocking)
         for servicer in (inference, text):
             set_limits(servicer, self.limits)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc_server)
-        tpb_grpc.add_TextServiceServicer_to_server(text, self.grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc_server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server, pool=reflection_pool())
+        add_servicer(self.grpc_server, inference, INFERENCE_SERVICE)
+        add_servicer(self.grpc_server, text, TEXT_SERVICE)
+        add_servicer(self.grpc_server, self._health, HEALTH_SERVICE)
+        if self.reflection:
+            reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server, pool=reflection_pool())
         return self._bind(s.host, s.port)
 
     def _bind(self, host: str, port: int) -> int:
         try:
-            bound = self.grpc_server.add_insecure_port(address(host, port))
+            if self.certificates is not None:
+                bound = self.grpc_server.add_secure_port(address(host, port), self.certificates.grpc_credentials())
+            else:
+                bound = self.grpc_server.add_insecure_port(address(host, port))
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address(host, port)}: {exc}") from exc
         if bound == 0:
@@ -200,6 +218,11 @@ class Server:
     def start(self) -> Server:
         self._call(self._start())
         return self
+
+    def reload_certificates(self) -> None:
+        """Re-read the TLS files for the next connections (SIGHUP); nothing without TLS."""
+        if self.certificates is not None:
+            self.certificates.reload()
 
     def refresh_health(self) -> None:
         """Re-read the data plane's readiness into the health statuses (from any thread)."""
@@ -250,7 +273,9 @@ class Server:
 
 
 def create_server(settings: ServeSettings, dataplane=None) -> tuple[Server, int]:
-    """-> (server, bound port). Without a dataplane, one is made and loaded from settings."""
+    """-> (server, bound port). Without a dataplane, one is made and loaded from settings.
+    ValueError, before anything is loaded, for settings out of range (ServeSettings.problems)."""
+    settings.check()
     owns = dataplane is None
     if owns:
         dataplane = DataPlane(settings)

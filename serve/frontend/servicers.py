@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
-from rnnserve.serve.errors import ServeError
+from rnnserve.serve.errors import ServeError, quoted
+from rnnserve.serve.frontend import decoding
 from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge, outputs
 from rnnserve.serve.frontend.grpc_errors import handles_errors, status_for
 from rnnserve.serve.wire import convert
@@ -90,11 +91,13 @@ async def _pipelined(dp, bridge: LoopBridge, coalesce: Coalescer, requests, cont
             async for request in requests:
                 t0 = time.perf_counter()
                 try:
-                    pending = _submit(dp, coalesce, _infer_request(request, context, call))
+                    pending = _submit(dp, coalesce, _infer_request(decoding.check(request), context, call))
                     waiter = bridge.wrap(pending.raw)
                 except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
                     pending, waiter = None, asyncio.get_running_loop().create_future()
                     waiter.set_exception(exc)
+                    if isinstance(request, decoding.Undecodable):
+                        request = pb.ModelInferRequest()
                 submitted.put_nowait((request, pending, waiter, t0))
         except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
             logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
@@ -126,7 +129,7 @@ async def _pipelined(dp, bridge: LoopBridge, coalesce: Coalescer, requests, cont
 def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
     _, message = status_for(exc, "ModelStreamInfer")
     if request.id:
-        message = f"request '{request.id}': {message}"
+        message = f"request {quoted(request.id)}: {message}"
     return pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(model_name=request.model_name,
@@ -276,6 +279,7 @@ class TextServicer(tpb_grpc.TextServiceServicer):
         first, stream, chunk = None, None, 0
         try:
             async for request in request_iterator:
+                request = decoding.check(request)
                 if stream is None:
                     first = request
                     stream = self._dp.open_text_stream(**convert.stream_open_args(request, DEFAULT_TOP_K))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rnnserve.serve.errors import InvalidArgument
+from rnnserve.serve.errors import InvalidArgument, quoted
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import model_config_pb2 as mc
 from rnnserve.serve.wire.gen import text_service_pb2 as tpb
@@ -50,6 +50,7 @@ CONTENTS_FIELD = {
     "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
     "FP32": "fp32_contents", "FP64": "fp64_contents"}
 
+MAX_RANK = 16         # no tensor of ours comes near it; numpy stops at 64
 NO_DEADLINE_S = 1e8   # grpc reports a huge time_remaining() when the client set none
 
 
@@ -59,7 +60,7 @@ def param_value(name: str, param) -> ParamValue:
     """InferParameter / ModelRepositoryParameter -> bool, int, float, str or bytes."""
     choice = param.WhichOneof("parameter_choice")
     if choice is None:
-        raise InvalidArgument(f"parameter '{name}' has no value")
+        raise InvalidArgument(f"parameter {quoted(name)} has no value")
     return getattr(param, choice)
 
 
@@ -89,16 +90,19 @@ def _dtype_for(tensor_name: str, datatype: str) -> np.dtype:
     if datatype in NUMPY_DTYPES:
         return NUMPY_DTYPES[datatype]
     if datatype in DATATYPES:
-        raise InvalidArgument(f"input '{tensor_name}': datatype {datatype} is not supported")
-    raise InvalidArgument(f"input '{tensor_name}': unknown datatype '{datatype}'; "
+        raise InvalidArgument(f"input {quoted(tensor_name)}: datatype {datatype} is not supported")
+    raise InvalidArgument(f"input {quoted(tensor_name)}: unknown datatype {quoted(datatype)}; "
                           f"expected one of {', '.join(DATATYPES)}")
 
 
 def _shape_of(tensor_name: str, dims) -> tuple:
+    if len(dims) > MAX_RANK:
+        raise InvalidArgument(f"input {quoted(tensor_name)}: shape has {len(dims)} dimensions, "
+                              f"over the limit of {MAX_RANK}")
     shape = tuple(int(d) for d in dims)
     negative = [d for d in shape if d < 0]
     if negative:
-        raise InvalidArgument(f"input '{tensor_name}': shape {list(shape)} has a negative "
+        raise InvalidArgument(f"input {quoted(tensor_name)}: shape {list(shape)} has a negative "
                               f"dimension {negative[0]}")
     return shape
 
@@ -116,11 +120,20 @@ def _bytes_from_raw(name: str, shape: tuple, raw: bytes) -> np.ndarray:
         items.append(bytes(raw[at + 4:at + 4 + size]))
         at += 4 + size
     if len(items) != count or at != len(raw):
-        raise InvalidArgument(f"input '{name}': raw_input_contents is not {count} length-prefixed BYTES "
+        raise InvalidArgument(f"input {quoted(name)}: raw_input_contents is not {count} length-prefixed BYTES "
                               f"elements for shape {list(shape)}")
     array = np.empty(count, dtype=object)
     array[:] = items
-    return array.reshape(shape)
+    return _reshape(name, array, shape)
+
+
+def _reshape(name: str, flat: np.ndarray, shape: tuple) -> np.ndarray:
+    """numpy refuses some shapes whose element count is right (a zero-size array with a dimension
+    past its index range, more than 64 dimensions): the client's mistake, not ours."""
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:
+        raise InvalidArgument(f"input {quoted(name)}: shape {list(shape)} cannot be made: {exc}") from None
 
 
 def tensor_from_raw(name: str, datatype: str, dims, raw: bytes) -> np.ndarray:
@@ -130,34 +143,35 @@ def tensor_from_raw(name: str, datatype: str, dims, raw: bytes) -> np.ndarray:
     shape = _shape_of(name, dims)
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
-        raise InvalidArgument(f"input '{name}': shape {list(shape)} of {datatype} needs {expected} "
+        raise InvalidArgument(f"input {quoted(name)}: shape {list(shape)} of {datatype} needs {expected} "
                               f"bytes of raw_input_contents, got {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    return _reshape(name, np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False), shape)
 
 
 def tensor_from_contents(name: str, datatype: str, dims, contents) -> np.ndarray:
     shape = _shape_of(name, dims)
     if datatype == "BYTES":
         if len(contents.bytes_contents) != math.prod(shape):
-            raise InvalidArgument(f"input '{name}': shape {list(shape)} has {math.prod(shape)} elements, "
+            raise InvalidArgument(f"input {quoted(name)}: shape {list(shape)} has {math.prod(shape)} elements, "
                                   f"bytes_contents has {len(contents.bytes_contents)}")
         array = np.empty(len(contents.bytes_contents), dtype=object)
         array[:] = list(contents.bytes_contents)
-        return array.reshape(shape)
+        return _reshape(name, array, shape)
     dtype = _dtype_for(name, datatype)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise InvalidArgument(f"input '{name}': {datatype} has no typed contents field; "
+        raise InvalidArgument(f"input {quoted(name)}: {datatype} has no typed contents field; "
                               f"send it in raw_input_contents")
     values = getattr(contents, field)
     count = math.prod(shape)
     if len(values) != count:
-        raise InvalidArgument(f"input '{name}': shape {list(shape)} has {count} elements, "
+        raise InvalidArgument(f"input {quoted(name)}: shape {list(shape)} has {count} elements, "
                               f"{field} has {len(values)}")
     try:
-        return np.array(values, dtype=dtype.newbyteorder("=")).reshape(shape)
+        flat = np.array(values, dtype=dtype.newbyteorder("="))
     except (OverflowError, ValueError) as exc:
-        raise InvalidArgument(f"input '{name}': {field} value out of range for {datatype}: {exc}") from None
+        raise InvalidArgument(f"input {quoted(name)}: {field} value out of range for {datatype}: {exc}") from None
+    return _reshape(name, flat, shape)
 
 
 def tensor_to_raw(array: np.ndarray) -> tuple[str, bytes]:
@@ -188,10 +202,10 @@ def infer_request_from_proto(msg: pb.ModelInferRequest, time_remaining: float | 
     datatypes: dict[str, str] = {}
     for i, tensor in enumerate(msg.inputs):
         if tensor.name in inputs:
-            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+            raise InvalidArgument(f"input {quoted(tensor.name)} is given twice")
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidArgument(f"input '{tensor.name}': contents must be empty when "
+                raise InvalidArgument(f"input {quoted(tensor.name)}: contents must be empty when "
                                       f"raw_input_contents is used")
             array = tensor_from_raw(tensor.name, tensor.datatype, tensor.shape, raw[i])
         else:
@@ -365,8 +379,8 @@ def check_stream_followup(req: tpb.StreamRequest, first: tpb.StreamRequest) -> N
         value = getattr(req, name)
         if value and value != getattr(first, name):
             raise InvalidArgument(f"StreamRequest.{name} is set by the first message of a stream "
-                                  f"({getattr(first, name)!r}); a later message cannot change it "
-                                  f"to {value!r}")
+                                  f"({quoted(getattr(first, name))}); a later message cannot change it "
+                                  f"to {quoted(value)}")
     if not req.text:
         raise InvalidArgument("an empty text chunk: only the first StreamRequest may omit text")
 

@@ -321,7 +321,7 @@ def test_broken_models_are_unavailable_and_the_rest_serve(hello_repo, tmp_path):
 
 def test_load_and_unload(hello_repo, tmp_path):
     repo = copy_repo(hello_repo, str(tmp_path / "repo"))
-    dp = make_dataplane(repo, warmup=False)
+    dp = make_dataplane(repo, warmup=False, model_control_mode="explicit")
     try:
         dp.admin.unload_model("rnn")
         assert not dp.model_ready("rnn")

@@ -19,7 +19,7 @@ from rnnserve.serve.wire.types import InferRequest
 from rnnserve.train.model import PRESET_NAMES
 from tests.fixtures import copy_repo, make_dataplane
 
-LONG = (8, 50000)   # a request that keeps the charlm model busy for ~0.2 s on this machine
+LONG = (1, 150000)   # one row (tight_dp: batch <= 1) that keeps the charlm model busy for ~0.3 s or more
 
 
 def infer(dp, model, inputs, **kw):
@@ -314,7 +314,7 @@ def test_model_config_reports_batching_and_sequence_state(charlm_dataplane):
 
 
 def test_reload_retires_old_engine_after_inflight_work(charlm_repo, tmp_path):
-    dp = make_dataplane(copy_repo(charlm_repo, str(tmp_path / "repo")), warmup=False)
+    dp = make_dataplane(copy_repo(charlm_repo, str(tmp_path / "repo")), warmup=False, model_control_mode="explicit")
     try:
         old = dp.engine("charlm")
         stream = dp.generate("charlm", "abc", 20, temperature=0)

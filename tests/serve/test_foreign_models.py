@@ -48,7 +48,7 @@ def foreign(tmp_path_factory):
     publish(repo, "reloadable", paths["features"], "max_batch_size: 3\n")
     publish(repo, "features_meta", with_metadata(paths["features"], os.path.join(root, "meta.onnx"), FEATURES_SPEC))
     refs = {name: Reference(path, name) for name, path in paths.items()}
-    with serving(repo) as (server, address):
+    with serving(repo, model_control_mode="explicit") as (server, address):
         client = tc.InferenceServerClient(address)
         try:
             yield SimpleNamespace(address=address, client=client, refs=refs, server=server, repo=repo)

@@ -85,7 +85,7 @@ def test_health_follows_readiness(hello_server, channel):
 
 
 def test_health_after_unload_and_load(charlm_repo):
-    with serving(charlm_repo) as (_, address), grpc.insecure_channel(address) as ch:
+    with serving(charlm_repo, model_control_mode="explicit") as (_, address), grpc.insecure_channel(address) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         def check():

@@ -66,7 +66,7 @@ def test_metrics_count_what_was_sent(charlm_repo, tmp_path):
     os.makedirs(os.path.join(repo, "broken", "1"))
     with open(os.path.join(repo, "broken", "1", "model.onnx"), "wb") as f:
         f.write(b"not an onnx file")
-    with serving(repo, metrics_port=0) as (server, address), \
+    with serving(repo, metrics_port=0, model_control_mode="explicit") as (server, address), \
             serving(repo, metrics_port=0) as (other, other_address), \
             grpc.insecure_channel(address) as channel:
         assert server.metrics_port not in (None, other.metrics_port)

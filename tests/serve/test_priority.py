@@ -44,7 +44,8 @@ def _process_tids() -> list:
 def test_handler_threads_nicer_than_the_onnxruntime_threads(hello_repo):
     base = _nice(threading.get_native_id())
     before = set(_process_tids())
-    with serving(hello_repo, handler_sched_batch=True, handler_nice=7) as (server, address):
+    with serving(hello_repo, handler_sched_batch=True, handler_nice=7,
+                 model_control_mode="explicit") as (server, address):
         with RnnClient(address) as client:
             assert client.predict("emb-lstm", "hello")["decoded"] == "ohlol"
             new = [t for t in _process_tids() if t not in before]

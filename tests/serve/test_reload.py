@@ -110,7 +110,8 @@ def repo(charlm_repo, tmp_path) -> str:
 @pytest.fixture
 def polled(repo):
     """A server polling `repo` every POLL_S seconds; yields (server, tritonclient, channel)."""
-    with serving(repo, poll_interval=POLL_S) as (server, address), grpc.insecure_channel(address) as ch:
+    with serving(repo, model_control_mode="poll", poll_interval=POLL_S) as (server, address), \
+            grpc.insecure_channel(address) as ch:
         client = tc.InferenceServerClient(address)
         try:
             yield server, client, ch
@@ -255,17 +256,14 @@ def test_removed_models_and_versions_are_not_found(repo, polled):
     assert status_of(infer, client, "charlm", "2") == "StatusCode.NOT_FOUND"
     assert client.get_model_metadata("charlm").versions == ["1"]
 
-    # A model unloaded by request stays unloaded while polls go by, until it is loaded again.
-    client.unload_model("chargru")
-    passes = server.dataplane.admin.poller.passes
-    wait_for(lambda: server.dataplane.admin.poller.passes >= passes + 3, "three polls")
-    assert not client.is_model_ready("chargru") and index(client)[("chargru", "1")][0] == "UNLOADED"
-    client.load_model("chargru")
-    assert client.is_model_ready("chargru") and infer(client, "chargru")[0] == "1"
+    # Poll mode: the folder decides what is loaded; load and unload requests are refused (Triton).
+    assert status_of(client.unload_model, "chargru") == "StatusCode.PERMISSION_DENIED"
+    assert status_of(client.load_model, "chargru") == "StatusCode.PERMISSION_DENIED"
+    assert client.is_model_ready("chargru")
 
 
 def test_load_and_unload_rpcs_without_polling(repo):
-    with serving(repo) as (server, address), grpc.insecure_channel(address) as ch:
+    with serving(repo, model_control_mode="explicit") as (server, address), grpc.insecure_channel(address) as ch:
         client = tc.InferenceServerClient(address)
         health = health_pb2_grpc.HealthStub(ch)
         try:

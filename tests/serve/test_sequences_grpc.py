@@ -156,8 +156,9 @@ def _heavy(rows: int = 3000, seq: int = 64) -> list:
 
 
 def test_queue_full_is_unavailable(charlm_repo):
-    """max_queue_size 1, no merging: concurrent heavy requests overflow the queue at once."""
-    with serving(charlm_repo, max_queue_size=1, max_batch_size=1) as (_, address), \
+    """max_queue_size 1, no merging (two requests never fit one batch): concurrent heavy requests
+    overflow the queue at once."""
+    with serving(charlm_repo, max_queue_size=1, max_batch_size=3000) as (_, address), \
             tc.InferenceServerClient(address) as client:
         answers: queue.Queue = queue.Queue()
         heavy = _heavy()
@@ -175,7 +176,7 @@ def test_deadline_exceeded_before_running(charlm_repo):
     never runs (inference_count counts only the other requests' rows): one already expired
     on arrival (a 1 µs deadline on a 10 MB request), one that expires while it waits in the
     queue behind heavy runs."""
-    with serving(charlm_repo, max_batch_size=1) as (_, address), \
+    with serving(charlm_repo, max_batch_size=20000) as (_, address), \
             tc.InferenceServerClient(address) as client:
         def stats():
             return client.get_inference_statistics("chargru").model_stats[0].inference_count

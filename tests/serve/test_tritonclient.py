@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.fixtures import HELLO_MODELS
+from tests.fixtures import HELLO_MODELS, serving
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +140,12 @@ def test_infer_with_state_bit_identical(client, sessions, model):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_messages_over_4_mib(client, sessions):
+def test_messages_over_4_mib(hello_repo, sessions):
     """grpc's default limit is 4 MiB each way; the server raises it (tritonclient sends up to 2 GiB)."""
     tokens = np.random.default_rng(2).integers(0, 4, size=(70_000, 8), dtype=np.int64)  # 4.5 MB
-    result = client.infer("emb-gru", [_input("tokens", tokens, "INT64")],
-                          outputs=[tc.InferRequestedOutput("logits")])                # 9 MB back
+    with serving(hello_repo, max_batch_size=70_000) as (_, address), tc.InferenceServerClient(address) as client:
+        result = client.infer("emb-gru", [_input("tokens", tokens, "INT64")],
+                              outputs=[tc.InferRequestedOutput("logits")])            # 9 MB back
     want = _reference(sessions["emb-gru"], tokens, outputs=["logits"])[0]
     assert result.as_numpy("logits").tobytes() == want.tobytes()
 

@@ -1,0 +1,125 @@
+"""Peak memory per request, and memory returned afterwards, of a real `rnnserve-server`.
+
+    python -m bench.memory [--threads 2]        # repo root; Linux (reads /proc)
+
+For each case it resets the server process's peak resident size (/proc/PID/clear_refs),
+sends one request, and reads the peak (VmHWM) and, after an idle second or two, the
+resident size (VmRSS). It prints, per case: request and response bytes, the peak rise
+over the resident size before the request, that rise divided by request + response
+bytes, and the resident size left above the starting point once idle (serve/memory.py
+returns freed memory with malloc_trim). The model is a small GRU (vocab 8, hidden 8), so
+tens of MB of tokens run in seconds and the figures are the server's own overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from bench.bench_server import start_server
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.serve.wire import convert
+from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.train.checkpoint import save_checkpoint
+from rnnserve.train.model import CharRNN, ModelConfig
+
+MiB = 2**20
+IDLE_S = float(os.environ.get("IDLE_S", "2"))
+MODEL = "tiny"
+VOCAB = list("abcdefgh")
+# (name, rows, seq, outputs, gzip, valid)
+CASES = [
+    ("logits", 1000, 1000, ["logits"], False, True),
+    ("state only", 6000, 1000, ["hn"], False, True),
+    ("state only, gzip", 6000, 1000, ["hn"], True, True),
+    ("invalid token id", 6000, 1000, ["hn"], False, False),
+    ("over --max-message-bytes", 10000, 1000, ["hn"], False, True),
+    ("logits again", 1000, 1000, ["logits"], False, True),
+]
+
+
+def build_repository(root: str) -> str:
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(arch="gru", vocab_size=len(VOCAB), encoding="embedding", emb_size=4,
+                                hidden_size=8, num_layers=1)).eval()
+    ckpt = os.path.join(root, "ckpt", "checkpoint.pt")
+    save_checkpoint(ckpt, model, VOCAB, {"task": "charlm", "seq_len": 16}, {})
+    repo = os.path.join(root, "repo")
+    export_checkpoint(ckpt, os.path.join(repo, MODEL, "1"), gate=False, threads=1)
+    return repo
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_case(stub, pid: int, rows: int, seq: int, outputs, gzip: bool, valid: bool) -> dict:
+    rng = np.random.default_rng(rows)
+    tokens = rng.integers(0, len(VOCAB), size=(rows, seq), dtype=np.int64)
+    if not valid:
+        tokens[-1, -1] = len(VOCAB) + 5
+    request = convert.infer_request_to_proto(MODEL, {"tokens": tokens}, outputs=outputs)
+    before = _status(pid)["VmRSS"]
+    _reset_peak(pid)
+    code, answer_bytes = "OK", 0
+    try:
+        answer = stub.ModelInfer(request, timeout=600,
+                                 compression=grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression)
+        answer_bytes = answer.ByteSize()
+    except grpc.RpcError as err:
+        code = err.code().name
+    peak = _status(pid)["VmHWM"]
+    time.sleep(IDLE_S)
+    idle = _status(pid)["VmRSS"]
+    rise = max(peak - before, 0)
+    return {"code": code, "request": request.ByteSize(), "response": answer_bytes, "rise": rise,
+            "ratio": rise / (request.ByteSize() + answer_bytes), "idle": idle}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default %(default)s)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = build_repository(tmp)
+        proc, address = start_server(repo, args.threads, Path(tmp) / "port",
+                                     ["--max-batch-size", "10000", "--max-seq-len", "1000"])
+        try:
+            with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1),
+                                                         ("grpc.max_receive_message_length", -1)]) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                time.sleep(IDLE_S)
+                start = _status(proc.pid)["VmRSS"]
+                print(f"server resident at start: {start / MiB:.0f} MiB")
+                print(f"{'case':<26}{'status':<20}{'request MB':>11}{'response MB':>12}{'peak +MB':>10}"
+                      f"{'peak/(req+resp)':>16}{'idle +MB':>10}")
+                for name, *case in CASES:
+                    r = run_case(stub, proc.pid, *case)
+                    print(f"{name:<26}{r['code']:<20}{r['request'] / 1e6:>11.1f}{r['response'] / 1e6:>12.1f}"
+                          f"{r['rise'] / 1e6:>10.0f}{r['ratio']:>16.1f}{(r['idle'] - start) / 1e6:>10.0f}")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
