@@ -47,7 +47,8 @@ import torch
 import tritonclient.grpc as tc
 
 from rnnserve.export.onnx_export import export_checkpoint
-from rnnserve.serve.engine.runtime import CPU, create_session
+from rnnserve.serve.engine.runtime import CPU, CUDA, create_session
+from rnnserve.serve.settings import machine_threading
 from rnnserve.train.checkpoint import save_checkpoint
 from rnnserve.train.model import CharRNN, ModelConfig
 
@@ -70,10 +71,12 @@ def build_repository(root: str) -> str:
 
 
 def start_server(repo: str, threads: int, port_file: Path,
-                 extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
-    """`rnnserve-server` on a free port (extra_args: more flags); -> (process, "127.0.0.1:PORT")."""
+                 extra_args: Sequence[str] = (), device: str = "cpu") -> tuple[subprocess.Popen, str]:
+    """`rnnserve-server` on a free port (threads 0: its default threading; extra_args: more flags);
+    -> (process, "127.0.0.1:PORT")."""
+    thread_flags = ["--threads", str(threads)] if threads > 0 else []   # 0: the server's default
     proc = subprocess.Popen([sys.executable, "-m", "rnnserve.serve", "--repository", repo, "--port", "0",
-                             "--device", "cpu", "--threads", str(threads), "--port-file",
+                             "--device", device, *thread_flags, "--port-file",
                              str(port_file), "--log-level", "WARNING", *extra_args],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -81,6 +84,15 @@ def start_server(repo: str, threads: int, port_file: Path,
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r}")
     return proc, f"127.0.0.1:{int(port_file.read_text())}"
+
+
+def providers_for(device: str) -> list[str]:
+    return [CUDA, CPU] if device == "cuda" else [CPU]
+
+
+def local_thread_count(threads: int) -> int:
+    """The in-process side's intra-op threads: as given, or for 0 what the server chooses here."""
+    return threads or machine_threading(len(os.sched_getaffinity(0)))[0]
 
 
 def run_load(make_call, concurrency: int, seconds: float) -> dict:
@@ -126,20 +138,22 @@ def main(argv=None) -> int:
                         help="in-process and server measured alternately this many times per "
                              "concurrency; the table shows the median round (the in-process "
                              "figure alone moves ±10%% from run to run on a small machine)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="onnxruntime intra-op threads, both sides (0 = its default, whose "
-                             "spinning pool starves everything else on a small machine)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime intra-op threads, both sides (0 = the server's default flags; "
+                             "in process, the thread count the server chooses for this machine)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="both sides")
     args = parser.parse_args(argv)
+    local_threads = local_thread_count(args.threads)
 
     tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(BATCH, SEQ), dtype=np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(tmp)
         path = os.path.join(repo, MODEL, "1", "model.onnx")
-        session = create_session(path, [CPU], "cpu", intra_op_threads=args.threads)
+        session = create_session(path, providers_for(args.device), args.device, intra_op_threads=local_threads)
         feeds = {i.name: (tokens if i.name == "tokens" else
                           np.zeros((i.shape[0], BATCH, i.shape[2]), np.float32))
                  for i in session.get_inputs()}
-        proc, address = start_server(repo, args.threads, Path(tmp) / "port")
+        proc, address = start_server(repo, args.threads, Path(tmp) / "port", device=args.device)
         try:
             def server_call():
                 client = tc.InferenceServerClient(address)
@@ -151,7 +165,8 @@ def main(argv=None) -> int:
                 return lambda: session.run(None, feeds)
 
             check = server_call()().as_numpy("logits")
-            assert np.array_equal(check, session.run(["logits"], feeds)[0]), "outputs differ"
+            assert np.allclose(check, session.run(["logits"], feeds)[0], atol=1e-5 if args.device == "cpu" else 1e-3,
+                               rtol=0), "outputs differ"
             rows = []
             for concurrency in args.concurrency:
                 rounds = []
@@ -164,9 +179,10 @@ def main(argv=None) -> int:
             proc.terminate()
             proc.wait(timeout=60)
 
-    print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; batch {BATCH}, "
+    print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; device {args.device}; batch {BATCH}, "
           f"seq {SEQ}; {args.seconds:.0f} s each; cpu cores {os.cpu_count()}; "
-          f"intra-op threads {args.threads or 'default'}\n")
+          f"intra-op threads: server {args.threads or 'default flags'}, in-process {local_threads}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(f"{'conc':>4}  {'mode':<10} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'ratio':>6}")
     for concurrency, rounds in rows:
         _, local, served = rounds[len(rounds) // 2]      # the median round

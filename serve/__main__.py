@@ -48,13 +48,21 @@ HELP = {
     "repository": "model repository: DIR/<model>/<version>/model.onnx (or give --model)",
     "port": "0 = a free port (see --port-file)",
     "device": "cuda fails at start-up unless CUDA is really active; auto falls back to CPU",
-    "intra_op_threads": "onnxruntime threads per session (0 = onnxruntime's default)",
-    "instances": "onnxruntime runs of one model in progress at once (Triton's instance count); "
-                 "each batch runs on one, the scheduler forms the next batch meanwhile",
-    "handler_sched_batch": "Linux: gRPC handler threads run SCHED_BATCH, so waking up they do not "
-                           "preempt the onnxruntime run queued work waits for",
-    "handler_nice": "Linux: gRPC handler threads this many steps nicer (helps long stateless runs, "
-                    "hurts per-message-bound streaming; see serve/frontend/priority.py)",
+    "intra_op_threads": "onnxruntime threads per session (0 = chosen from the core count and logged: "
+                        "1 below 4 cores)",
+    "instances": "onnxruntime runs of one model in progress at once (Triton's instance count; 0 = chosen "
+                 "from the core count and logged: 1 below 4 cores); each batch runs on one, the scheduler "
+                 "forms the next batch meanwhile",
+    "grpc_workers": "threads for calls that wait inside the data plane (text API, model loads); "
+                    "tensor requests and idle streams hold none",
+    "max_streams": "open streams (ModelStreamInfer, TextService.Stream, Generate); past it a new stream "
+                   "gets RESOURCE_EXHAUSTED (0 = no bound)",
+    "max_concurrent_calls": "unary calls in progress; past it a new call gets RESOURCE_EXHAUSTED "
+                            "(0 = no bound; health checks are not counted)",
+    "handler_sched_batch": "Linux: the gRPC event loop thread and the call threads run SCHED_BATCH, so "
+                           "waking up they do not preempt the onnxruntime run queued work waits for",
+    "handler_nice": "Linux: the gRPC event loop thread and the call threads this many steps nicer (helps long "
+                    "stateless runs, hurts per-message-bound streaming; see serve/frontend/priority.py)",
     "grace": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
     "model_control_mode": "none: the repository is read at start only, RepositoryModelLoad/Unload are "
                           "refused; poll: re-scanned every --poll-interval; explicit: load/unload over gRPC",
@@ -67,7 +75,6 @@ HELP = {
     "max_top_k": "largest top_k the text API accepts",
     "max_generate_tokens": "most tokens one Generate call may ask for",
     "warmup": "run each model on a few shapes at load, so the first request is not slow",
-    "grpc_workers": "gRPC handler threads (calls served at once)",
     "max_message_bytes": "largest request accepted, compressed or not (its decompressed size counts)",
     "server_name": "the name ServerMetadata reports",
     "max_batch_size": "most rows one onnxruntime run takes (dynamic batching; 1 = off), and one request may carry",

@@ -28,6 +28,11 @@ class Unavailable(ServeError):
     code = "UNAVAILABLE"
 
 
+class ResourceExhausted(ServeError):
+    """Too many open streams or calls in progress (serve/frontend/limits.py)."""
+    code = "RESOURCE_EXHAUSTED"
+
+
 class DeadlineExceeded(ServeError):
     """The request's deadline passed before it ran."""
     code = "DEADLINE_EXCEEDED"

@@ -5,7 +5,9 @@ A request becomes one of:
   sent (zeros for the rest) ride along; the state outputs are computed exactly only
   when one of them is requested (requested_outputs None = every output);
 - one step of a server-side sequence (`sequence_id` non-zero / non-empty), handed
-  to the SequenceManager with `sequence_start` / `sequence_end`: Triton's semantics.
+  to the SequenceManager with `sequence_start` / `sequence_end`: Triton's semantics;
+- one step each of many sequences, one per row (the `sequence_id` input and its
+  companions, serve/dataplane/sequence_rows.py): a step of each row's sequence, queued together.
 
 `submit()` does all validation and queueing synchronously, in the caller's order,
 and returns at once (a Pending). That order is what keeps pipelined steps of one
@@ -22,10 +24,10 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from rnnserve.serve.dataplane import validation
+from rnnserve.serve.dataplane import sequence_rows, validation
 from rnnserve.serve.engine.model_engine import ModelEngine, wait
 from rnnserve.serve.engine.runtime import ModelInstance
-from rnnserve.serve.errors import Cancelled, DeadlineExceeded
+from rnnserve.serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from rnnserve.serve.wire.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,24 @@ def infer(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: i
     return submit(engine, req, max_seq_len, max_batch, inline=True).result()
 
 
+def _check_rows(engine: ModelEngine, rows: sequence_rows.SequenceRows, params: validation.RequestParams,
+                feeds: dict, batch: int) -> None:
+    if params.in_sequence:
+        raise InvalidArgument("a request names its sequences either with the 'sequence_id' parameter "
+                              "or with the 'sequence_id' input (one id per row), not both")
+    if len(rows.ids) != batch:
+        raise InvalidArgument(f"input 'sequence_id' has {len(rows.ids)} ids for {batch} rows of the "
+                              "model's inputs; send one id per row")
+    sent = [n for n in engine.io.state_inputs if n in feeds]
+    if sent:
+        raise InvalidArgument(f"state inputs ({', '.join(sent)}) cannot be sent with a per-row "
+                              "'sequence_id' input: each row starts from the zero state")
+    if engine.sequences is None:
+        raise InvalidArgument(
+            f"model '{engine.inst.name}' {engine.inst.stateless_why}: it cannot carry state across requests, "
+            "so sequence requests (sequence_id) are refused; send the whole sequence in one request")
+
+
 def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: int,
            inline: bool = False) -> Pending:
     """Validate and queue one request; raises serve.errors.* for what is wrong before queueing.
@@ -100,13 +120,17 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: 
     inst = engine.inst
     params = validation.check_parameters(req.parameters)
     outputs = validation.check_outputs(inst, req.requested_outputs)
-    feeds = validation.check_infer_inputs(inst, req.inputs, req.input_datatypes, max_seq_len, max_batch)
+    model_inputs, rows = sequence_rows.take(req.inputs, req.input_datatypes)
+    feeds = validation.check_infer_inputs(inst, model_inputs, req.input_datatypes, max_seq_len, max_batch)
     deadline = request_deadline(req, params.timeout_us, arrived)
     check_runnable(req, deadline)
     inputs = feeds if len(feeds) == len(engine.io.inputs) else engine.inputs_of(feeds)   # no states sent
     batch = engine.io.rows(feeds)
     cancel = None
-    if params.in_sequence:
+    if rows is not None:
+        _check_rows(engine, rows, params, feeds, batch)
+        fut = sequence_rows.submit(engine, rows, inputs, deadline, req.is_cancelled)
+    elif params.in_sequence:
         sent = [n for n in engine.io.state_inputs if n in feeds]
         client_states = engine.states_from(feeds, batch) if sent else None
         fut = engine.submit_step(params.sequence_id, inputs, start=params.sequence_start,

@@ -21,12 +21,12 @@ from rnnserve.contract import PLATFORM
 from rnnserve.serve.admin.admin import RepositoryAdmin
 from rnnserve.serve.admin.repository import Repository
 from rnnserve.serve.admin.scan import READY
-from rnnserve.serve.dataplane import inference, textgen, validation
+from rnnserve.serve.dataplane import inference, sequence_rows, textgen, validation
 from rnnserve.serve.dataplane.textstream import TextStream
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.errors import InvalidArgument, ServeError, Unavailable
 from rnnserve.serve.metrics import Metrics
-from rnnserve.serve.settings import ServeSettings
+from rnnserve.serve.settings import ServeSettings, with_machine_defaults
 from rnnserve.serve.stats import RequestRecord
 from rnnserve.serve.wire.types import (
     GenerateEvent,
@@ -43,20 +43,22 @@ from rnnserve.serve.wire.types import (
 
 log = logging.getLogger(__name__)
 
+# Many sequences in one request (per-row sequence_id inputs: serve/dataplane/sequence_rows.py).
+SEQUENCE_ROWS_EXTENSION = "rnnserve_sequence_rows"
 # What this server implements, in Triton's extension names, plus our own.
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "parameters", "sequence",
-              "rnnserve_text")
+              "rnnserve_text", SEQUENCE_ROWS_EXTENSION)
 
 
 class DataPlane:
     def __init__(self, settings: ServeSettings):
-        self.settings = settings
+        self.settings = with_machine_defaults(settings)
         self._ready = False
         self._closed = False
         self._draining = False
         # Prometheus metrics (serve/metrics.py) when settings.metrics_port >= 0; the server serves them.
         self.metrics: Metrics | None = Metrics() if settings.metrics_port >= 0 else None
-        self.admin = RepositoryAdmin(settings, self.metrics)
+        self.admin = RepositoryAdmin(self.settings, self.metrics)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -119,8 +121,10 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         inst = self.repo.get(name, version).inst        # metadata still answers while draining
+        controls = list(sequence_rows.CONTROL_SPECS) if inst.streamable else []
         return ModelMetadata(name=name, versions=self.repo.ready_versions(name), platform=PLATFORM,
-                             inputs=list(inst.inputs), outputs=list(inst.outputs), parameters=inst.describe())
+                             inputs=list(inst.inputs) + controls, outputs=list(inst.outputs),
+                             parameters=inst.describe())
 
     def model_config(self, name: str, version: str = "") -> ModelConfigInfo:
         """What is in force for the model (its config.pbtxt over the server's flags), in Triton's terms.
@@ -136,6 +140,8 @@ class DataPlane:
         inst, s = engine.inst, engine.settings
         inputs = [dataclasses.replace(t, optional=t.name in inst.state_inputs) for t in inst.inputs]
         specs = {t.name: t for t in inst.inputs}
+        if inst.streamable:   # the per-row sequence controls (serve/dataplane/sequence_rows.py)
+            inputs += sequence_rows.CONTROL_SPECS
         sequence = None
         if inst.streamable:
             sequence = {"max_sequence_idle_microseconds": int(s.sequence_idle_timeout_s * 1e6),
@@ -181,6 +187,12 @@ class DataPlane:
                 return other
         version = engine.sequences.stored_version(seq_id)
         return next((o for o, _ in others if o.inst.version == version), engine)
+
+    def submit(self, req: InferRequest) -> inference.Pending:
+        """Validate and queue one request; returns at once (the asyncio front end awaits
+        Pending.raw off its loop). Raises serve.errors.* for what is wrong before queueing."""
+        engine = self._engine_for(req)
+        return inference.submit(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size)
 
     def infer_async(self, req: InferRequest) -> Future[InferResponse]:
         """Queue one request and return at once, for pipelined streams (ModelStreamInfer).

@@ -30,11 +30,12 @@ them before any caller is answered: one round trip for a run, or fewer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import numpy as np
@@ -97,6 +98,7 @@ class Batcher:
         self._closed = False
         self.instances = instances  # runs that may be in progress at once
         self._running = 0           # runs in progress (scheduler threads or inline callers)
+        self._held = 0              # open together() blocks: the schedulers leave the queue alone
         self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
                          for i in range(instances)]
         self._done: queue.SimpleQueue = queue.SimpleQueue()   # finished runs, for the completion thread
@@ -138,6 +140,19 @@ class Batcher:
                     if self._queue:     # only queued work needs a scheduler woken
                         self._cv.notify()
         return work.future
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Work queued inside the block waits until its end, so it can share one run (the rows
+        of a request that carries many sequences)."""
+        with self._cv:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._held -= 1
+                self._cv.notify_all()
 
     def cancel(self, work: Work) -> bool:
         """Remove work that has not started; True when it was still queued."""
@@ -196,7 +211,7 @@ class Batcher:
         while True:
             with self._cv:
                 idle = not self._queue      # nothing queued up while this scheduler was busy
-                while (not self._queue or self._running >= self.instances) and not self._closed:
+                while (not self._queue or self._running >= self.instances or self._held) and not self._closed:
                     self._cv.wait()
                 if not self._queue and self._closed:
                     return

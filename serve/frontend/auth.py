@@ -3,7 +3,7 @@
 Each token has a role: `infer` may run inference, the text API, metadata and health; `admin`
 may do everything, including repository index/load/unload and statistics. `decide(policy,
 method, metadata)` is the whole decision, a plain function (the gRPC interceptor below only
-applies it): None to go ahead, else the serve.errors exception to answer with
+applies it, on grpc.aio): None to go ahead, else the serve.errors exception to answer with
 (Unauthenticated for a missing or unknown token, PermissionDenied for a role that may not).
 Tokens are compared in constant time (hmac.compare_digest, against every configured token)
 and never logged. No token configured: everything is open, as without this module.
@@ -144,25 +144,32 @@ def warn_if_open(policy: Policy, host: str) -> None:
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers every call with (code, message)."""
-    def refuse(_request, context):
-        context.abort(code, message)
+    """A grpc.aio handler of the same kind as `handler` that answers every call with (code, message)."""
+    if handler.response_streaming:
+        async def refuse_stream(_request, context):
+            await context.abort(code, message)
+            yield   # an async generator, as grpc.aio expects of a response stream
+        behavior = refuse_stream
+    else:
+        async def refuse(_request, context):
+            await context.abort(code, message)
+        behavior = refuse
 
     make = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
-    return make(refuse, request_deserializer=handler.request_deserializer,
+    return make(behavior, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Applies `decide` to every call before its handler runs."""
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Applies `decide` to every call before its handler runs (grpc.aio)."""
 
     def __init__(self, policy: Policy, status_for):
         self._policy = policy
         self._status_for = status_for   # grpc_errors.status_for: the one error map
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         refusal = decide(self._policy, handler_call_details.method, handler_call_details.invocation_metadata)
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if refusal is None or handler is None:
             return handler
         code, message = self._status_for(refusal, handler_call_details.method)

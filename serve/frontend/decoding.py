@@ -3,8 +3,8 @@
 grpc's generated registration decodes with `FromString` and answers a failure with INTERNAL
 ("Exception deserializing request!"). `method_handlers` registers a servicer with a tolerant
 deserializer instead: a body that does not parse becomes an `Undecodable`, which unary calls
-refuse here (INVALID_ARGUMENT) before the servicer runs; a servicer that reads a request
-stream checks each message with `check` (ModelStreamInfer answers it in-stream).
+refuse here (INVALID_ARGUMENT, `await context.abort`) before the grpc.aio servicer runs; a
+servicer that reads a request stream checks each message with `check` (ModelStreamInfer answers it in-stream).
 """
 from __future__ import annotations
 
@@ -44,19 +44,21 @@ def check(request):
 
 
 def _refuse_undecodable(behavior, streaming_response: bool):
+    """Wrap a grpc.aio method (a coroutine, or an async generator for a response stream)."""
     if streaming_response:
         @functools.wraps(behavior)
-        def stream(request, context):
+        async def stream(request, context):
             if isinstance(request, Undecodable):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
-            yield from behavior(request, context)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+            async for answer in behavior(request, context):
+                yield answer
         return stream
 
     @functools.wraps(behavior)
-    def unary(request, context):
+    async def unary(request, context):
         if isinstance(request, Undecodable):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
-        return behavior(request, context)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+        return await behavior(request, context)
     return unary
 
 
@@ -84,7 +86,7 @@ def method_handlers(servicer, service) -> dict[str, grpc.RpcMethodHandler]:
 
 
 def add_servicer(server, servicer, service) -> None:
-    """Register `servicer` for `service` on a grpc (or grpc.aio) server with tolerant decoding."""
+    """Register the grpc.aio `servicer` for `service` on a grpc.aio server with tolerant decoding."""
     handlers = method_handlers(servicer, service)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):

@@ -5,8 +5,10 @@ client. Anything else is a bug: the client gets INTERNAL with a generic message
 and a request id, and the traceback goes only to the log under that id. No
 exception ever takes the process down.
 
-Use `@handles_errors` on every servicer method (unary or streaming responses);
-ModelStreamInfer, which answers errors in-stream, uses `status_for` directly.
+Use `@handles_errors` on every (async, grpc.aio) servicer method, unary or with a
+response stream; ModelStreamInfer, which answers errors in-stream, uses `status_for`
+directly. The decorator also counts each call against the servicer's CallLimits
+(serve/frontend/limits.py): past them the call gets RESOURCE_EXHAUSTED at once.
 Observing requests for the statistics is not done here: serve/frontend/observe.py
 wraps the calls from outside and reads the status this map decided.
 """
@@ -20,6 +22,7 @@ import uuid
 import grpc
 
 from rnnserve.serve.errors import ServeError
+from rnnserve.serve.frontend.limits import STREAMING_METHODS, limits_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,30 +49,40 @@ def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
 
 
 # -- the decorator -------------------------------------------------------------------------------
-def _abort(context: grpc.ServicerContext, exc: Exception, method: str):
+async def _abort(context, exc: Exception, method: str):
     code, message = status_for(exc, method)
-    context.abort(code, message)   # raises; grpc answers the call with this status
+    await context.abort(code, message)   # raises; grpc answers the call with this status
 
 
 def handles_errors(func):
-    """Decorate a servicer method: exceptions -> a gRPC status, never a crash."""
+    """Decorate an async servicer method (a coroutine, or an async generator for a response
+    stream): exceptions -> a gRPC status, never a crash. The call counts against the
+    servicer's CallLimits (serve/frontend/limits.py): past them, RESOURCE_EXHAUSTED at once."""
     method = func.__qualname__
-    if inspect.isgeneratorfunction(func):
+    streaming = func.__name__ in STREAMING_METHODS
+    if inspect.isasyncgenfunction(func):
         @functools.wraps(func)
-        def stream_wrapper(self, request, context):
+        async def stream_wrapper(self, request, context):
             try:
-                yield from func(self, request, context)
+                with limits_of(self).call(streaming):
+                    answers = func(self, request, context)
+                    try:
+                        async for answer in answers:
+                            yield answer
+                    finally:   # the servicer's clean-up runs now, also when the call is cancelled
+                        await answers.aclose()
             except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
-                if not context.is_active():   # client gone: nobody to answer
+                if context.cancelled():   # client gone: nobody to answer
                     logger.debug("%s: client went away (%s)", method, exc.__class__.__name__)
                     return
-                _abort(context, exc, method)
+                await _abort(context, exc, method)
         return stream_wrapper
 
     @functools.wraps(func)
-    def unary_wrapper(self, request, context):
+    async def unary_wrapper(self, request, context):
         try:
-            return func(self, request, context)
+            with limits_of(self).call(streaming):
+                return await func(self, request, context)
         except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
-            _abort(context, exc, method)
+            await _abort(context, exc, method)
     return unary_wrapper

@@ -1,6 +1,6 @@
 """Request observation: one serve.stats.RequestRecord per answered inference request.
 
-A gRPC server interceptor wraps the inference calls from outside the error map
+A grpc.aio server interceptor wraps the inference calls from outside the error map
 (serve/frontend/grpc_errors.py) and reads the status code that map gave the call,
 so it sees exactly what the client got: OK, a serve.errors code, INTERNAL, or
 CANCELLED when the client went away. ModelStreamInfer answers each streamed request
@@ -11,7 +11,7 @@ Prometheus request series and ModelStatistics' success / fail counts together.
 """
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -49,17 +49,18 @@ def _field(message: Any, *names: str) -> str:
     return ""
 
 
-def _status(context: grpc.ServicerContext, raised: bool) -> str:
-    """The status the call ends with: what the error map set, else CANCELLED if the client is gone."""
-    code = context.code()  # type: ignore[attr-defined]  # grpc has it; types-grpcio lacks it
+def _status(context, raised: BaseException | None) -> str:
+    """The status the call ends with: what the error map set, else CANCELLED if the client is gone
+    (grpc.aio then cancels the call's task, or closes its response stream)."""
+    code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
-    if not context.is_active():
-        return "CANCELLED"
-    return "UNKNOWN" if raised else "OK"
+    if context.cancelled() or isinstance(raised, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"   # the call went away: its task was cancelled or its stream closed under us
+    return "UNKNOWN" if raised is not None else "OK"
 
 
-class RequestObservation(grpc.ServerInterceptor):
+class RequestObservation(grpc.aio.ServerInterceptor):
     """The interceptor, plus `stream_request` for the requests of ModelStreamInfer."""
 
     def __init__(self, record: Record):
@@ -81,8 +82,8 @@ class RequestObservation(grpc.ServerInterceptor):
         self.report(STREAM_METHOD, request, answer, code_for(exc).name, t0)
 
     # -- the interceptor -------------------------------------------------------------------------
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         method = OBSERVED.get(handler_call_details.method)
         if handler is None or method is None:
             return handler
@@ -103,27 +104,31 @@ class RequestObservation(grpc.ServerInterceptor):
         return h
 
     def _unary(self, method: str, behavior):
-        def call(request, context):
-            t0, answer, raised = time.perf_counter(), None, True
+        async def call(request, context):
+            t0, answer, raised = time.perf_counter(), None, None
             try:
-                answer = behavior(request, context)
-                raised = False
+                answer = await behavior(request, context)
                 return answer
+            except BaseException as exc:
+                raised = exc
+                raise
             finally:
                 self.report(method, request, answer, _status(context, raised), t0)
         return call
 
     def _streaming(self, method: str, behavior, request_stream: bool):
-        def call(request, context):
-            t0, seen, raised = time.perf_counter(), _Seen(None if request_stream else request), True
+        async def call(request, context):
+            t0, seen, raised = time.perf_counter(), _Seen(None if request_stream else request), None
+            answers = behavior(seen.requests(request) if request_stream else request, context)
             try:
-                with contextlib.closing(behavior(seen.requests(request) if request_stream else request,
-                                                 context)) as answers:
-                    for answer in answers:
-                        seen.answer = answer
-                        yield answer
-                raised = False
-            finally:   # also when the call is closed under us (GeneratorExit): CANCELLED
+                async for answer in answers:
+                    seen.answer = answer
+                    yield answer
+            except BaseException as exc:   # also when the call is cancelled under us: CANCELLED
+                raised = exc
+                raise
+            finally:
+                await answers.aclose()
                 self.report(method, seen.request, seen.answer, _status(context, raised), t0)
         return call
 
@@ -135,8 +140,8 @@ class _Seen:
         self.request = request
         self.answer = None
 
-    def requests(self, iterator):
-        for message in iterator:
+    async def requests(self, iterator):
+        async for message in iterator:
             if self.request is None:
                 self.request = message
             yield message

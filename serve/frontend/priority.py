@@ -1,9 +1,10 @@
 """CPU scheduling of the request-handling threads (Linux).
 
 Under load, queued work waits for the onnxruntime run in progress on the batcher's
-thread, and every gRPC handler thread that wakes up (a new request, an answer to
-send) may preempt that run on a small machine. Two settings, applied by each
-gRPC handler thread to itself when it starts:
+thread, and every front-end thread that wakes up (a new request, an answer to send)
+may preempt that run on a small machine. The front end's threads are the gRPC event
+loop's thread and the pool for calls that wait in the data plane (serve/frontend/
+server.py); each applies two settings to itself when it starts:
 - `--handler-sched-batch` (default on): SCHED_BATCH, i.e. no wake-up preemption;
   the threads keep their normal share of the CPU. Measured on 2 cores: about +6%
   streamed steps/s, stateless throughput unchanged.

@@ -1,9 +1,17 @@
-"""The gRPC server: the inference and text servicers, grpc.health.v1 and reflection.
+"""The gRPC server on grpc.aio: the inference and text servicers, grpc.health.v1 and reflection.
 
     server, port = create_server(settings)        # binds settings.host:settings.port (0 = free)
     server.start()
     ...
     server.stop(grace=10)                        # drain: in-flight calls get `grace` seconds
+
+One event loop, on its own thread, serves every RPC; its methods are usable from plain
+synchronous code (tests, serve/__main__.py). A stream is a coroutine and holds no thread,
+so idle streams cost memory only; onnxruntime runs on the Batcher's threads and their
+results reach the loop through a LoopBridge (serve/frontend/bridge.py). Open streams and
+unary calls in progress are bounded (--max-streams, --max-concurrent-calls): past them a
+call gets RESOURCE_EXHAUSTED (serve/frontend/limits.py); gRPC itself refuses anything
+beyond both plus a margin for health checks.
 
 Health: "" is the server (SERVING once every model is loaded), and each model's
 name is that model; the statuses follow the data plane's readiness (refreshed
@@ -21,6 +29,7 @@ requests above settings.max_message_bytes (after decompression) are refused by g
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -32,10 +41,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rnnserve.serve.dataplane.plane import DataPlane
 from rnnserve.serve.frontend import auth, tls
+from rnnserve.serve.frontend.bridge import LoopBridge
 from rnnserve.serve.frontend.decoding import add_servicer
 from rnnserve.serve.frontend.grpc_errors import status_for
+from rnnserve.serve.frontend.limits import CallLimits, set_limits
 from rnnserve.serve.frontend.observe import RequestObservation
-from rnnserve.serve.frontend.priority import handler_initializer
+from rnnserve.serve.frontend.priority import handler_initializer, lower_this_thread
 from rnnserve.serve.frontend.servicers import InferenceServicer, TextServicer
 from rnnserve.serve.metrics import start_endpoint
 from rnnserve.serve.settings import GRPC_MAX_MESSAGE, ServeSettings
@@ -47,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 HEALTH_REFRESH_S = 1.0
 DRAIN_POLL_S = 0.01
+DRAIN_SETTLE_S = 0.5
+PROBE_MARGIN = 256   # calls gRPC admits beyond our bounds: health and reflection
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 TEXT_SERVICE = tpb.DESCRIPTOR.services_by_name["TextService"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -80,44 +93,82 @@ class Server:
         self.dataplane = dataplane
         self._owns_dataplane = owns_dataplane
         self._stopping = threading.Event()
-        self._health = health.HealthServicer(experimental_non_blocking=True)
-        self._health_lock = threading.Lock()
+        self._stopped = threading.Event()
         self._health_names: set = set()
+        self._refresher: asyncio.Future | None = None
+        self.limits = CallLimits(settings.max_streams, settings.max_concurrent_calls)
         self.policy = auth.load_policy(settings.token_file, settings.tokens, settings.health_needs_token)
         self.certificates = tls.certificate_files(settings)   # None without TLS
-        # Every answered inference request -> ModelStatistics and the Prometheus request series.
-        observation = RequestObservation(dataplane.record_request)
-        checks = [auth.AuthInterceptor(self.policy, status_for)] if self.policy.enabled else []
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.grpc_workers,
-                                       thread_name_prefix="rnnserve-grpc",
-                                       initializer=handler_initializer(settings.handler_sched_batch,
-                                                                       settings.handler_nice)),
-            interceptors=[*checks, observation],
-            # Answers are bounded by the request limits (batch, seq, top_k, tokens), so the send
-            # limit is the most gRPC can carry.
-            options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-                     ("grpc.max_receive_message_length", settings.max_message_bytes),
-                     ("grpc.so_reuseport", 0)])
-        inference = InferenceServicer(dataplane, dataplane.admin, on_repository_change=self.refresh_health,
-                                      observe_stream_request=observation.stream_request)
-        text = TextServicer(dataplane)
-        metrics = dataplane.metrics
-        add_servicer(self.grpc_server, inference, INFERENCE_SERVICE)
-        add_servicer(self.grpc_server, text, TEXT_SERVICE)
-        add_servicer(self.grpc_server, self._health, HEALTH_SERVICE)
         self.reflection = settings.reflection if settings.reflection is not None else not self.policy.enabled
-        if self.reflection:
-            reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server, pool=reflection_pool())
-        self.port = self._bind(settings.host, settings.port)
+        # Calls that wait inside the data plane (text API, repository changes) run here.
+        self._blocking = futures.ThreadPoolExecutor(
+            max_workers=settings.grpc_workers, thread_name_prefix="rnnserve-call",
+            initializer=handler_initializer(settings.handler_sched_batch, settings.handler_nice))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="rnnserve-grpc", daemon=True)
+        self._thread.start()
+        try:
+            self.port = self._call(self._build())
+        except BaseException:
+            self._close_loop()
+            raise
         self.address = address(settings.host, self.port)
         auth.warn_if_open(self.policy, settings.host)
         # Bound last, so a failure above leaves no endpoint behind; it serves from now on.
         context = self.certificates.ssl_context() if self.certificates is not None else None
-        self._metrics_endpoint = start_endpoint(metrics, settings.host, settings.metrics_port, context)
+        self._metrics_endpoint = start_endpoint(dataplane.metrics, settings.host, settings.metrics_port, context)
         self.metrics_port: int | None = getattr(self._metrics_endpoint, "port", None)
-        self._refresher = threading.Thread(target=self._refresh_loop, name="rnnserve-health",
-                                           daemon=True)
+
+    # -- the loop thread -----------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        lower_this_thread(self.settings.handler_sched_batch, self.settings.handler_nice)
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _call(self, coroutine, timeout: float | None = None):
+        """Run a coroutine on the loop from another thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._blocking.shutdown(wait=False)
+
+    async def _build(self) -> int:
+        s = self.settings
+        bounds = [s.max_streams, s.max_concurrent_calls]
+        self._health = health.aio.HealthServicer()
+        # Calls the loop has not yet picked up wait in gRPC core, which drops them (CANCELLED)
+        # past its pending-request limits (1000 soft, 3000 hard by default): a burst of new
+        # streams must be able to wait there up to our own bounds.
+        pending = max(1000, sum(bounds) + PROBE_MARGIN) if all(bounds) else 2**31 - 1
+        # Every answered inference request -> ModelStatistics and the Prometheus request series.
+        observation = RequestObservation(self.dataplane.record_request)
+        checks = [auth.AuthInterceptor(self.policy, status_for)] if self.policy.enabled else []
+        self.grpc_server = grpc.aio.server(
+            interceptors=[*checks, observation],
+            # Answers are bounded by the request limits (batch, seq, top_k, tokens), so the send
+            # limit is the most gRPC can carry.
+            options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+                     ("grpc.max_receive_message_length", s.max_message_bytes),
+                     ("grpc.so_reuseport", 0),
+                     ("grpc.server.max_pending_requests", pending),
+                     ("grpc.server.max_pending_requests_hard_limit", pending)],
+            maximum_concurrent_rpcs=sum(bounds) + PROBE_MARGIN if all(bounds) else None)
+        bridge = LoopBridge(asyncio.get_running_loop())
+        inference = InferenceServicer(self.dataplane, self.dataplane.admin, bridge, self._blocking,
+                                      on_repository_change=self.refresh_health,
+                                      observe_stream_request=observation.stream_request)
+        text = TextServicer(self.dataplane, self._blocking)
+        for servicer in (inference, text):
+            set_limits(servicer, self.limits)
+        add_servicer(self.grpc_server, inference, INFERENCE_SERVICE)
+        add_servicer(self.grpc_server, text, TEXT_SERVICE)
+        add_servicer(self.grpc_server, self._health, HEALTH_SERVICE)
+        if self.reflection:
+            reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server, pool=reflection_pool())
+        return self._bind(s.host, s.port)
 
     def _bind(self, host: str, port: int) -> int:
         try:
@@ -131,10 +182,41 @@ class Server:
             raise OSError(f"cannot listen on {address(host, port)}")
         return bound
 
+    async def _start(self) -> None:
+        await self._refresh_health()
+        await self.grpc_server.start()
+        self._refresher = asyncio.ensure_future(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_REFRESH_S)
+            await self._refresh_health()
+
+    async def _refresh_health(self) -> None:
+        """Set every health status from the data plane's readiness."""
+        if self._stopping.is_set():
+            return
+        try:
+            statuses = {"": self.dataplane.server_ready()}
+            for name in self.dataplane.model_names():
+                statuses[name] = self.dataplane.model_ready(name)
+        except Exception:  # noqa: BLE001 - a failed probe means not serving
+            logger.exception("health refresh failed")
+            statuses = {"": False}
+        for name in self._health_names - statuses.keys():   # removed from the repository
+            statuses[name] = False
+        self._health_names = set(statuses)
+        for name, ready in statuses.items():
+            await self._health.set(name, _SERVING if ready else _NOT_SERVING)
+
+    async def _shut(self, grace: float) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.grpc_server.stop(grace)
+
+    # -- public, from any thread but the loop's ------------------------------------------------
     def start(self) -> Server:
-        self.refresh_health()
-        self.grpc_server.start()
-        self._refresher.start()
+        self._call(self._start())
         return self
 
     def reload_certificates(self) -> None:
@@ -143,46 +225,51 @@ class Server:
             self.certificates.reload()
 
     def refresh_health(self) -> None:
-        """Set every health status from the data plane's readiness."""
-        if self._stopping.is_set():
-            return
-        with self._health_lock:
-            try:
-                statuses = {"": self.dataplane.server_ready()}
-                for name in self.dataplane.model_names():
-                    statuses[name] = self.dataplane.model_ready(name)
-            except Exception:  # noqa: BLE001 - a failed probe means not serving
-                logger.exception("health refresh failed")
-                statuses = {"": False}
-            for name in self._health_names - statuses.keys():   # removed from the repository
-                statuses[name] = False
-            self._health_names = set(statuses)
-            for name, ready in statuses.items():
-                self._health.set(name, _SERVING if ready else _NOT_SERVING)
+        """Re-read the data plane's readiness into the health statuses (from any thread)."""
+        try:
+            running = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            running = False
+        if running:
+            asyncio.ensure_future(self._refresh_health())
+        else:
+            self._call(self._refresh_health())
 
-    def _refresh_loop(self) -> None:
-        while not self._stopping.wait(HEALTH_REFRESH_S):
-            self.refresh_health()
+    @property
+    def open_streams(self) -> int:
+        return self.limits.streams
 
     def stop(self, grace: float | None = None) -> None:
         """Drain, then stop: new inference requests get UNAVAILABLE (retryable elsewhere) and
         readiness turns false while the work in flight finishes, for up to `grace` seconds in
         all; then gRPC stops (what is still open gets the rest of the grace) and the models
         are released."""
+        if self._stopping.is_set():
+            self._stopped.wait()
+            return
         grace = self.settings.grace if grace is None else grace
         until = time.monotonic() + grace
         self._stopping.set()
-        self._health.enter_graceful_shutdown()   # every status NOT_SERVING from now on
+        self._call(self._health.enter_graceful_shutdown())   # every status NOT_SERVING from now on
         logger.info("draining: up to %.1fs for in-flight calls", grace)
         self.dataplane.start_draining()
         while self.dataplane.inflight() > 0 and time.monotonic() < until:
             time.sleep(DRAIN_POLL_S)
-        self.grpc_server.stop(max(0.0, until - time.monotonic())).wait()
+        # Calls already on their way are still taken and answered UNAVAILABLE for a moment:
+        # grpc.aio would cancel a call that reaches it once it is stopping.
+        time.sleep(max(0.0, min(DRAIN_SETTLE_S, until - time.monotonic())))
+        self._call(self._shut(max(0.0, until - time.monotonic())))
+        self._close_loop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
         if self._owns_dataplane:
             self.dataplane.close()
+        self._stopped.set()
         logger.info("stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """True if `timeout` passed first (as grpc's), False once the server has stopped."""
+        return not self._stopped.wait(timeout)
 
 
 def create_server(settings: ServeSettings, dataplane=None) -> tuple[Server, int]:

@@ -1,25 +1,30 @@
-"""Thin gRPC servicers over the data plane.
+"""Thin grpc.aio servicers over the data plane.
 
-Each method converts the request with serve/wire/convert.py, calls one DataPlane
-(inference, metadata) or RepositoryAdmin (load, unload, index) method, and converts
-the answer back. Errors become status codes in serve.grpc_errors
-(`@handles_errors`); ModelStreamInfer answers them in-stream as error_message,
-as Triton does, and the stream goes on.
+Every method is a coroutine on the server's one event loop. Each converts the request
+with serve/wire/convert.py, calls one DataPlane (inference, metadata) or RepositoryAdmin
+(load, unload, index) method, and converts the answer back. Errors
+become status codes in serve.frontend.grpc_errors (`@handles_errors`); ModelStreamInfer
+answers them in-stream as error_message, as Triton does, and the stream goes on.
+
+Nothing here blocks the loop: tensor requests are validated and queued on the loop
+(DataPlane.submit, quick) and their outputs awaited through the LoopBridge while the
+Batcher's threads run onnxruntime. The text API and repository changes, which wait on
+model runs or loads inside the data plane, run on a small thread pool (`blocking`);
+a stream waiting for its next message holds no thread at all.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Executor, Future
 
-import grpc
-
-from rnnserve.serve.errors import quoted
+from rnnserve.serve.errors import ServeError, quoted
 from rnnserve.serve.frontend import decoding
+from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge, outputs
 from rnnserve.serve.frontend.grpc_errors import handles_errors, status_for
 from rnnserve.serve.wire import convert
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
@@ -31,87 +36,97 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 3   # PredictRequest.top_k == 0
 
 
-def _infer_request(request: pb.ModelInferRequest, context: grpc.ServicerContext):
-    return convert.infer_request_from_proto(request, context.time_remaining(),
-                                            lambda: not context.is_active())
+class _Call:
+    """Whether the RPC has ended (client cancelled, deadline, server stop): a plain flag the
+    Batcher's threads may read (InferRequest.is_cancelled) without touching grpc."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self, context):
+        self.ended = False
+        context.add_done_callback(self._done)
+
+    def _done(self, _context) -> None:
+        self.ended = True
+
+    def is_cancelled(self) -> bool:
+        return self.ended
 
 
-def _failed(exc: BaseException) -> Future:
-    fut: Future = Future()
-    fut.set_exception(exc)
-    return fut
+def _infer_request(request: pb.ModelInferRequest, context, call: _Call):
+    return convert.infer_request_from_proto(request, context.time_remaining(), call.is_cancelled)
 
 
-class _PipelinedStream:
-    """One ModelStreamInfer call. A reader thread submits each request the moment it arrives
-    (DataPlane.infer_async, in arrival order, so one sequence's steps keep their order and
-    different sequences' steps share runs); the handler thread answers in request order, as
-    Triton does for non-decoupled models, each answer as soon as it and those before it are done."""
+def _submit(dp, coalesce: Coalescer, req):
+    """DataPlane.submit, with the model's batcher held until the loop's turn ends (Coalescer)."""
+    try:
+        coalesce.hold(dp.engine(req.model_name, req.model_version).batcher)
+    except ServeError:
+        pass   # dp.submit raises it again, for this request
+    return dp.submit(req)
 
-    _READ_DONE = object()   # the client half-closed (or the read failed)
-    _CALL_DONE = object()   # the RPC ended (client cancelled, deadline, server stop)
-    POLL_S = 0.5
 
-    def __init__(self, dataplane, request_iterator, context: grpc.ServicerContext, observe=None):
-        self._dp, self._requests, self._context = dataplane, request_iterator, context
-        # each streamed request's outcome: observe(request, exception or None, answer, t0) (observe.py)
-        self._observe = observe
-        self._submitted: queue.Queue = queue.Queue()
-        self._ended = threading.Event()
-        context.add_callback(self._on_call_done)
+class _Blocking:
+    """Runs data-plane calls that wait (text API, repository changes) off the loop."""
 
-    def _on_call_done(self) -> None:
-        self._ended.set()
-        self._submitted.put(self._CALL_DONE)
+    def __init__(self, executor: Executor):
+        self._executor = executor
 
-    def _read(self) -> None:
+    async def __call__(self, fn: Callable, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kwargs))
+
+
+async def _pipelined(dp, bridge: LoopBridge, coalesce: Coalescer, requests, context, observe):
+    """One ModelStreamInfer call. A reader task submits each request the moment it arrives
+    (DataPlane.submit, in arrival order, so one sequence's steps keep their order and
+    different sequences' steps share runs); answers go out in request order, as Triton does
+    for non-decoupled models, each as soon as it and those before it are done. observe(request,
+    exception or None, answer, t0) records each request's outcome (serve/frontend/observe.py)."""
+    call = _Call(context)
+    submitted: asyncio.Queue = asyncio.Queue()
+
+    async def read() -> None:
         try:
-            for request in self._requests:
+            async for request in requests:
                 t0 = time.perf_counter()
                 try:
-                    fut = self._dp.infer_async(_infer_request(decoding.check(request), self._context))
+                    pending = _submit(dp, coalesce, _infer_request(decoding.check(request), context, call))
+                    waiter = bridge.wrap(pending.raw)
                 except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
-                    fut = _failed(exc)
+                    pending, waiter = None, asyncio.get_running_loop().create_future()
+                    waiter.set_exception(exc)
                     if isinstance(request, decoding.Undecodable):
                         request = pb.ModelInferRequest()
-                self._submitted.put((request, fut, t0))
+                submitted.put_nowait((request, pending, waiter, t0))
         except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
             logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
         finally:
-            self._submitted.put(self._READ_DONE)
+            submitted.put_nowait(None)
 
-    def _wait(self, fut: Future) -> bool:
-        """True once fut is done; False if the call ended first."""
-        while not self._ended.is_set():
+    reader = asyncio.ensure_future(read())
+    try:
+        while (item := await submitted.get()) is not None:
+            request, pending, waiter, t0 = item
             try:
-                fut.exception(timeout=self.POLL_S)   # waits on the future itself: no waiter objects
-                return True
-            except FutureTimeout:
-                continue
-            except CancelledError:
-                return True
-        return False
-
-    def responses(self):
-        threading.Thread(target=self._read, name="rnnserve-stream-reader", daemon=True).start()
-        while True:
-            item = self._submitted.get()
-            if item is self._READ_DONE or item is self._CALL_DONE:
-                return
-            request, fut, t0 = item
-            if not self._wait(fut):
-                return
-            answer = _stream_answer(request, fut)
-            if self._observe is not None:
-                self._observe(request, fut.exception(), answer.infer_response, t0)
+                out = await waiter
+                answer = pb.ModelStreamInferResponse(infer_response=convert.infer_response_to_proto(
+                    pending.respond(out)))
+                failure = None
+            except Exception as exc:  # noqa: BLE001 - answered in-stream; the stream goes on
+                answer, failure = _stream_error(request, exc), exc
+            if observe is not None:
+                observe(request, failure, answer.infer_response, t0)
             yield answer
+    finally:
+        reader.cancel()
+        while not submitted.empty():   # answers nobody will read: no "never retrieved" noise
+            item = submitted.get_nowait()
+            if item is not None:
+                item[2].cancel()
 
 
-def _stream_answer(request: pb.ModelInferRequest, fut: Future) -> pb.ModelStreamInferResponse:
-    exc = fut.exception()
-    if exc is None:
-        return pb.ModelStreamInferResponse(
-            infer_response=convert.infer_response_to_proto(fut.result()))
+def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
     _, message = status_for(exc, "ModelStreamInfer")
     if request.id:
         message = f"request {quoted(request.id)}: {message}"
@@ -125,121 +140,157 @@ def _stream_answer(request: pb.ModelInferRequest, fut: Future) -> pb.ModelStream
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: the Open Inference Protocol, Triton's dialect."""
 
-    def __init__(self, dataplane, admin, on_repository_change: Callable[[], None] | None = None,
-                 observe_stream_request=None):
+    def __init__(self, dataplane, admin, bridge: LoopBridge, blocking: Executor,
+                 on_repository_change: Callable[[], None] | None = None, observe_stream_request=None):
         """observe_stream_request: RequestObservation.stream_request (serve/frontend/observe.py), or None."""
         self._dp = dataplane
         self._admin = admin
-        self._on_repository_change = on_repository_change or (lambda: None)
+        self._bridge = bridge
+        self._coalesce = Coalescer(asyncio.get_running_loop())
         self._observe_stream_request = observe_stream_request
+        self._blocking = _Blocking(blocking)
+        self._on_repository_change = on_repository_change or (lambda: None)
 
     @handles_errors
-    def ServerLive(self, request, context):
+    async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self._dp.server_live())
 
     @handles_errors
-    def ServerReady(self, request, context):
+    async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self._dp.server_ready())
 
     @handles_errors
-    def ModelReady(self, request, context):
+    async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=self._dp.model_ready(request.name, request.version))
 
     @handles_errors
-    def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request, context):
         return convert.server_metadata_to_proto(self._dp.server_metadata())
 
     @handles_errors
-    def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request, context):
         return convert.model_metadata_to_proto(
             self._dp.model_metadata(request.name, request.version))
 
     @handles_errors
-    def ModelConfig(self, request, context):
+    async def ModelConfig(self, request, context):
         return convert.model_config_to_proto(self._dp.model_config(request.name, request.version))
 
     @handles_errors
-    def ModelStatistics(self, request, context):
+    async def ModelStatistics(self, request, context):
         return convert.model_stats_to_proto(
             self._dp.model_statistics(request.name, request.version))
 
     @handles_errors
-    def ModelInfer(self, request, context):
-        return convert.infer_response_to_proto(self._dp.infer(_infer_request(request, context)))
+    async def ModelInfer(self, request, context):
+        pending = _submit(self._dp, self._coalesce, _infer_request(request, context, _Call(context)))
+        out = await outputs(self._bridge, pending.raw, pending.cancel, pending.deadline)
+        return convert.infer_response_to_proto(pending.respond(out))
 
     @handles_errors
-    def ModelStreamInfer(self, request_iterator, context):
-        """Pipelined: each request is queued (DataPlane.infer_async) the moment it arrives, in
-        arrival order, without waiting for earlier answers; answers go out in request
-        order (Triton, non-decoupled), each as soon as it and the ones before it are done.
-        An error is answered in-stream (error_message, plus the request's id in infer_response)
-        and the stream goes on."""
-        yield from _PipelinedStream(self._dp, request_iterator, context, self._observe_stream_request).responses()
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Pipelined: each request is queued the moment it arrives, in arrival order, without
+        waiting for earlier answers; answers go out in request order (Triton, non-decoupled),
+        each as soon as it and the ones before it are done. An error is answered in-stream
+        (error_message, plus the request's id in infer_response) and the stream goes on."""
+        async for answer in _pipelined(self._dp, self._bridge, self._coalesce, request_iterator, context,
+                                       self._observe_stream_request):
+            yield answer
 
     @handles_errors
-    def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(self, request, context):
         return convert.repository_index_to_proto(self._admin.repository_index(), request.ready)
 
     @handles_errors
-    def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(self, request, context):
         try:
-            self._admin.load_model(request.model_name)
+            await self._blocking(self._admin.load_model, request.model_name)
         finally:
             self._on_repository_change()
         return pb.RepositoryModelLoadResponse()
 
     @handles_errors
-    def RepositoryModelUnload(self, request, context):
+    async def RepositoryModelUnload(self, request, context):
         try:
-            self._admin.unload_model(request.model_name)
+            await self._blocking(self._admin.unload_model, request.model_name)
         finally:
             self._on_repository_change()
         return pb.RepositoryModelUnloadResponse()
 
 
+class _OffLoop:
+    """Work on the pool for one stream (generate steps, text chunks) and its closing: close()
+    runs at once on the loop when no job is running (it is quick), else on the pool after that
+    job (a cancelled call's job keeps running until it returns), never blocking the loop."""
+
+    def __init__(self, pool: Executor, close: Callable[[], None]):
+        self._pool, self._close = pool, close
+        self._lock = threading.Lock()
+        self._job: Future | None = None
+
+    async def run(self, fn: Callable, *args):
+        self._job = self._pool.submit(self._locked, fn, *args)
+        return await asyncio.wrap_future(self._job)
+
+    def _locked(self, fn, *args):
+        with self._lock:
+            return fn(*args)
+
+    def close(self) -> None:
+        if self._job is not None and not self._job.done():
+            self._pool.submit(self._locked, self._close)
+        else:
+            self._close()
+
+
 class TextServicer(tpb_grpc.TextServiceServicer):
     """rnnserve.v1.TextService: text in, text out."""
 
-    def __init__(self, dataplane):
+    def __init__(self, dataplane, blocking: Executor):
         self._dp = dataplane
+        self._pool = blocking
+        self._blocking = _Blocking(blocking)
 
     @handles_errors
-    def Predict(self, request, context):
-        result = self._dp.predict_text(request.model, request.text,
-                                       top_k=request.top_k or DEFAULT_TOP_K,
-                                       version=request.version)
+    async def Predict(self, request, context):
+        result = await self._blocking(self._dp.predict_text, request.model, request.text,
+                                      top_k=request.top_k or DEFAULT_TOP_K, version=request.version)
         return convert.predict_to_proto(result)
 
     @handles_errors
-    def Generate(self, request, context):
-        for event in self._dp.generate(**convert.generate_args_from_proto(request)):
-            if not context.is_active():
-                logger.debug("Generate: client went away after %d tokens", event.index)
-                return
-            yield convert.generate_event_to_proto(event)
+    async def Generate(self, request, context):
+        events = await self._blocking(self._dp.generate, **convert.generate_args_from_proto(request))
+        steps = _OffLoop(self._pool, events.close)
+        try:
+            while (event := await steps.run(next, events, None)) is not None:
+                yield convert.generate_event_to_proto(event)   # waits while the client does not read
+        finally:
+            steps.close()
 
     @handles_errors
-    def Score(self, request, context):
-        return convert.score_to_proto(self._dp.score(request.model, request.text,
-                                                     version=request.version))
+    async def Score(self, request, context):
+        return convert.score_to_proto(await self._blocking(self._dp.score, request.model, request.text,
+                                                           version=request.version))
 
     @handles_errors
-    def Stream(self, request_iterator, context):
+    async def Stream(self, request_iterator, context):
         """Text chunks in, each chunk's predictions out; the state stays in a DataPlane TextStream.
         The first message opens it (model/version/top_k); every message with text is answered."""
         first, stream, chunk = None, None, 0
         try:
-            for request in map(decoding.check, request_iterator):
+            async for request in request_iterator:
+                request = decoding.check(request)
                 if stream is None:
                     first = request
-                    stream = self._dp.open_text_stream(
-                        **convert.stream_open_args(request, DEFAULT_TOP_K))
+                    stream = self._dp.open_text_stream(**convert.stream_open_args(request, DEFAULT_TOP_K))
+                    chunks = _OffLoop(self._pool, stream.close)
                     if not request.text:
                         continue
                 else:
                     convert.check_stream_followup(request, first)
-                yield convert.stream_response_to_proto(stream.feed(request.text), chunk)
+                result = await chunks.run(stream.feed, request.text)
+                yield convert.stream_response_to_proto(result, chunk)
                 chunk += 1
         finally:
             if stream is not None:
-                stream.close()
+                chunks.close()

@@ -65,7 +65,7 @@ def param_value(name: str, param) -> ParamValue:
 
 
 def params_from_proto(params) -> dict[str, ParamValue]:
-    return {key: param_value(key, params[key]) for key in sorted(params)}
+    return {key: param_value(key, param) for key, param in params.items()}
 
 
 def params_to_proto(values: dict[str, ParamValue], target) -> None:
@@ -107,6 +107,26 @@ def _shape_of(tensor_name: str, dims) -> tuple:
     return shape
 
 
+def _bytes_from_raw(name: str, shape: tuple, raw: bytes) -> np.ndarray:
+    """BYTES: each element is a 4-byte little-endian length and that many bytes (Triton's layout)."""
+    count, at = math.prod(shape), 0
+    items: list[bytes] = []
+    while at < len(raw) and len(items) < count:
+        if at + 4 > len(raw):
+            break
+        size = int.from_bytes(raw[at:at + 4], "little")
+        if at + 4 + size > len(raw):
+            break
+        items.append(bytes(raw[at + 4:at + 4 + size]))
+        at += 4 + size
+    if len(items) != count or at != len(raw):
+        raise InvalidArgument(f"input {quoted(name)}: raw_input_contents is not {count} length-prefixed BYTES "
+                              f"elements for shape {list(shape)}")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return _reshape(name, array, shape)
+
+
 def _reshape(name: str, flat: np.ndarray, shape: tuple) -> np.ndarray:
     """numpy refuses some shapes whose element count is right (a zero-size array with a dimension
     past its index range, more than 64 dimensions): the client's mistake, not ours."""
@@ -117,6 +137,8 @@ def _reshape(name: str, flat: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def tensor_from_raw(name: str, datatype: str, dims, raw: bytes) -> np.ndarray:
+    if datatype == "BYTES":
+        return _bytes_from_raw(name, _shape_of(name, dims), raw)
     dtype = _dtype_for(name, datatype)
     shape = _shape_of(name, dims)
     expected = math.prod(shape) * dtype.itemsize
@@ -127,8 +149,15 @@ def tensor_from_raw(name: str, datatype: str, dims, raw: bytes) -> np.ndarray:
 
 
 def tensor_from_contents(name: str, datatype: str, dims, contents) -> np.ndarray:
-    dtype = _dtype_for(name, datatype)
     shape = _shape_of(name, dims)
+    if datatype == "BYTES":
+        if len(contents.bytes_contents) != math.prod(shape):
+            raise InvalidArgument(f"input {quoted(name)}: shape {list(shape)} has {math.prod(shape)} elements, "
+                                  f"bytes_contents has {len(contents.bytes_contents)}")
+        array = np.empty(len(contents.bytes_contents), dtype=object)
+        array[:] = list(contents.bytes_contents)
+        return _reshape(name, array, shape)
+    dtype = _dtype_for(name, datatype)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidArgument(f"input {quoted(name)}: {datatype} has no typed contents field; "

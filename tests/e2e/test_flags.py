@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 BAD = [  # (flags, environment, words the one line must contain)
     (["--max-seq-len", "0"], {}, "--max-seq-len"),
     (["--max-batch-size", "0"], {}, "--max-batch-size"),
-    (["--instances", "0"], {}, "--instances"),
+    (["--instances", "-1"], {}, "--instances"),
     (["--max-queue-size", "0"], {}, "--max-queue-size"),
     (["--grpc-workers", "0"], {}, "--grpc-workers"),
     (["--max-sequences", "-3"], {}, "--max-sequences"),

@@ -250,7 +250,8 @@ def test_server_and_model_metadata(charlm_dataplane):
     m = charlm_dataplane.model_metadata("charlm")
     assert (m.name, m.versions, m.platform) == ("charlm", ["1", "2"], "onnxruntime_onnx")
     assert [(s.name, s.datatype, s.shape) for s in m.inputs] == [
-        ("tokens", "INT64", [-1, -1]), ("h0", "FP32", [2, -1, 16]), ("c0", "FP32", [2, -1, 16])]
+        ("tokens", "INT64", [-1, -1]), ("h0", "FP32", [2, -1, 16]), ("c0", "FP32", [2, -1, 16]),
+        ("sequence_id", "UINT64", [-1]), ("sequence_start", "BOOL", [-1]), ("sequence_end", "BOOL", [-1])]
     assert [(s.name, s.datatype, s.shape) for s in m.outputs] == [
         ("logits", "FP32", [-1, -1, 32]), ("hn", "FP32", [2, -1, 16]), ("cn", "FP32", [2, -1, 16])]
     assert m.parameters["providers"] == "CPUExecutionProvider" and m.parameters["version"] == "2"
@@ -263,7 +264,7 @@ def test_server_and_model_metadata(charlm_dataplane):
 def test_model_config_full_shapes(charlm_dataplane):
     cfg = charlm_dataplane.model_config("charlm")
     assert (cfg.name, cfg.platform, cfg.max_batch_size) == ("charlm", "onnxruntime_onnx", 0)
-    assert [s.shape for s in cfg.inputs] == [[-1, -1], [2, -1, 16], [2, -1, 16]]
+    assert [s.shape for s in cfg.inputs] == [[-1, -1], [2, -1, 16], [2, -1, 16], [-1], [-1], [-1]]
     assert [s.shape for s in cfg.outputs] == [[-1, -1, 32], [2, -1, 16], [2, -1, 16]]
 
 

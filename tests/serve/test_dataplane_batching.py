@@ -313,7 +313,9 @@ def test_model_config_reports_batching_and_sequence_state(charlm_dataplane):
     assert cfg.sequence_batching["max_sequence_idle_microseconds"] == 60_000_000
     assert [(s.input_name, s.output_name, s.datatype, s.dims) for s in cfg.sequence_batching["states"]] == [
         ("h0", "hn", "FP32", [2, -1, 16]), ("c0", "cn", "FP32", [2, -1, 16])]
-    assert [(t.name, t.optional) for t in cfg.inputs] == [("tokens", False), ("h0", True), ("c0", True)]
+    assert [(t.name, t.optional) for t in cfg.inputs] == [("tokens", False), ("h0", True), ("c0", True),
+                                                           ("sequence_id", True), ("sequence_start", True),
+                                                           ("sequence_end", True)]
     gru = charlm_dataplane.model_config("chargru").sequence_batching["states"]
     assert [(s.input_name, s.output_name, s.dims) for s in gru] == [("h0", "hn", [1, -1, 12])]
     bi = charlm_dataplane.model_config("bigru")

@@ -211,7 +211,8 @@ def test_metadata_config_index_and_text_api(foreign):
     c = foreign.client
     meta = c.get_model_metadata("chunk")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("input", "FP32", [-1, 64]), ("state", "FP32", [2, -1, 128]), ("sr", "INT64", [])]
+        ("input", "FP32", [-1, 64]), ("state", "FP32", [2, -1, 128]), ("sr", "INT64", []),
+        ("sequence_id", "UINT64", [-1]), ("sequence_start", "BOOL", [-1]), ("sequence_end", "BOOL", [-1])]
     assert [(t.name, list(t.shape)) for t in meta.outputs] == [("output", [-1, 1]), ("stateN", [2, -1, 128])]
     cfg = c.get_model_config("features_cfg").config
     assert [s.input_name for s in cfg.sequence_batching.state] == ["hidden_in"]

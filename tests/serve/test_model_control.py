@@ -93,7 +93,7 @@ def test_odd_version_folders_are_skipped_not_fatal(hello_repo, tmp_path, caplog)
 
 
 def test_settings_out_of_range_stop_create_server_before_loading(hello_repo):
-    for bad in (dict(max_seq_len=0), dict(max_batch_size=0), dict(instances=0), dict(max_queue_size=0),
+    for bad in (dict(max_seq_len=0), dict(max_batch_size=0), dict(instances=-1), dict(max_queue_size=0),
                 dict(model_control_mode="sometimes"), dict(poll_interval=5.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             create_server(ServeSettings(repository=hello_repo, port=0, **bad))

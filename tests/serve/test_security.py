@@ -22,6 +22,8 @@ from rnnserve.serve.client import RnnClient
 from rnnserve.serve.frontend import auth
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.serve.wire.gen import text_service_pb2 as tpb
+from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
 from tests.certs import CA
 from tests.fixtures import serving
 
@@ -154,6 +156,12 @@ def test_tokens_and_roles_over_the_wire(token_server, caplog):
             lambda md: stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="rnn"), metadata=md),
             lambda md: stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="rnn"), metadata=md),
         ]
+        # streaming calls are refused before their handler runs, as unary ones are
+        stream = pb.ModelInferRequest(model_name="emb-lstm")
+        assert _code(lambda: list(stub.ModelStreamInfer(iter([stream])))) == grpc.StatusCode.UNAUTHENTICATED
+        text = tpb_grpc.TextServiceStub(channel)
+        assert _code(lambda: list(text.Generate(tpb.GenerateRequest(model="emb-lstm", prompt="hel", max_tokens=2)))) \
+            == grpc.StatusCode.UNAUTHENTICATED
         for call in admin_calls:
             assert _code(lambda call=call: call(_bearer("tok-infer"))) == grpc.StatusCode.PERMISSION_DENIED
             assert _code(lambda call=call: call(None)) == grpc.StatusCode.UNAUTHENTICATED

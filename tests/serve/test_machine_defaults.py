@@ -1,0 +1,22 @@
+"""The onnxruntime threading a server gets when --threads / --instances are left at 0."""
+from __future__ import annotations
+
+import logging
+
+from rnnserve.serve.settings import ServeSettings, machine_threading, with_machine_defaults
+
+
+def test_small_machines_get_one_thread_and_one_instance():
+    assert machine_threading(1) == (1, 1) and machine_threading(2) == (1, 1) and machine_threading(3) == (1, 1)
+    assert machine_threading(4) == (1, 2) and machine_threading(16) == (4, 2)
+
+
+def test_defaults_are_filled_and_logged_flags_win(caplog):
+    with caplog.at_level(logging.INFO, logger="rnnserve.serve.settings"):
+        chosen = with_machine_defaults(ServeSettings(repository="r"), cores=2)
+    assert (chosen.intra_op_threads, chosen.instances) == (1, 1)
+    assert "1 intra-op threads per session (chosen), 1 instances (chosen)" in caplog.text
+    given = with_machine_defaults(ServeSettings(repository="r", intra_op_threads=3), cores=16)
+    assert (given.intra_op_threads, given.instances) == (3, 2)
+    both = ServeSettings(repository="r", intra_op_threads=2, instances=3)
+    assert with_machine_defaults(both, cores=16) is both
