@@ -98,7 +98,7 @@ def _batch_parser() -> argparse.ArgumentParser:
                    help=f"refuse a variant below this top-1 agreement with fp32, in percent "
                         f"(default {DEFAULT_MIN_AGREEMENT * 100:g})")
     p.add_argument("--max-mae-change", type=_percent, default=DEFAULT_MAX_MAE_CHANGE,
-                   help=f"refuse a regression forecaster's int8 variant whose test-split MAE differs from "
+                   help=f"refuse a regression forecaster's int8 variant whose test-split MAE is higher than "
                         f"fp32's by more than this, in percent of it (default {DEFAULT_MAX_MAE_CHANGE * 100:g})")
     p.add_argument("--int8", choices=list(INT8_OPTIONS), default=DEFAULT_INT8, metavar="OPTION",
                    help=f"how the int8 variant is quantized: {', '.join(INT8_OPTIONS)} "

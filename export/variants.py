@@ -276,11 +276,10 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
                               "argmax_mismatches": sum(c.get("argmax_mismatches", 0) for c in measured["cases"]),
                               "cases": len(measured["cases"])}
     by_mae = cmp.get("criterion") == "test_mae"
-    if not refuse and by_mae and abs(cmp["test_mae_rel_change"]) > max_mae_change:
-        change = cmp["test_mae_rel_change"]
-        shown, limit = percent_pair(abs(change), max_mae_change)
+    if not refuse and by_mae and cmp["test_mae_rel_change"] > max_mae_change:
+        shown, limit = percent_pair(cmp["test_mae_rel_change"], max_mae_change)
         fp32, got_mae = value_pair(cmp["fp32_test_mae"], cmp["variant_test_mae"])
-        refuse = f"test MAE change {'+' if change >= 0 else '-'}{shown} exceeds ±{limit} (fp32 {fp32}, {variant} {got_mae})"
+        refuse = f"test MAE +{shown} > limit +{limit} (fp32 {fp32}, {variant} {got_mae})"
     elif not refuse and not by_mae and cmp["top1_agreement"] < min_agreement:
         shown, limit = percent_pair(cmp["top1_agreement"], min_agreement)
         refuse = (f"top-1 agreement {shown} < threshold {limit} "

@@ -20,7 +20,7 @@ def lstm_forecaster(tmp_path_factory) -> str:
     """A tiny LSTM forecaster on the shipped hourly Seattle temperatures; its checkpoint folder's parent."""
     root = tmp_path_factory.mktemp("fc8")
     train_forecast(ForecastConfig(out=str(root / "ckpts" / "temps"), data="vega:seattle-temps", arch="lstm",
-                                  horizon=4, **TINY_FORECAST))
+                                  horizon=4, seed=2, **TINY_FORECAST))
     return str(root / "ckpts")
 
 
@@ -28,7 +28,8 @@ def test_int8_forecaster_refused_then_accepted_on_test_mae(lstm_forecaster, tmp_
     repo = str(tmp_path / "repo")
     args = ["--checkpoints", lstm_forecaster, "--repository", repo, "--variants", "int8"]
 
-    # Limit 0: any change of the test MAE refuses; the reason shows both MAEs, digits enough to differ.
+    # Limit 0: any rise of the test MAE refuses (this seed's int8 MAE is 0.27% higher); the reason shows
+    # both MAEs with digits enough to differ.
     rc, out = batch(capsys, *args, "--max-mae-change", "0")
     assert rc == 0, out
     assert status_of(out) == {"temps": "new", "temps-int8": "refused"}, out
@@ -36,9 +37,9 @@ def test_int8_forecaster_refused_then_accepted_on_test_mae(lstm_forecaster, tmp_
     with open(os.path.join(repo, MANIFEST_FILENAME), encoding="utf-8") as f:
         rec = json.load(f)["models"]["temps"]["versions"]["1"]["variant_int8"]
     assert rec["accepted"] is False and rec["version"] is None
-    assert rec["fp32_test_mae"] != rec["variant_test_mae"]  # int8 really moved the forecasts
+    assert rec["variant_test_mae"] > rec["fp32_test_mae"]
     fp32, got = value_pair(rec["fp32_test_mae"], rec["variant_test_mae"])
-    assert "exceeds ±0.000" in rec["reason"] and f"(fp32 {fp32}, int8 {got})" in rec["reason"]
+    assert "> limit +0.000%" in rec["reason"] and f"(fp32 {fp32}, int8 {got})" in rec["reason"]
     assert f"{fp32} -> {got}" in out  # the printed table shows them the same way
 
     # The default limit (1%): published, its report holds both MAEs and the relative change.
@@ -49,7 +50,7 @@ def test_int8_forecaster_refused_then_accepted_on_test_mae(lstm_forecaster, tmp_
     assert rep["accepted"] and rep["criterion"] == "test_mae" and rep["threshold"] == 0.01
     assert rep["quantized_ops"].get("DynamicQuantizeLSTM") == 1
     change = (rep["variant_test_mae"] - rep["fp32_test_mae"]) / rep["fp32_test_mae"]
-    assert rep["test_mae_rel_change"] == pytest.approx(change) and 0 < abs(change) <= 0.01
+    assert rep["test_mae_rel_change"] == pytest.approx(change) and 0 < change <= 0.01
 
     # The fp32 MAE is the trainer's own test-split score (same split, same scoring) of the published model.
     ckpt_metrics = json.loads(open(os.path.join(lstm_forecaster, "temps", "metrics.jsonl")).read().splitlines()[-1])
