@@ -41,8 +41,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnserve.contract import INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
-from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS, Int8Options, build_int8, op_counts
 from rnnserve.export.forecast_variant import DEFAULT_MAX_MAE_CHANGE, compare_forecast, value_pair
+from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS, Int8Options, build_int8, op_counts
 from rnnserve.export.module import check_spec_io, graph_io
 from rnnserve.export.onnx_export import PARITY_FILENAME, ExportError, check_io
 from rnnserve.export.parity import default_threads, format_summary, make_session, run_parity
