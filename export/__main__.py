@@ -15,6 +15,7 @@ import torch
 
 from rnnserve.cli import EXIT_INTERRUPTED, user_error
 from rnnserve.export.batch import BatchOptions, discover, format_report, run_batch
+from rnnserve.export.forecast_variant import DEFAULT_MAX_MAE_CHANGE
 from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS
 from rnnserve.export.onnx_export import DEFAULT_OPSET, ExportError, export_checkpoint
 from rnnserve.export.parity import ATOL, RTOL, format_cases, format_summary
@@ -96,6 +97,9 @@ def _batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=_percent, default=DEFAULT_MIN_AGREEMENT,
                    help=f"refuse a variant below this top-1 agreement with fp32, in percent "
                         f"(default {DEFAULT_MIN_AGREEMENT * 100:g})")
+    p.add_argument("--max-mae-change", type=_percent, default=DEFAULT_MAX_MAE_CHANGE,
+                   help=f"refuse a regression forecaster's int8 variant whose test-split MAE is higher than "
+                        f"fp32's by more than this, in percent of it (default {DEFAULT_MAX_MAE_CHANGE * 100:g})")
     p.add_argument("--int8", choices=list(INT8_OPTIONS), default=DEFAULT_INT8, metavar="OPTION",
                    help=f"how the int8 variant is quantized: {', '.join(INT8_OPTIONS)} "
                         f"(default {DEFAULT_INT8!r}; compared in bench/quant.py)")
@@ -125,8 +129,8 @@ def batch_main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     opts = BatchOptions(checkpoints=args.checkpoints, repository=args.repository, keep=args.keep,
                         variants=args.variants, name_from=args.name_from, eval_text=args.eval_text,
-                        min_agreement=args.min_agreement, int8=args.int8, threads=args.threads,
-                        atol=args.atol, rtol=args.rtol,
+                        min_agreement=args.min_agreement, max_mae_change=args.max_mae_change, int8=args.int8,
+                        threads=args.threads, atol=args.atol, rtol=args.rtol,
                         opset=args.opset, max_batch_size=args.max_batch_size, progress=not args.no_progress)
     # SIGTERM (e.g. `docker stop`) stops like Ctrl-C: the staging folder is removed on the way out.
     signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rnnserve.contract import DIM_BATCH, DIM_SEQ, INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.export.forecast_variant import DEFAULT_MAX_MAE_CHANGE, load_test_series, value_pair
 from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS
 from rnnserve.export.onnx_export import DEFAULT_OPSET, export_checkpoint
 from rnnserve.export.parity import DEFAULT_TRAIN_SEQ_LEN
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 LATENCY_BATCH, LATENCY_SEQ, LATENCY_WARMUP, LATENCY_RUNS = 1, 64, 5, 30
 CHECKPOINT_FILENAME = "checkpoint.pt"
+_SUMMARY_KEYS = ("top1_agreement", "max_logit_diff", "max_output_diff", "fp32_test_mae", "variant_test_mae",
+                 "test_mae_rel_change", "threshold", "eval_text", "eval_data")
 Failure = tuple[str, str, str]  # (model, checkpoint, why)
 
 
@@ -59,6 +62,7 @@ class BatchOptions:
     name_from: str = "dir"
     eval_text: str | None = None
     min_agreement: float = DEFAULT_MIN_AGREEMENT
+    max_mae_change: float = DEFAULT_MAX_MAE_CHANGE
     int8: str = DEFAULT_INT8
     threads: int | None = None
     atol: float = ATOL
@@ -74,14 +78,15 @@ class Row:
     status: str                    # new | skipped | failed | refused
     arch: str = ""
     params: int | None = None
-    max_diff: float | None = None   # base: parity gate vs PyTorch; variant: max |logit diff| vs fp32 on text
+    max_diff: float | None = None   # base: parity gate vs PyTorch; variant: max |output diff| vs fp32 (eval data)
     agreement: float | None = None  # variants: top-1 agreement with fp32
     size: int | None = None
     p50_ms: float | None = None
     version: int | None = None
     reason: str = ""
     variant: str = ""
-    threshold: float | None = None   # variants: the --min-agreement they were measured against
+    threshold: float | None = None   # variants: the --min-agreement (forecasters: --max-mae-change) they met
+    mae: tuple[float, float] | None = None  # forecaster variants: test-split MAE of fp32 and of the variant
 
 
 @dataclass
@@ -174,15 +179,20 @@ def _meta_of(path: str) -> ModelMeta:
     return parse_metadata({p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props})
 
 
+def _variant_facts(rep: dict[str, Any]) -> dict[str, Any]:
+    """A variant report's Row fields (char models: agreement on text; forecasters: test MAE or agreement)."""
+    mae = (rep["fp32_test_mae"], rep["variant_test_mae"]) if rep.get("criterion") == "test_mae" else None
+    return {"max_diff": rep.get("max_logit_diff", rep.get("max_output_diff")),
+            "agreement": rep.get("top1_agreement"), "threshold": rep.get("threshold"), "mae": mae}
+
+
 def _skipped_row(repo: RepoWriter, name: str) -> Row:
     version = repo.newest(name)
     rec = repo.record(name, version)
     files, vrep = rec.get("files", {}), rec.get("variant_report")
-    return Row(name, "skipped", rec.get("arch", ""), rec.get("params"),
-               vrep["max_logit_diff"] if vrep else rec.get("parity", {}).get("max_abs_diff"),
-               vrep["top1_agreement"] if vrep else None,
-               files.get(MODEL_FILENAME, {}).get("bytes"), rec.get("latency_p50_ms"), version,
-               threshold=vrep.get("threshold") if vrep else None)
+    facts = _variant_facts(vrep) if vrep else {"max_diff": rec.get("parity", {}).get("max_abs_diff")}
+    return Row(name, "skipped", rec.get("arch", ""), rec.get("params"), size=files.get(MODEL_FILENAME, {}).get("bytes"),
+               p50_ms=rec.get("latency_p50_ms"), version=version, **facts)
 
 
 class _Job:
@@ -248,8 +258,8 @@ class _Job:
     def _variant(self, variant: str, base_onnx: str, base_version: int) -> None:
         repo = self.repo
         vname = f"{self.name}-{variant}"
-        if not _meta_of(base_onnx).is_char_model:
-            self._fail(vname, "variants are built for char models only")
+        if not _meta_of(base_onnx).is_char_model and variant != "int8":
+            self._fail(vname, f"{variant} variants are built for char models only (forecasters: int8)")
             return
         if repo.newest_sha(vname) == self.sha:
             self.rows.append(_skipped_row(repo, vname))
@@ -268,26 +278,27 @@ class _Job:
         repo, opts = self.repo, self.opts
         model, ckpt = self.loaded()
         meta = _meta_of(base_onnx)
-        text = load_eval_text(meta, ckpt["train_config"], opts.eval_text)
+        forecaster = not meta.is_char_model
+        series = load_test_series(ckpt["train_config"]) if forecaster else None
+        text = None if forecaster else load_eval_text(meta, ckpt["train_config"], opts.eval_text)
         seq_len = ckpt["train_config"].get("seq_len")
         result = make_variant(variant, base_onnx, staged, repo.work_dir(vname), model=model,
                               train_seq_len=seq_len if isinstance(seq_len, int) and seq_len > 0
                               else DEFAULT_TRAIN_SEQ_LEN,
                               base_ref=f"{self.name}/{base_version}", text=text,
                               min_agreement=opts.min_agreement, threads=opts.threads,
-                              tol=Tolerance(opts.atol, opts.rtol), int8=INT8_OPTIONS[opts.int8])
+                              tol=Tolerance(opts.atol, opts.rtol), int8=INT8_OPTIONS[opts.int8],
+                              series=series, max_mae_change=opts.max_mae_change)
         rep = result.report
         summary = {"model": vname, "accepted": result.accepted, "reason": result.reason,
-                   "top1_agreement": rep["top1_agreement"], "max_logit_diff": rep["max_logit_diff"],
-                   "threshold": rep["threshold"], "eval_text": rep["eval_text"]}
+                   **{k: rep[k] for k in _SUMMARY_KEYS if k in rep}}
         path = os.path.join(staged, MODEL_FILENAME)
         size, p50 = os.path.getsize(path), measure_latency(path, meta, variant, opts.threads)
         if not result.accepted:  # measured and shown, never published
             repo.discard(os.path.dirname(staged))
             repo.annotate(self.name, base_version, f"variant_{variant}", {**summary, "version": None})
-            self.rows.append(Row(vname, "refused", meta.arch, model.num_params(), rep["max_logit_diff"],
-                                 rep["top1_agreement"], size, p50, reason=result.reason, variant=variant,
-                                 threshold=rep["threshold"]))
+            self.rows.append(Row(vname, "refused", meta.arch, model.num_params(), size=size, p50_ms=p50,
+                                 reason=result.reason, variant=variant, **_variant_facts(rep)))
             return
         record = {"checkpoint": self.ckpt, "checkpoint_sha256": self.sha, "arch": meta.config.get("arch", ""),
                   "params": model.num_params(), "latency_p50_ms": round(p50, 4),
@@ -298,9 +309,8 @@ class _Job:
                                                            variant=variant),
                      record, {"variant": variant, "base_model": self.name})
         repo.annotate(self.name, base_version, f"variant_{variant}", {**summary, "version": version})
-        self.rows.append(Row(vname, "new", meta.arch, model.num_params(), rep["max_logit_diff"],
-                             rep["top1_agreement"], size, p50, version, variant=variant,
-                             threshold=rep["threshold"]))
+        self.rows.append(Row(vname, "new", meta.arch, model.num_params(), size=size, p50_ms=p50, version=version,
+                             variant=variant, **_variant_facts(rep)))
 
     def _fail(self, model: str, why: str) -> None:
         self.failures.append((model, self.ckpt, why))
@@ -349,17 +359,28 @@ def _agreement(r: Row) -> str:
     return percent_pair(r.agreement, r.agreement if r.threshold is None else r.threshold)[0]
 
 
+def _mae(r: Row) -> str:
+    """fp32 -> variant test MAE and the relative change, digits as in the refusal's reason."""
+    if r.mae is None:
+        return "-"
+    a, b = value_pair(*r.mae)
+    change = (r.mae[1] - r.mae[0]) / r.mae[0] if r.mae[0] else 0.0
+    shown = percent_pair(abs(change), abs(change) if r.threshold is None else r.threshold)[0]
+    return f"{a} -> {b} ({'+' if change >= 0 else '-'}{shown})"
+
+
 def format_table(rows: list[Row]) -> str:
-    head = ["model", "arch", "params", "parity max diff", "top-1 agree", "onnx size",
+    head = ["model", "arch", "params", "parity max diff", "top-1 agree", "test MAE (change)", "onnx size",
             f"p50 ms (b{LATENCY_BATCH} s{LATENCY_SEQ})", "version", "status"]
     body = [[r.model, r.arch or "-", _fmt(r.params, ","), _fmt(r.max_diff, ".2e"),
-             _agreement(r), _size(r.size), _fmt(r.p50_ms, ".3f"),
+             _agreement(r), _mae(r), _size(r.size), _fmt(r.p50_ms, ".3f"),
              _fmt(r.version), r.status] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
-    out.append("parity max diff: models = the parity gate vs PyTorch; variants = max |logit diff| vs the fp32 "
-               "model on the eval text. top-1 agree: variants vs fp32 on the eval text.")
+    out.append("parity max diff: models = the parity gate vs PyTorch; variants = max |output diff| vs the fp32 "
+               "model on the eval text (forecasters: test split). top-1 agree: variants vs fp32 on the eval text. "
+               "test MAE: a forecaster's int8 variant, fp32 -> int8 on its test split.")
     return "\n".join(out)
 
 

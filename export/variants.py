@@ -3,7 +3,8 @@
 Each variant is published as its own model, REPO/<model>-<variant>/<version>/model.onnx,
 with the same I/O contract and the fp32 model's metadata_props plus `rnnserve.variant`
 (so parse_metadata and the server read it like any model). A variant is accepted only
-if its top-1 (argmax) agreement with the fp32 model on real text is >= min_agreement.
+if its top-1 (argmax) agreement with the fp32 model on real text is >= min_agreement
+(a forecaster's int8 variant: its test-split MAE, export/forecast_variant.py).
 
 Why 99% by default: in a char LM the argmax flips only where the fp32 top-2 logits are
 nearly tied, so a sound int8/fp16 model flips well under 1% of positions on real text;
@@ -40,12 +41,15 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnserve.contract import INPUT_TOKENS, MODEL_FILENAME, OUTPUT_LOGITS, ModelMeta, parse_metadata
+from rnnserve.export.forecast_variant import DEFAULT_MAX_MAE_CHANGE, compare_forecast, value_pair
 from rnnserve.export.int8 import DEFAULT_INT8, INT8_OPTIONS, Int8Options, build_int8, op_counts
+from rnnserve.export.module import check_spec_io, graph_io
 from rnnserve.export.onnx_export import PARITY_FILENAME, ExportError, check_io
 from rnnserve.export.parity import default_threads, format_summary, make_session, run_parity
 from rnnserve.export.tolerance import DEFAULT_TOLERANCE, Tolerance
 from rnnserve.files import atomic_write_json as write_json
 from rnnserve.train.data import VAL_FRACTION
+from rnnserve.train.forecast_data import Series
 
 log = logging.getLogger(__name__)
 
@@ -214,19 +218,30 @@ def _finish_proto(path: str, base_props: Mapping[str, str], variant: str, base_r
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, props)
     meta = parse_metadata(props)
-    check_io(proto, meta)
+    if meta.is_char_model:
+        check_io(proto, meta)
+    else:
+        spec = meta.spec
+        check_spec_io(proto, *graph_io(spec, [t.name for t in spec.inputs] + spec.state_inputs,
+                                       [t.name for t in spec.outputs] + spec.state_outputs))
     onnx.checker.check_model(proto)
     onnx.save(proto, path)
     return meta
 
 
 def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, model, train_seq_len: int,
-                 base_ref: str, text: EvalText, min_agreement: float = DEFAULT_MIN_AGREEMENT,
+                 base_ref: str, text: EvalText | None, min_agreement: float = DEFAULT_MIN_AGREEMENT,
                  threads: int | None = None, tol: Tolerance = DEFAULT_TOLERANCE,
-                 int8: Int8Options = INT8_OPTIONS[DEFAULT_INT8]) -> VariantResult:
-    """Build `variant` of base_onnx into out_dir/model.onnx and measure it. Raises ExportError if it breaks."""
+                 int8: Int8Options = INT8_OPTIONS[DEFAULT_INT8], series: Series | None = None,
+                 max_mae_change: float = DEFAULT_MAX_MAE_CHANGE) -> VariantResult:
+    """Build `variant` of base_onnx into out_dir/model.onnx and measure it. Raises ExportError if it breaks.
+
+    A forecaster (series = its data, export/forecast_variant.py) is int8 only and is measured on
+    its test split instead of text."""
     if variant not in VARIANTS:
         raise ExportError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if series is not None and variant != "int8":
+        raise ExportError(f"{variant} variants are built for char models only; forecasters get int8")
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
@@ -237,8 +252,8 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
         info = (build_int8(base_onnx, dst, work_dir, base_meta.arch, int8) if variant == "int8"
                 else _BUILDERS[variant](base_onnx, dst, work_dir, base_meta))
         meta = _finish_proto(dst, base_props, variant, base_ref)
-        cmp = compare_on_text(make_session(base_onnx, threads), variant_session(dst, variant, threads),
-                              meta, text)
+        ref, got = make_session(base_onnx, threads), variant_session(dst, variant, threads)
+        cmp = compare_forecast(ref, got, meta, series) if series is not None else compare_on_text(ref, got, meta, text)
     except ExportError:
         raise
     except Exception as e:
@@ -252,7 +267,7 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
         info["parity_gate"] = format_summary(parity)
         if not parity["pass"] and not refuse:
             refuse = f"parity gate failed: {format_summary(parity)}"
-    elif variant == "int8":
+    elif variant == "int8" and series is None:
         # The gate's cases measure it against PyTorch (random tokens and states); informational:
         # int8 is not expected to meet the tolerance, acceptance is the agreement on text.
         measured = run_parity(model, dst, train_seq_len=train_seq_len, atol=tol.atol, rtol=tol.rtol,
@@ -260,15 +275,21 @@ def make_variant(variant: str, base_onnx: str, out_dir: str, work_dir: str, *, m
         info["vs_pytorch"] = {"max_abs_diff": measured["max_abs_diff"],
                               "argmax_mismatches": sum(c.get("argmax_mismatches", 0) for c in measured["cases"]),
                               "cases": len(measured["cases"])}
-    if not refuse and cmp["top1_agreement"] < min_agreement:
+    by_mae = cmp.get("criterion") == "test_mae"
+    if not refuse and by_mae and cmp["test_mae_rel_change"] > max_mae_change:
+        shown, limit = percent_pair(cmp["test_mae_rel_change"], max_mae_change)
+        fp32, got_mae = value_pair(cmp["fp32_test_mae"], cmp["variant_test_mae"])
+        refuse = f"test MAE +{shown} > limit +{limit} (fp32 {fp32}, {variant} {got_mae})"
+    elif not refuse and not by_mae and cmp["top1_agreement"] < min_agreement:
         shown, limit = percent_pair(cmp["top1_agreement"], min_agreement)
         refuse = (f"top-1 agreement {shown} < threshold {limit} "
                   f"({cmp['top1_disagreements']} of {cmp['positions']} positions differ)")
+    threshold = max_mae_change if by_mae else min_agreement
     report = {"variant": variant, "base": base_ref, "accepted": not refuse, "reason": refuse,
-              "threshold": min_agreement, **cmp, **info, "seconds": round(time.perf_counter() - t0, 3)}
+              "threshold": threshold, **cmp, **info, "seconds": round(time.perf_counter() - t0, 3)}
     write_json(os.path.join(out_dir, VARIANT_REPORT), report)
     if parity is not None:
         write_json(os.path.join(out_dir, PARITY_FILENAME), parity)
-    log.info("%s of %s: agreement %.4f, max logit diff %.3g%s", variant, base_ref, cmp["top1_agreement"],
-             cmp["max_logit_diff"], f"; refused: {refuse}" if refuse else "")
+    log.info("%s of %s: %s%s", variant, base_ref,
+             {k: v for k, v in cmp.items() if isinstance(v, float)}, f"; refused: {refuse}" if refuse else "")
     return VariantResult(variant, not refuse, refuse, report, parity)
