@@ -8,13 +8,12 @@ the server reports them (ModelConfig parameters); --feature-names / --class-name
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 
 import numpy as np
 
-from rnnserve.cli import user_error
+from rnnserve.cli import comma_names, user_error
 from rnnserve.timeseries import (
     DEFAULT_DATA,
     TimeSeriesError,
@@ -33,20 +32,13 @@ from rnnserve.timeseries import (
 OUTPUTS = ("forecast", "class_logits")
 
 
-def _names(text: str) -> list[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give names, comma-separated")
-    return names
-
-
 def add_parser(command) -> None:
     p = command("forecast", cmd_forecast, "stream CSV rows through a forecaster's sequence", model=True)
     p.add_argument("--data", default=DEFAULT_DATA, help=f"CSV file or vega:NAME (default {DEFAULT_DATA})")
     p.add_argument("--target", help="the forecast column (default: the built-in table's)")
     p.add_argument("--time-column", help="time column (default: the built-in table's `date`)")
-    p.add_argument("--feature-names", type=_names, help="the model's feature_names (default: as training chose)")
-    p.add_argument("--class-names", type=_names, help="the model's class_names (default: the target's labels)")
+    p.add_argument("--feature-names", type=comma_names, help="the model's feature_names (default: as training chose)")
+    p.add_argument("--class-names", type=comma_names, help="the model's class_names (default: the target's labels)")
     p.add_argument("--start-row", type=int, help="first row to print (default: the start of the test split)")
     p.add_argument("--rows", type=int, default=24, help="rows streamed one at a time (default %(default)s)")
     p.add_argument("--warmup", type=int, default=48, help="rows sent first, in one request (default %(default)s)")

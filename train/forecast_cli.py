@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from rnnserve.cli import user_error
+from rnnserve.cli import comma_names, user_error
 from rnnserve.timeseries import BUILTIN, DEFAULT_DATA
 from rnnserve.train.forecast import ForecastConfig, train_forecast
 from rnnserve.train.forecast_data import ForecastDataError
@@ -12,19 +12,12 @@ from rnnserve.train.forecast_model import FORECAST_ARCHS, HEADS
 _D = ForecastConfig.__dataclass_fields__
 
 
-def _columns(text: str) -> list[str]:
-    cols = [c.strip() for c in text.split(",") if c.strip()]
-    if not cols:
-        raise argparse.ArgumentTypeError("give one or more column names, comma-separated")
-    return cols
-
-
 def add_forecast_args(g) -> None:
     g.add_argument("--data", default=DEFAULT_DATA,
                    help=f"CSV file with a header row, or vega:NAME for the built-in weather tables "
                         f"({', '.join(BUILTIN)}; default {DEFAULT_DATA})")
     g.add_argument("--target", help="column to forecast (default: the built-in table's: temp / weather)")
-    g.add_argument("--features", type=_columns, help="input columns, comma-separated (default: all but the time "
+    g.add_argument("--features", type=comma_names, help="input columns, comma-separated (default: all but the time "
                                                      "column; the target is always one)")
     g.add_argument("--time-column", help="time column: gives calendar features and the seasonal baseline "
                                          "(default: the built-in table's `date`)")
