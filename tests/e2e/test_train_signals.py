@@ -61,7 +61,7 @@ def test_a_signal_saves_last_pt_and_the_plot_and_exits_130(sig, tmp_path):
     command = shlex.split(hint[0].split("Resume with: ", 1)[1])
     assert command[0] == "rnnserve-train" and "--resume" in command
     left = float(command[command.index("--time-budget") + 1])
-    assert 4.0 < left < 5.0
+    assert 4.0 < left <= 5.0   # printed to 0.01 min: a run stopped within 0.3 s shows 5.00
     command[command.index("--time-budget") + 1] = "0.01"   # not minutes more in a test
     done = subprocess.run([sys.executable, "-m", "rnnserve.train", *command[1:]], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
