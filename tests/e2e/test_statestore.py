@@ -150,7 +150,10 @@ def test_sigterm_drain_mid_sequence(replicas):
         try:
             drained = in_flight.result()
         except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+            # UNAVAILABLE from the drain; a call whose connection reaches the process only as
+            # grpc.aio itself stops (past the drain's settle time, on a loaded machine) is
+            # CANCELLED by gRPC. Neither applied the step: the retry below must run it once.
+            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), e.details()
             drained = None
     parts.append(step_rnn(b.address, 303, tokens, 3))
     if drained is not None:
