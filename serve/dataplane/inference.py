@@ -7,7 +7,8 @@ A request becomes one of:
 - one step of a server-side sequence (`sequence_id` non-zero / non-empty), handed
   to the SequenceManager with `sequence_start` / `sequence_end`: Triton's semantics;
 - one step each of many sequences, one per row (the `sequence_id` input and its
-  companions, serve/dataplane/sequence_rows.py): a step of each row's sequence, queued together.
+  companions, serve/dataplane/sequence_rows.py): a step of each row's sequence, run as one unit
+  when they can (serve/engine/sequence_units.py).
 
 `submit()` does all validation and queueing synchronously, in the caller's order,
 and returns at once (a Pending). That order is what keeps pipelined steps of one
@@ -105,10 +106,6 @@ def _check_rows(engine: ModelEngine, rows: sequence_rows.SequenceRows, params: v
     if sent:
         raise InvalidArgument(f"state inputs ({', '.join(sent)}) cannot be sent with a per-row "
                               "'sequence_id' input: each row starts from the zero state")
-    if engine.sequences is None:
-        raise InvalidArgument(
-            f"model '{engine.inst.name}' {engine.inst.stateless_why}: it cannot carry state across requests, "
-            "so sequence requests (sequence_id) are refused; send the whole sequence in one request")
 
 
 def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: int,
@@ -129,7 +126,7 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: 
     cancel = None
     if rows is not None:
         _check_rows(engine, rows, params, feeds, batch)
-        fut = sequence_rows.submit(engine, rows, inputs, deadline, req.is_cancelled)
+        fut = engine.submit_rows(rows.ids, rows.start, rows.end, inputs, deadline, req.is_cancelled)
     elif params.in_sequence:
         sent = [n for n in engine.io.state_inputs if n in feeds]
         client_states = engine.states_from(feeds, batch) if sent else None

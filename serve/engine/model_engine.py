@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 
 import numpy as np
@@ -111,13 +111,25 @@ class ModelEngine:
                     client_states: States | None = None, deadline: float | None = None,
                     is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
         """Queue one request of a server-side sequence (Triton semantics, see serve/engine/sequences.py)."""
+        sequences = self._sequences()
+        return self._track(lambda: sequences.submit(
+            seq_id, inputs, start=start, end=end, client_states=client_states or None,
+            deadline=deadline, is_cancelled=is_cancelled, step_id=step_id))()
+
+    def submit_rows(self, seq_ids: Sequence[Hashable], starts: Sequence[bool], ends: Sequence[bool],
+                    inputs: dict[str, np.ndarray], deadline: float | None = None,
+                    is_cancelled: Callable[[], bool] | None = None) -> Future:
+        """Queue a request whose row i is a step of sequence seq_ids[i] (serve/engine/sequence_units.py)."""
+        sequences = self._sequences()
+        return self._track(lambda: sequences.submit_rows(
+            seq_ids, starts, ends, inputs, deadline=deadline, is_cancelled=is_cancelled))()
+
+    def _sequences(self) -> SequenceManager:
         if self.sequences is None:
             raise InvalidArgument(
                 f"model '{self.inst.name}' {self.inst.stateless_why}: it cannot carry state across requests, so "
                 "sequence requests (sequence_id) are refused; send the whole sequence in one request")
-        return self._track(lambda: self.sequences.submit(
-            seq_id, inputs, start=start, end=end, client_states=client_states or None,
-            deadline=deadline, is_cancelled=is_cancelled, step_id=step_id))()
+        return self.sequences
 
     def run(self, inputs: dict[str, np.ndarray], states: States, need_state: bool = True) -> dict[str, np.ndarray]:
         """Submit and wait: the blocking form the text API uses."""

@@ -30,71 +30,25 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.engine.modelio import ModelIO, Work
+from rnnserve.serve.engine.seqsteps import RowUnit, Seq, States, Step, digest, row_inputs, split_states
+from rnnserve.serve.engine.sequence_units import RowUnits
 from rnnserve.serve.engine.statestore import MemoryStore, SeqRecord, StateStore, Write
 from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable, quoted
 
 log = logging.getLogger(__name__)
 
-States = tuple[np.ndarray, ...]
 
-
-def digest(arrays: Sequence[np.ndarray]) -> str:
-    """A step's inputs, in short: a repeated step id must come with the same inputs."""
-    h = hashlib.blake2b(digest_size=8)
-    for a in arrays:
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-@dataclass(eq=False)
-class _Step:
-    inputs: dict[str, np.ndarray]
-    start: bool
-    end: bool
-    client_states: States | None
-    deadline: float | None
-    is_cancelled: Callable[[], bool] | None
-    step_id: int | None = None           # the client's id for this step, if it sent one
-    key: Hashable = None                 # its sequence's id
-    digest: str = ""
-    future: Future = field(default_factory=Future)
-    applied_id: int = 0                  # the id it runs as (set when dispatched)
-    expect: str = "*"                    # the store token its state came from ('*' = a START)
-    write: Write | None = None           # its write-through (shared store), set before it is answered
-    reloaded: bool = False               # the sequence was reloaded from the store for it once
-    rows: int = 1                        # its batch size
-
-
-@dataclass(eq=False)
-class _Seq:
-    key: Hashable
-    batch: int
-    state: States | None = None          # None = the zero state
-    pending: collections.deque[_Step] = field(default_factory=collections.deque)
-    busy: bool = False
-    last_used: float = field(default_factory=time.monotonic)
-    step: int = 0                        # id of the last applied step
-    answer: dict[str, np.ndarray] | None = None   # its outputs, kept when it carried an id
-    digest: str = ""
-    token: str = "*"                     # the store's token for the state held here
-    ended: bool = False                  # loaded as ended: only a repeat of its END is answered
-    loading: bool = False                # not known here yet: being loaded from the store
-
-
-class SequenceManager:
+class SequenceManager(RowUnits):
     """Per-model registry of live sequences, feeding one Batcher."""
 
     def __init__(self, name: str, batcher: Batcher, io: ModelIO,
@@ -109,7 +63,7 @@ class SequenceManager:
         self.idle_timeout_s = idle_timeout_s
         self._store: StateStore = store or MemoryStore()
         self._model, self._version = model or name, version
-        self._seqs: dict[Hashable, _Seq] = {}
+        self._seqs: dict[Hashable, Seq] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.freed_idle = 0
@@ -121,42 +75,20 @@ class SequenceManager:
                client_states: States | None = None, deadline: float | None = None,
                is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
         """Queue one request of a sequence; the Future resolves to the model outputs."""
-        if not self._io.streamable:
-            raise InvalidArgument(
-                f"model '{self.name}' has no state inputs: it cannot carry state across requests, "
-                "so sequence requests (sequence_id) are refused; send the whole sequence in one request")
-        batch = self._io.rows(inputs)
-        step = _Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
-                     digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "")
-        step.rows = batch
-        load = False
+        self._check_streamable()
+        if client_states and not start:
+            raise InvalidArgument(f"state inputs ({', '.join(self._io.state_inputs)}) may only be sent with "
+                                  "sequence_start: the server keeps the state of a live sequence")
+        step = Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
+                    digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "",
+                    rows=self._io.rows(inputs))
         with self._lock:
-            seq = self._seqs.get(seq_id)
-            if seq is None and (start or self._store.shared):
-                # not held here: a START begins it, any other step loads it from a shared store
-                if len(self._seqs) >= self.max_sequences:
-                    raise Unavailable(
-                        f"model '{self.name}': too many live sequences ({self.max_sequences}); "
-                        "end some sequences (sequence_end) or retry later")
-                seq = _Seq(seq_id, batch, loading=not start, busy=not start)
-                self._seqs[seq_id] = seq
-                load = not start
-            elif seq is None:
-                raise InvalidArgument(
-                    f"sequence {quoted(seq_id)} is not active on model '{self.name}': "
-                    "its first request must set sequence_start=true (START is required)")
-            elif start and not seq.pending and not seq.busy:
-                seq.batch = batch
-            if not start:
-                if client_states:
-                    raise InvalidArgument(
-                        f"state inputs ({', '.join(self._io.state_inputs)}) may only be sent with "
-                        "sequence_start: the server keeps the state of a live sequence")
-            if batch != seq.batch and not seq.loading:
-                raise InvalidArgument(
-                    f"sequence {quoted(seq_id)} started with batch {seq.batch}; this request has batch {batch}")
-            seq.pending.append(step)
-            seq.last_used = time.monotonic()
+            refusal = self._refusal(seq_id, start, step.rows)
+            if refusal is not None:
+                raise refusal
+            if seq_id not in self._seqs and len(self._seqs) >= self.max_sequences:
+                raise self._full()
+            seq, load = self._enqueue(step, time.monotonic())
             dispatch = not seq.busy
             if dispatch:
                 seq.busy = True
@@ -198,21 +130,26 @@ class SequenceManager:
 
     def persist(self, items: list[Work], results: list[dict[str, np.ndarray]]) -> None:
         """Write-through (Batcher's before_answer): the new state of every sequence step in a
-        finished run, in one store commit, before any of them is answered."""
+        finished run (each row of a unit), in one store commit, before any of them is answered."""
         writes = []
-        names = list(zip(self._io.state_inputs, self._io.state_outputs))
         for work, out in zip(items, results):
-            step = work.tag
-            if not isinstance(step, _Step):
-                continue
-            record = SeqRecord(self._model, self._version, int(work.rows), step.applied_id,
-                               {i: out[o] for i, o in names},
-                               {k: v for k, v in out.items() if k not in self._io.state_outputs}
-                               if step.step_id is not None else None, step.digest, step.end)
-            step.write = Write(step.key, step.expect, record)
-            writes.append(step.write)
+            tag = work.tag
+            if isinstance(tag, Step):
+                answer = ({k: v for k, v in out.items() if k not in self._io.state_outputs}
+                          if tag.step_id is not None else None)
+                writes.append(self._write(tag, int(work.rows), tuple(out[o] for o in self._io.state_outputs),
+                                          answer))
+            elif isinstance(tag, RowUnit):
+                tag.states = split_states(self._io, out)    # _unit_finished keeps them
+                writes += [self._write(step, 1, states, None) for step, states in zip(tag.steps, tag.states)]
         if writes:
             self._store.commit(self._model, writes, self.idle_timeout_s)
+
+    def _write(self, step: Step, rows: int, states: States, answer: dict[str, np.ndarray] | None) -> Write:
+        step.write = Write(step.key, step.expect, SeqRecord(
+            self._model, self._version, rows, step.applied_id, dict(zip(self._io.state_inputs, states)),
+            answer, step.digest, step.end))
+        return step.write
 
     def close(self) -> None:
         self._stop.set()
@@ -227,11 +164,11 @@ class SequenceManager:
             except Exception:  # the reaper must survive anything
                 log.exception("sequence reaper failed")
 
-    def _load(self, seq: _Seq) -> None:
+    def _load(self, seq: Seq) -> None:
         """Fetch the sequence's record from the store (off the caller's thread), then go on."""
         self._store.load_async(self._model, seq.key).add_done_callback(lambda f: self._loaded(seq, f))
 
-    def _loaded(self, seq: _Seq, fut: Future) -> None:
+    def _loaded(self, seq: Seq, fut: Future) -> None:
         try:
             rec: SeqRecord | None = fut.result()
             error = None
@@ -273,8 +210,7 @@ class SequenceManager:
                     if seq.loading:
                         seq.batch = rec.batch
                 seq.loading = False
-        for step in failed:
-            step.future.set_exception(error)
+        self._fail([(step, error) for step in failed if error is not None])
         self._dispatch(seq)
 
     def _fits(self, rec: SeqRecord) -> bool:
@@ -282,7 +218,7 @@ class SequenceManager:
         return all(n in rec.states and rec.states[n].shape == z.shape and rec.states[n].dtype == z.dtype
                    for n, z in zip(self._io.state_inputs, zeros))
 
-    def _check(self, seq: _Seq, step: _Step) -> str | ServeError:
+    def _check(self, seq: Seq, step: Step) -> str | ServeError:
         """(Under the lock) 'run', 'replay', 'reload' or the error for the sequence's next step."""
         if step.start:
             if (step.step_id is not None and not seq.ended and seq.answer is not None
@@ -297,8 +233,7 @@ class SequenceManager:
             return "replay"
         if sid == want and not seq.ended:
             if step.rows != seq.batch:
-                return InvalidArgument(f"sequence {quoted(seq.key)} started with batch {seq.batch}; "
-                                       f"this request has batch {step.rows}")
+                return _batch_mismatch(seq, step.rows)
             step.applied_id = sid
             return "run"
         if self._store.shared and not step.reloaded:
@@ -314,28 +249,82 @@ class SequenceManager:
         return FailedPrecondition(f"sequence {quoted(seq.key)}: got step {sid}, the server expects step {want} "
                                   f"(step {seq.step} is the last applied; repeat it to get its answer again)")
 
-    def _dispatch(self, seq: _Seq) -> None:
-        """Hand the sequence's next step to the batcher (the sequence is marked busy)."""
+    def _check_streamable(self) -> None:
+        if not self._io.streamable:
+            raise InvalidArgument(
+                f"model '{self.name}' has no state inputs: it cannot carry state across requests, "
+                "so sequence requests (sequence_id) are refused; send the whole sequence in one request")
+
+    def _not_active(self, key: Hashable, where: str = "") -> InvalidArgument:
+        return InvalidArgument(f"sequence {quoted(key)} is not active on model '{self.name}'{where}: "
+                               "its first request must set sequence_start=true (START is required)")
+
+    def _full(self) -> Unavailable:
+        return Unavailable(f"model '{self.name}': too many live sequences ({self.max_sequences}); "
+                           "end some sequences (sequence_end) or retry later")
+
+    def _refusal(self, key: Hashable, start: bool, rows: int) -> ServeError | None:
+        """(Under the lock) Why a step of `rows` rows is refused before it is queued, or None."""
+        seq = self._seqs.get(key)
+        if seq is None:
+            return None if start or self._store.shared else self._not_active(key)
+        if (not start or seq.pending or seq.busy) and rows != seq.batch and not seq.loading:
+            return _batch_mismatch(seq, rows)
+        return None
+
+    def _enqueue(self, step: Step, now: float) -> tuple[Seq, bool]:
+        """(Under the lock, the step not refused) Queue the step on its sequence, a new one when it
+        is not held here: -> (the sequence, whether it is to be loaded from the store)."""
+        seq = self._seqs.get(step.key)
+        load = False
+        if seq is None:   # a START begins it, any other step loads it from the shared store
+            load = not step.start
+            seq = Seq(step.key, step.rows, loading=load, busy=load)
+            self._seqs[step.key] = seq
+        elif step.start and not seq.pending and not seq.busy:
+            seq.batch = step.rows
+        seq.pending.append(step)
+        seq.last_used = now
+        return seq, load
+
+    def _start_state(self, seq: Seq, step: Step) -> States | None:
+        """(Under the lock, the step to run) The state it starts from (None: zeros), and the store
+        token that state came from."""
+        step.expect = "*" if step.start else seq.token
+        return step.client_states if step.start else seq.state
+
+    def _release(self, seq: Seq) -> None:
+        """(Under the lock, nothing pending) The sequence is free; freed if it was loaded as ended."""
+        seq.busy = False
+        if seq.ended and self._seqs.get(seq.key) is seq:
+            del self._seqs[seq.key]
+
+    def _dispatch(self, seq: Seq) -> None:
+        """Hand the sequence's next step to the batcher (the sequence is marked busy); a unit's step
+        waits there for the unit's other rows."""
         while True:
             with self._lock:
                 if not seq.pending:
-                    seq.busy = False
-                    if seq.ended and self._seqs.get(seq.key) is seq:
-                        del self._seqs[seq.key]
+                    self._release(seq)
                     return
                 step = seq.pending[0]
-                verdict = self._check(seq, step)
-                if verdict == "reload":
-                    step.reloaded = True
+                unit = step.unit if step.unit is not None and not step.unit.dissolved else None
+                if unit is not None:
+                    ready = self._arrive(step)
+                    claim = self._claim(unit) if ready else None
                 else:
-                    seq.pending.popleft()
-                if verdict == "run":
-                    if step.start:
-                        state = step.client_states or self._zero_state(seq.batch)
+                    verdict = self._check(seq, step)
+                    if verdict == "reload":
+                        step.reloaded = True
                     else:
-                        state = seq.state if seq.state is not None else self._zero_state(seq.batch)
-                    step.expect = "*" if step.start else seq.token
-                answer = seq.answer
+                        seq.pending.popleft()
+                    if verdict == "run":
+                        state = self._start_state(seq, step)
+                    answer = seq.answer
+            if unit is not None:
+                if ready:
+                    self._launch(unit, claim)
+                return
             if verdict == "reload":
                 self._load(seq)
                 return
@@ -345,8 +334,8 @@ class SequenceManager:
             if isinstance(verdict, ServeError):
                 step.future.set_exception(verdict)
                 continue
-            work = Work(step.inputs, tuple(state), need_state=True, deadline=step.deadline,
-                        is_cancelled=step.is_cancelled, tag=step)
+            work = Work(step.inputs, state or self._zero_state(step.rows), need_state=True,
+                        deadline=step.deadline, is_cancelled=step.is_cancelled, tag=step)
             try:
                 fut = self._batcher.submit(work)
             except ServeError as e:
@@ -355,43 +344,61 @@ class SequenceManager:
             fut.add_done_callback(functools.partial(self._finished, seq, step))
             return
 
-    def _finished(self, seq: _Seq, step: _Step, fut: Future) -> None:
+    def _finished(self, seq: Seq, step: Step, fut: Future) -> None:
         exc = fut.exception()
-        written = step.write
-        if exc is None and written is not None and written.error is not None:
-            exc = written.error       # not stored: not applied, so a retry runs it again
-        conflict = exc is None and written is not None and not written.written
-        dropped: Sequence[_Step] = ()
         out = fut.result() if exc is None else None
-        # The Batcher hands each item its own state arrays (Batcher._split), so keeping them
+        # The Batcher hands each item its own state arrays (ModelIO.split), so keeping them
         # holds no other row's memory.
         state = None if out is None or step.end else tuple(out[n] for n in self._io.state_outputs)
         with self._lock:
-            seq.last_used = time.monotonic()
-            if conflict:   # another replica moved the sequence on: reload, then this step again
-                step.reloaded, step.write = False, None
-                seq.pending.appendleft(step)
-            elif out is not None:
-                seq.step, seq.digest, seq.ended = step.applied_id, step.digest, False
-                seq.answer = ({k: np.array(v) for k, v in out.items()} if step.step_id is not None else None)
-                seq.token = written.record.token if written is not None else "*"
-                if step.end:
-                    if self._seqs.get(seq.key) is seq:
-                        del self._seqs[seq.key]
-                    seq.state = None
-                    dropped, seq.pending = list(seq.pending), collections.deque()
-                else:
-                    seq.state = state
-            elif step.start:
-                seq.state = None
-        if conflict:
+            requeued, exc, dropped = self._apply(seq, step, exc, state, out, time.monotonic())
+        if requeued:
             self._load(seq)
             return
-        for d in dropped:
-            d.future.set_exception(InvalidArgument(
-                f"sequence {quoted(seq.key)} ended (sequence_end) before this request ran"))
+        self._fail(dropped)
         if exc is None:
             step.future.set_result(out)
         else:
             step.future.set_exception(exc)
         self._dispatch(seq)
+
+    def _apply(self, seq: Seq, step: Step, exc: BaseException | None, state: States | None,
+               out: dict[str, np.ndarray] | None, now: float
+               ) -> tuple[bool, BaseException | None, list[tuple[Step, BaseException]]]:
+        """(Under the lock) A finished run of the step: its new state (None after END) or its error
+        -> (queued again, to run after a reload; the step's error; the pending steps an END drops)."""
+        written = step.write
+        if exc is None and written is not None and written.error is not None:
+            exc = written.error       # not stored: not applied, so a retry runs it again
+        seq.last_used = now
+        if exc is None and written is not None and not written.written:
+            # another replica moved the sequence on: reload, then this step again, alone
+            step.reloaded, step.write = False, None
+            if step.unit is not None:
+                step.inputs, step.unit = row_inputs(self._io, step.unit.inputs, step.row), None
+            seq.pending.appendleft(step)
+            return True, None, []
+        dropped: list[tuple[Step, BaseException]] = []
+        if exc is None:
+            seq.step, seq.digest, seq.ended = step.applied_id, step.digest, False
+            seq.answer = ({k: np.array(v) for k, v in out.items()}
+                          if step.step_id is not None and out is not None else None)
+            seq.token = written.record.token if written is not None else "*"
+            if step.start:
+                seq.batch = step.rows
+            if step.end:
+                if self._seqs.get(seq.key) is seq:
+                    del self._seqs[seq.key]
+                seq.state = None
+                ended = InvalidArgument(f"sequence {quoted(seq.key)} ended (sequence_end) before this request ran")
+                dropped, seq.pending = [(d, ended) for d in seq.pending], collections.deque()
+            else:
+                seq.state = state
+        elif step.start:
+            seq.state = None
+        return False, exc, dropped
+
+
+
+def _batch_mismatch(seq: Seq, rows: int) -> InvalidArgument:
+    return InvalidArgument(f"sequence {quoted(seq.key)} started with batch {seq.batch}; this request has batch {rows}")
