@@ -38,7 +38,7 @@ def digest(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Step:
     inputs: dict[str, np.ndarray]        # a unit's row: filled in only if it runs alone
     start: bool
@@ -49,7 +49,7 @@ class Step:
     step_id: int | None = None           # the client's id for this step, if it sent one
     key: Hashable = None                 # its sequence's id
     digest: str = ""
-    future: Future = field(default_factory=Future)   # a unit's row: only used if it runs alone
+    promise: Future | None = None        # its answer; a unit's row gets one only to be answered alone
     applied_id: int = 0                  # the id it runs as (set when dispatched)
     expect: str = "*"                    # the store token its state came from ('*' = a START)
     write: Write | None = None           # its write-through (shared store), set before it is answered
@@ -59,8 +59,13 @@ class Step:
     row: int = 0                         # its row there
     arrived: bool = False                # its sequence has reached it and waits for the unit's other rows
 
+    @property
+    def future(self) -> Future:
+        assert self.promise is not None, "a unit's row is answered alone only once it has a Future"
+        return self.promise
 
-@dataclass(eq=False)
+
+@dataclass(eq=False, slots=True)
 class Seq:
     key: Hashable
     batch: int

@@ -79,6 +79,8 @@ class RowUnits:
         if self._store.shared:
             self._check_stored(keys, starts)
         unit = RowUnit(inputs, deadline, is_cancelled)
+        unit.steps = [Step({}, start, end, None, deadline, is_cancelled, key=key, unit=unit, row=i)
+                      for i, (key, start, end) in enumerate(zip(keys, starts, ends))]
         loads: list[Seq] = []
         with self._lock:
             new = 0
@@ -90,14 +92,12 @@ class RowUnits:
             if new and len(self._seqs) + new > self.max_sequences:
                 raise self._full()
             now = time.monotonic()
-            for i, key in enumerate(keys):
-                step = Step({}, starts[i], ends[i], None, deadline, is_cancelled, key=key, unit=unit, row=i)
+            for step in unit.steps:
                 seq, load = self._enqueue(step, now)
                 if load:
                     loads.append(seq)
                 elif not seq.busy:     # free: it has reached the unit's step
                     seq.busy = step.arrived = True
-                unit.steps.append(step)
                 unit.seqs.append(seq)
             unit.waiting = sum(not step.arrived for step in unit.steps)
             ready = unit.waiting == 0
@@ -141,7 +141,7 @@ class RowUnits:
         waiting at it (to dispatch); the caller gathers the answer."""
         unit.dissolved = True
         for step in unit.steps:
-            step.inputs = row_inputs(self._io, unit.inputs, step.row)
+            step.inputs, step.promise = row_inputs(self._io, unit.inputs, step.row), Future()
         return [seq for seq, step in zip(unit.seqs, unit.steps) if step.arrived and seq.pending
                 and seq.pending[0] is step]
 
@@ -194,6 +194,8 @@ class RowUnits:
             unit.future.set_result(out)
         else:   # some rows failed or run again: the answer row by row
             for i, (step, (requeued, error)) in enumerate(zip(unit.steps, outcomes)):
+                if not requeued:   # a requeued row got its Future (SequenceManager._apply)
+                    step.promise = Future()
                 if error is not None:
                     step.future.set_exception(error)
                 elif not requeued and out is not None:

@@ -81,7 +81,7 @@ class SequenceManager(RowUnits):
                                   "sequence_start: the server keeps the state of a live sequence")
         step = Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
                     digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "",
-                    rows=self._io.rows(inputs))
+                    rows=self._io.rows(inputs), promise=Future())
         with self._lock:
             refusal = self._refusal(seq_id, start, step.rows)
             if refusal is not None:
@@ -376,6 +376,7 @@ class SequenceManager(RowUnits):
             step.reloaded, step.write = False, None
             if step.unit is not None:
                 step.inputs, step.unit = row_inputs(self._io, step.unit.inputs, step.row), None
+                step.promise = Future()
             seq.pending.appendleft(step)
             return True, None, []
         dropped: list[tuple[Step, BaseException]] = []
