@@ -241,3 +241,44 @@ def test_cli_steps_across_replicas(replicas):
     code, out = cli(b, "--step", "5", "--end")
     assert code == 1 and out["error"]["code"] == "FAILED_PRECONDITION"
     assert cli(a, "--step", "2", "--end")[0] == 0
+
+
+def step_rows(address: str, ids: list[int], tokens: np.ndarray, i: int, start=None, end=None) -> np.ndarray:
+    """Chunk i of each row's sequence in one request (the sequence_id / _start / _end inputs)."""
+    n = len(ids)
+    start = [i == 0] * n if start is None else start
+    end = [i == CHUNKS - 1] * n if end is None else end
+    arrays = [("tokens", np.ascontiguousarray(chunk(tokens, i)), "INT64"),
+              ("sequence_id", np.array(ids, np.uint64), "UINT64"),
+              ("sequence_start", np.array(start), "BOOL"), ("sequence_end", np.array(end), "BOOL")]
+    inputs = []
+    for name, array, datatype in arrays:
+        inputs.append(tc.InferInput(name, list(array.shape), datatype))
+        inputs[-1].set_data_from_numpy(array)
+    client = tc.InferenceServerClient(address)
+    try:
+        return client.infer(MODEL, inputs, outputs=[tc.InferRequestedOutput("logits")]).as_numpy("logits")
+    finally:
+        client.close()
+
+
+def test_many_sequence_requests_across_replicas(replicas, redis_server):
+    """Rows of four sequences per request: three chunks on replica a (each request one unit,
+    written through), three on b (loaded from Redis), the rest on a again (its copies are
+    stale: the writes conflict, each row is reloaded and run again). Each row equals its
+    sequence sent whole. A row for a sequence whose END is stored fails the request naming
+    the row; the other row is applied."""
+    ids = [7001, 7002, 7003, 7004]
+    tokens = np.random.default_rng(10).integers(0, 32, size=(len(ids), CHUNK * CHUNKS), dtype=np.int64)
+    a, b = (r.address for r in replicas)
+    parts = [step_rows(a if i < 3 or i >= 6 else b, ids, tokens, i) for i in range(CHUNKS)]
+    assert_whole(replicas, tokens, parts)
+    with redis_server.client() as r:
+        assert all(r.exists(f"rnnserve:seq:{MODEL}:i:{k}") for k in ids)   # the ENDs are kept for a retry
+    with pytest.raises(InferenceServerException) as info:
+        step_rows(a, [7001, 7005], tokens[:2], 1, [False, True], [False, False])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "row 0: sequence 7001 has ended" in info.value.message()
+    last = step_rows(b, [7005], tokens[1:2], 2, [False], [True])     # 7005's START was applied
+    whole_two = whole(a, np.ascontiguousarray(tokens[1:2, CHUNK:3 * CHUNK]))
+    np.testing.assert_allclose(last, whole_two[:, CHUNK:], atol=ATOL)
