@@ -133,7 +133,7 @@ def split_states(io: ModelIO, out: Mapping[str, np.ndarray]) -> list[States]:
         n, shape[s.batch_axis] = shape[s.batch_axis], 1
         # batch axis first, once; a row is then one contiguous block, in the state's own layout
         per_state.append(np.ascontiguousarray(np.moveaxis(a, s.batch_axis, 0)).reshape((n, *shape)))
-    return [tuple(rows[i].copy() for rows in per_state) for i in range(per_state[0].shape[0])]
+    return list(zip(*[[row.copy() for row in rows] for rows in per_state]))
 
 
 def gather(io: ModelIO, futures: Sequence[Future], into: Future) -> None:
