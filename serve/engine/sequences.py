@@ -11,7 +11,8 @@ when a client pipelines them: a step is handed to the model's Batcher only
 when the previous step of the same sequence has finished. Steps of *different*
 sequences meet in the Batcher's queue and share onnxruntime runs (their states
 are stacked along the batch axis and split back): continuous batching for
-recurrent streams.
+recurrent streams. A request carrying one step of many sequences, one per row,
+is a unit of such steps, run as one Work when it can (serve/engine/sequence_units.py).
 
 Idle sequences are freed after `idle_timeout_s`. At most `max_sequences` are
 live; past that a START is refused with UNAVAILABLE and nothing is evicted.
