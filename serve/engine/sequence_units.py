@@ -76,6 +76,8 @@ class RowUnits:
         queued (a new id without START, a batch mismatch, too many sequences) refuses the
         whole request, naming the row, with nothing changed."""
         self._check_streamable()
+        if len(set(keys)) < len(keys):   # a unit would wait for itself
+            raise InvalidArgument("a sequence may have one row per request")
         if self._store.shared:
             self._check_stored(keys, starts)
         unit = RowUnit(inputs, deadline, is_cancelled)

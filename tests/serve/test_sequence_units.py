@@ -155,6 +155,8 @@ def test_refused_units_change_nothing(models):
         sm.submit("wide", {"tokens": np.zeros((2, 1), np.int64)}, start=True, end=False).result(timeout=30)
         with pytest.raises(InvalidArgument, match=r"row 1: sequence 'wide' started with batch 2"):
             _rows(sm, ["x", "wide"], tokens)
+        with pytest.raises(InvalidArgument, match="one row per request"):
+            _rows(sm, ["x", "x"], tokens)
         assert runs.execution_count == 2 and sm.live() == 2
         got = _rows(sm, ["x"], tokens[1:]).result(timeout=30)["logits"][0]
         np.testing.assert_allclose(got, alone.step("x", tokens[1], False), atol=ATOL, rtol=0)
