@@ -1,6 +1,6 @@
 """Peak memory per request, and memory returned afterwards, of a real `rnnserve-server`.
 
-    python -m bench.memory [--threads 2]        # repo root; Linux (reads /proc)
+    python -m bench.memory [--threads 2] [--max-run-bytes N]   # repo root; Linux (reads /proc)
 
 For each case it resets the server process's peak resident size (/proc/PID/clear_refs),
 sends one request, and reads the peak (VmHWM) and, after an idle second or two, the
@@ -9,6 +9,8 @@ over the resident size before the request, that rise divided by request + respon
 bytes, and the resident size left above the starting point once idle (serve/memory.py
 returns freed memory with malloc_trim). The model is a small GRU (vocab 8, hidden 8), so
 tens of MB of tokens run in seconds and the figures are the server's own overhead.
+--max-run-bytes is passed to the server (0: runs are never split in time chunks, as
+before serve/engine/chunking.py), so the two can be compared.
 """
 from __future__ import annotations
 
@@ -80,28 +82,33 @@ def run_case(stub, pid: int, rows: int, seq: int, outputs, gzip: bool, valid: bo
     before = _status(pid)["VmRSS"]
     _reset_peak(pid)
     code, answer_bytes = "OK", 0
+    t0 = time.perf_counter()
     try:
         answer = stub.ModelInfer(request, timeout=600,
                                  compression=grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression)
         answer_bytes = answer.ByteSize()
     except grpc.RpcError as err:
         code = err.code().name
+    seconds = time.perf_counter() - t0
     peak = _status(pid)["VmHWM"]
     time.sleep(IDLE_S)
     idle = _status(pid)["VmRSS"]
     rise = max(peak - before, 0)
     return {"code": code, "request": request.ByteSize(), "response": answer_bytes, "rise": rise,
-            "ratio": rise / (request.ByteSize() + answer_bytes), "idle": idle}
+            "ratio": rise / (request.ByteSize() + answer_bytes), "idle": idle, "seconds": seconds}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default %(default)s)")
+    parser.add_argument("--max-run-bytes", type=int, default=None,
+                        help="the server's --max-run-bytes (default: the server's default)")
     args = parser.parse_args(argv)
+    run_flags = [] if args.max_run_bytes is None else ["--max-run-bytes", str(args.max_run_bytes)]
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(tmp)
         proc, address = start_server(repo, args.threads, Path(tmp) / "port",
-                                     ["--max-batch-size", "10000", "--max-seq-len", "1000"])
+                                     ["--max-batch-size", "10000", "--max-seq-len", "1000", *run_flags])
         try:
             with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1),
                                                          ("grpc.max_receive_message_length", -1)]) as channel:
@@ -110,11 +117,12 @@ def main(argv=None) -> int:
                 start = _status(proc.pid)["VmRSS"]
                 print(f"server resident at start: {start / MiB:.0f} MiB")
                 print(f"{'case':<26}{'status':<20}{'request MB':>11}{'response MB':>12}{'peak +MB':>10}"
-                      f"{'peak/(req+resp)':>16}{'idle +MB':>10}")
+                      f"{'peak/(req+resp)':>16}{'idle +MB':>10}{'seconds':>9}")
                 for name, *case in CASES:
                     r = run_case(stub, proc.pid, *case)
                     print(f"{name:<26}{r['code']:<20}{r['request'] / 1e6:>11.1f}{r['response'] / 1e6:>12.1f}"
-                          f"{r['rise'] / 1e6:>10.0f}{r['ratio']:>16.1f}{(r['idle'] - start) / 1e6:>10.0f}")
+                          f"{r['rise'] / 1e6:>10.0f}{r['ratio']:>16.1f}{(r['idle'] - start) / 1e6:>10.0f}"
+                          f"{r['seconds']:>9.2f}")
         finally:
             proc.terminate()
             proc.wait(60)

@@ -76,6 +76,10 @@ HELP = {
     "max_generate_tokens": "most tokens one Generate call may ask for",
     "warmup": "run each model on a few shapes at load, so the first request is not slow",
     "max_message_bytes": "largest request accepted, compressed or not (its decompressed size counts)",
+    "max_response_bytes": "largest answer sent, and gRPC's send limit: a request whose answer would be larger "
+                          "gets INVALID_ARGUMENT before it runs",
+    "max_run_bytes": "a stateful model's run estimated to hold more than this (rows x steps x its intermediates) "
+                     "runs in time chunks carrying the state, exactly; 0 = never split",
     "server_name": "the name ServerMetadata reports",
     "max_batch_size": "most rows one onnxruntime run takes (dynamic batching; 1 = off), and one request may carry",
     "max_queue_delay_us": "longest a batch waits for more rows, and only when recent traffic says more are coming",

@@ -36,6 +36,8 @@ class ServeSettings:
     handler_sched_batch: bool = True  # handler threads: SCHED_BATCH (no wake-up preemption; Linux)
     handler_nice: int = 0             # handler threads: this much nicer (Linux; 0 = as the process)
     max_message_bytes: int = 64 * MiB  # largest request accepted, after decompression
+    max_response_bytes: int = 256 * MiB  # largest answer sent (also gRPC's send limit); larger: refused before the run
+    max_run_bytes: int = 32 * MiB     # a stateful run estimated above this goes in time chunks (0 = never)
     server_name: str = "rnnserve"
     # batching and sequences
     max_batch_size: int = serving.MAX_BATCH_SIZE   # also the largest batch one request may carry
@@ -68,16 +70,18 @@ class ServeSettings:
         """What is out of range, as (field, what is wrong); [] when the server can start."""
         out = []
         for name in ("max_seq_len", "max_batch_size", "max_queue_size", "max_sequences",
-                     "grpc_workers", "max_top_k", "max_generate_tokens", "max_message_bytes"):
+                     "grpc_workers", "max_top_k", "max_generate_tokens", "max_message_bytes",
+                     "max_response_bytes"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
         for name in ("intra_op_threads", "inter_op_threads", "instances", "max_queue_delay_us", "grace",
-                     "sequence_idle_timeout_s", "poll_interval", "max_streams", "max_concurrent_calls"):
+                     "sequence_idle_timeout_s", "poll_interval", "max_streams", "max_concurrent_calls",
+                     "max_run_bytes"):
             if getattr(self, name) < 0:
                 out.append((name, f"must be >= 0, got {getattr(self, name)}"))
-        if self.max_message_bytes > GRPC_MAX_MESSAGE:
-            out.append(("max_message_bytes", f"must be at most {GRPC_MAX_MESSAGE} (gRPC's limit), "
-                                             f"got {self.max_message_bytes}"))
+        for name in ("max_message_bytes", "max_response_bytes"):
+            if getattr(self, name) > GRPC_MAX_MESSAGE:
+                out.append((name, f"must be at most {GRPC_MAX_MESSAGE} (gRPC's limit), got {getattr(self, name)}"))
         if not 0 <= self.port <= 65535:
             out.append(("port", f"must be in 0..65535, got {self.port}"))
         if not -1 <= self.metrics_port <= 65535:

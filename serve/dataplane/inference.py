@@ -25,7 +25,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from rnnserve.serve.dataplane import sequence_rows, validation
+from rnnserve.serve.dataplane import answers, sequence_rows, validation
 from rnnserve.serve.engine.model_engine import ModelEngine, wait
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
@@ -44,10 +44,14 @@ class Pending:
         self.raw = raw                      # Future of {output name: array}
         self.cancel = cancel                # None for sequence steps (dropped when they reach the batcher)
         self.deadline = deadline            # time.monotonic()
+        self.answer_limit: int | None = None   # check the answer's size once computed (answers.py)
 
     def respond(self, out: dict[str, np.ndarray]) -> InferResponse:
-        return InferResponse(model_name=self.inst.name, model_version=self.inst.version, id=self.req.id,
-                             outputs=[(n, out[n]) for n in self.outputs])
+        response = InferResponse(model_name=self.inst.name, model_version=self.inst.version, id=self.req.id,
+                                 outputs=[(n, out[n]) for n in self.outputs])
+        if self.answer_limit is not None:   # its size was not known before the run
+            answers.check_response(response, self.answer_limit)
+        return response
 
     def result(self) -> InferResponse:
         """Wait for the outputs, polling cancellation and the deadline (ModelEngine's wait), and
@@ -123,6 +127,8 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: 
     check_runnable(req, deadline)
     inputs = feeds if len(feeds) == len(engine.io.inputs) else engine.inputs_of(feeds)   # no states sent
     batch = engine.io.rows(feeds)
+    size = answers.tensor_answer_bytes(engine.io, outputs, feeds, inst.name, inst.version, req.id)
+    answers.check(size, engine.settings.max_response_bytes, "request", answers.TENSOR_HINT)
     cancel = None
     if rows is not None:
         _check_rows(engine, rows, params, feeds, batch)
@@ -137,5 +143,9 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: 
     else:
         need_state = any(n in engine.io.state_outputs for n in outputs)
         fut, cancel = engine.submit(inputs, engine.states_from(feeds, batch), need_state,
-                                    deadline=deadline, is_cancelled=req.is_cancelled, inline=inline)
-    return Pending(inst, req, outputs, fut, cancel, deadline)
+                                    deadline=deadline, is_cancelled=req.is_cancelled, inline=inline,
+                                    outputs=outputs)
+    pending = Pending(inst, req, outputs, fut, cancel, deadline)
+    if size is None:
+        pending.answer_limit = engine.settings.max_response_bytes
+    return pending

@@ -21,7 +21,7 @@ from rnnserve.contract import PLATFORM
 from rnnserve.serve.admin.admin import RepositoryAdmin
 from rnnserve.serve.admin.repository import Repository
 from rnnserve.serve.admin.scan import READY
-from rnnserve.serve.dataplane import inference, sequence_rows, textgen, validation
+from rnnserve.serve.dataplane import answers, inference, sequence_rows, textgen, validation
 from rnnserve.serve.dataplane.textstream import TextStream
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.errors import InvalidArgument, ServeError, Unavailable
@@ -220,6 +220,8 @@ class DataPlane:
         validation.check_text_model(inst)
         k = validation.check_top_k(top_k, self.settings.max_top_k)
         ids = validation.encode_text(inst, text, self.settings.max_seq_len)
+        answers.check_text(inst.name, inst.version, len(ids), min(k, inst.vocab_size),
+                           engine.settings.max_response_bytes, "Predict")
         decoded, positions = textgen.predict(engine, ids, k)
         return PredictResult(model_name=inst.name, model_version=inst.version, decoded=decoded, positions=positions)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from rnnserve.serve.dataplane import textgen, validation
+from rnnserve.serve.dataplane import answers, textgen, validation
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.errors import InvalidArgument
 from rnnserve.serve.wire.types import PredictResult
@@ -57,6 +57,8 @@ class TextStream:
             if text == "":  # nothing to predict; no run
                 return PredictResult(model_name=inst.name, model_version=inst.version, decoded="", positions=[])
             ids = validation.encode_text(inst, text, self.max_seq_len, what="text chunk")
+            answers.check_text(inst.name, inst.version, len(ids), min(self.top_k, inst.vocab_size),
+                               self.engine.settings.max_response_bytes, "Stream chunk")
             logits, state = textgen.step(self.engine, ids[None, :], self._state)
             found = textgen.positions(inst, ids, logits[0], self.top_k, offset=self.position)
             self._state = state

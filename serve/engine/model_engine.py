@@ -23,12 +23,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 
 import numpy as np
 
 from rnnserve.serve.engine.batching import Batcher
+from rnnserve.serve.engine.chunking import ChunkedRun, steps_per_chunk
 from rnnserve.serve.engine.modelio import Work
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.engine.sequences import SequenceManager
@@ -100,9 +101,16 @@ class ModelEngine:
     def submit(self, inputs: dict[str, np.ndarray], states: States, need_state: bool,
                deadline: float | None = None,
                is_cancelled: Callable[[], bool] | None = None,
-               inline: bool = False) -> tuple[Future, Callable[[], bool]]:
+               inline: bool = False, outputs: Collection[str] | None = None) -> tuple[Future, Callable[[], bool]]:
         """Queue stateless rows; returns (future of the outputs, cancel). Raises Unavailable (queue full).
-        inline: the caller will block on the result, so it may run the work itself when idle."""
+        inline: the caller will block on the result, so it may run the work itself when idle.
+        outputs: the non-state outputs the caller reads (None = all); a run too large for
+        settings.max_run_bytes goes in time chunks (serve/engine/chunking.py), keeping only those."""
+        chunk = steps_per_chunk(self.io, inputs, self.settings.max_run_bytes)
+        if chunk is not None:
+            chain = ChunkedRun(self.batcher.submit, self.io, inputs, tuple(states), need_state, outputs, chunk,
+                               deadline=deadline, is_cancelled=is_cancelled)
+            return self._track(chain.start)(), lambda: chain.cancel(self.batcher.cancel)
         work = Work(inputs, tuple(states), need_state=need_state, deadline=deadline, is_cancelled=is_cancelled)
         self._track(lambda w: self.batcher.submit(w, inline=inline))(work)
         return work.future, lambda: self.batcher.cancel(work)

@@ -82,7 +82,10 @@ class ModelIO:
     state_inputs: tuple[str, ...] = field(init=False)
     state_outputs: tuple[str, ...] = field(init=False)
     streamable: bool = field(init=False)
+    # a long run may be split along the time axis, carrying the states (serve/engine/chunking.py)
+    chunkable: bool = field(init=False)
     _rows_from: tuple[str, int] | None = field(init=False)   # (first batched input, its batch axis)
+    _time_from: tuple[str, int] | None = field(init=False)   # (first input with a time axis, that axis)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__   # frozen
@@ -91,6 +94,13 @@ class ModelIO:
         set_(self, "streamable", bool(self.states))
         set_(self, "_rows_from", next(((t.name, t.batch_axis) for t in self.inputs if t.batch_axis is not None),
                                       None))
+        set_(self, "_time_from", next(((t.name, t.time_axis) for t in self.inputs if t.time_axis is not None),
+                                      None))
+        # Exact when every batched input and every output runs along time: the chunks' outputs
+        # concatenate to the whole run's, and the last chunk's states are its final states.
+        set_(self, "chunkable", bool(self.states) and self._time_from is not None
+             and all(t.time_axis is not None for t in self.inputs if t.batch_axis is not None)
+             and all(t.time_axis is not None for t in self.outputs))
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, pad: bool = False) -> ModelIO:
@@ -104,6 +114,32 @@ class ModelIO:
             return 1
         name, axis = self._rows_from
         return int(inputs[name].shape[axis]) if name in inputs else 1
+
+    def time_len(self, inputs: dict[str, np.ndarray]) -> int | None:
+        """The length of the time axis of validated inputs (None when no input has one)."""
+        if self._time_from is None or self._time_from[0] not in inputs:
+            return None
+        name, axis = self._time_from
+        return int(inputs[name].shape[axis])
+
+    def output_shapes(self, rows: int, steps: int | None) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """{output name: (dtype, shape)} of a run over `rows` rows and `steps` time steps, for
+        every output (states included) whose other dims are declared as sizes."""
+        shapes = {}
+        for t in self.outputs:
+            shape = [rows if i == t.batch_axis else steps if i == t.time_axis else d for i, d in enumerate(t.shape)]
+            if all(isinstance(d, int) for d in shape):
+                shapes[t.name] = (np.dtype(t.dtype), tuple(shape))
+        for s in self.states:
+            if all(isinstance(d, int) for i, d in enumerate(s.shape) if i != s.batch_axis):
+                shapes[s.output] = (np.dtype(s.dtype), s.concrete_shape(rows))
+        return shapes
+
+    def time_slice(self, inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Steps start..stop of every input with a time axis (contiguous, for onnxruntime); the
+        others as they are."""
+        return {t.name: (np.ascontiguousarray(_take_rows(inputs[t.name], t.time_axis, start, stop))
+                         if t.time_axis is not None else inputs[t.name]) for t in self.inputs}
 
     def sign(self, w: Work) -> None:
         """Set w.rows, w.seq_len and w.key (its shapes apart from the batch axis, the time axis

@@ -25,7 +25,8 @@ Security (README "Security"): with settings.tls_cert the gRPC port and the metri
 speak TLS (mTLS with tls_client_ca; serve/frontend/tls.py, reloaded by reload_certificates()
 and when the files change); with tokens every call passes serve/frontend/auth.py first;
 request bodies that do not decode get INVALID_ARGUMENT (serve/frontend/decoding.py);
-requests above settings.max_message_bytes (after decompression) are refused by gRPC.
+requests above settings.max_message_bytes (after decompression) are refused by gRPC, and
+answers above settings.max_response_bytes by the data plane before the run.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from rnnserve.serve.frontend.observe import RequestObservation
 from rnnserve.serve.frontend.priority import handler_initializer, lower_this_thread
 from rnnserve.serve.frontend.servicers import InferenceServicer, TextServicer
 from rnnserve.serve.metrics import start_endpoint
-from rnnserve.serve.settings import GRPC_MAX_MESSAGE, ServeSettings
+from rnnserve.serve.settings import ServeSettings
 from rnnserve.serve.wire.gen import _pool
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import text_service_pb2 as tpb
@@ -148,9 +149,9 @@ class Server:
         checks = [auth.AuthInterceptor(self.policy, status_for)] if self.policy.enabled else []
         self.grpc_server = grpc.aio.server(
             interceptors=[*checks, observation],
-            # Answers are bounded by the request limits (batch, seq, top_k, tokens), so the send
-            # limit is the most gRPC can carry.
-            options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+            # The data plane refuses, before the run, any request whose answer would be larger
+            # (serve/dataplane/answers.py), so gRPC's check and ours agree.
+            options=[("grpc.max_send_message_length", s.max_response_bytes),
                      ("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.so_reuseport", 0),
                      ("grpc.server.max_pending_requests", pending),

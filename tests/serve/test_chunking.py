@@ -1,0 +1,92 @@
+"""Long runs of stateful models in time chunks (serve/engine/chunking.py): the chunked answer
+equals the whole run (logits and final states) on real exported models, chunking really
+happens (ModelStatistics counts one run per chunk), outputs the caller does not read are
+not kept, and short requests are never split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnserve.serve.engine.chunking import MIN_CHUNK_STEPS, steps_per_chunk
+from rnnserve.serve.engine.model_engine import wait
+from rnnserve.serve.wire.types import InferRequest
+from tests.fixtures import CHARLM_VOCAB, make_dataplane
+
+ROWS, STEPS = 3, 400
+BUDGET = 64 * 1024   # a few dozen steps per chunk at 3 rows
+
+
+@pytest.fixture(scope="module")
+def planes(charlm_repo):
+    """(chunked, whole): the same models, one splitting runs above BUDGET, one never."""
+    chunked = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False)
+    whole = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=0, warmup=False)
+    yield chunked, whole
+    chunked.close()
+    whole.close()
+
+
+def _tokens(rows: int, steps: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, len(CHARLM_VOCAB), (rows, steps), dtype=np.int64)
+
+
+def _runs(plane, model: str) -> int:
+    return plane.model_statistics(model, plane.engine(model).inst.version)[0].execution_count
+
+
+def _infer(plane, model: str, tokens, outputs=None, **inputs):
+    answer = plane.infer(InferRequest(model_name=model, inputs={"tokens": tokens, **inputs},
+                                      requested_outputs=outputs))
+    return dict(answer.outputs)
+
+
+@pytest.mark.parametrize("model", ["charlm", "chargru"])   # a 2-layer LSTM (h and c), a GRU
+def test_chunked_equals_whole_run(planes, model):
+    chunked, whole = planes
+    engine = chunked.engine(model)
+    tokens = _tokens(ROWS, STEPS)
+    chunk = steps_per_chunk(engine.io, {"tokens": tokens}, BUDGET)
+    assert chunk is not None and MIN_CHUNK_STEPS <= chunk < STEPS
+    chunks = -(-STEPS // chunk)
+    state_in = {n: np.random.default_rng(1).standard_normal(s, dtype=np.float32)
+                for n, s in ((n, engine.inst.state_shape(ROWS, n)) for n in engine.io.state_inputs)}
+    before = _runs(chunked, model)
+    got = _infer(chunked, model, tokens, **state_in)
+    assert _runs(chunked, model) - before == chunks
+    before = _runs(whole, model)
+    ref = _infer(whole, model, tokens, **state_in)
+    assert _runs(whole, model) - before == 1
+    assert set(got) == set(ref) == {"logits", *engine.io.state_outputs}
+    for name in ref:
+        assert got[name].shape == ref[name].shape
+        assert np.max(np.abs(got[name] - ref[name])) <= 1e-5, name
+
+
+def test_state_only_keeps_no_logits(planes):
+    chunked, whole = planes
+    engine = chunked.engine("charlm")
+    tokens = _tokens(ROWS, STEPS, seed=2)
+    fut, _cancel = engine.submit({"tokens": tokens}, engine.zero_states(ROWS), need_state=True, outputs=())
+    out = wait(fut)
+    assert set(out) == set(engine.io.state_outputs)      # the chunks' logits were dropped
+    ref = _infer(whole, "charlm", tokens, outputs=list(engine.io.state_outputs))
+    for name in ref:
+        assert np.max(np.abs(out[name] - ref[name])) <= 1e-5, name
+
+
+def test_short_requests_and_stateless_models_run_whole(planes):
+    chunked, _ = planes
+    for model, rows, steps in (("charlm", 1, 24), ("bigru", ROWS, STEPS)):   # short; bidirectional: no state
+        before = _runs(chunked, model)
+        out = _infer(chunked, model, _tokens(rows, steps))
+        assert out["logits"].shape == (rows, steps, len(CHARLM_VOCAB))
+        assert _runs(chunked, model) - before == 1, model
+
+
+def test_text_api_runs_chunked_and_exact(planes):
+    chunked, whole = planes
+    text = "".join(CHARLM_VOCAB[i] for i in _tokens(1, STEPS, seed=3)[0])
+    before = _runs(chunked, "charlm")
+    got = chunked.score("charlm", text)
+    assert _runs(chunked, "charlm") - before > 1
+    assert abs(got.log_likelihood - whole.score("charlm", text).log_likelihood) <= 1e-3
