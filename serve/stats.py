@@ -11,7 +11,8 @@ the Prometheus metrics together, so the two sources cannot disagree:
   (onnxruntime) and compute_output (splitting the outputs), each item charged its
   whole run's times. The four item counts are therefore always equal (perf_analyzer
   refuses statistics where they differ). A work item is a tensor request, a text
-  request, a text-stream chunk or one generate step. Warm-up runs are not counted.
+  request, a text-stream chunk, one generate step or one time chunk of a long request
+  (serve/engine/chunking.py). Warm-up runs are not counted.
 - RequestRecord: one per answered inference request, made by the front end's request
   observation (serve/frontend/observe.py) with the status code the client got. It
   counts success / fail (with their durations) for the version the request went to,

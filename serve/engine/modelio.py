@@ -18,6 +18,9 @@ Exactness rules (ModelIO says, per tensor, where its batch axis is):
   The final state at the padded end would be wrong, so work that needs the state
   is only grouped by exact length. Other models: exact shapes only (nothing says
   they are causal, or that 0 is a valid input).
+- Time chunks (`ModelIO.chunkable`, serve/engine/chunking.py): a stateful model whose
+  batched inputs and outputs all run along time may run a long request in slices of
+  its time axis, each starting from the previous slice's final states.
 """
 from __future__ import annotations
 
