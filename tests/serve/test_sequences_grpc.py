@@ -176,7 +176,8 @@ def test_deadline_exceeded_before_running(charlm_repo):
     never runs (inference_count counts only the other requests' rows): one already expired
     on arrival (a 1 µs deadline on a 10 MB request), one that expires while it waits in the
     queue behind heavy runs."""
-    with serving(charlm_repo, max_batch_size=20000) as (_, address), \
+    # max_run_bytes 0: each heavy request is one run (no time chunks that the small one could slip between)
+    with serving(charlm_repo, max_batch_size=20000, max_run_bytes=0) as (_, address), \
             tc.InferenceServerClient(address) as client:
         def stats():
             return client.get_inference_statistics("chargru").model_stats[0].inference_count
