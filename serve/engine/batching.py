@@ -235,6 +235,7 @@ class Batcher:
             try:
                 self._execute(batch)
             finally:
+                del batch   # its tensors must not wait here for the next run (idle memory)
                 with self._cv:
                     self._running -= 1
                     if self._queue and self.instances > 1:   # another scheduler may take it
@@ -284,6 +285,7 @@ class Batcher:
                 runs.append(self._done.get_nowait())
             stop = runs[-1] is None
             self._finish_runs([r for r in runs if r is not None])
+            del runs   # the last runs' tensors must not wait here for the next run (idle memory)
             if stop:
                 return
 
