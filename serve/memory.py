@@ -5,16 +5,18 @@ and protobuf buffers) an idle server would stay at its peak. Two measures (glibc
 blocks of MMAP_THRESHOLD_BYTES and more always get their own mapping, returned the moment
 they are freed (glibc would otherwise raise that threshold after the first large free and
 serve the next large blocks from the heap); and a Trimmer thread watches the
-process's resident size: while it is TRIM_STEP_BYTES or more above the idle floor it calls
-malloc_trim(0), which returns the free pages, at most every MAX_BACKOFF_S while trimming
-frees nothing (the memory is in use, or the request is still running); after GIVE_UP_S of
-that it takes the size as the new floor. Nothing here touches requests; where malloc_trim
-does not exist (not glibc) the Trimmer does nothing. bench/memory.py measures the effect.
+process's resident size: while it is TRIM_STEP_BYTES or more above the idle floor it runs
+the garbage collector and calls malloc_trim(0), which returns the free pages, at most
+every MAX_BACKOFF_S while trimming frees nothing (the memory is in use, or the request is
+still running); after GIVE_UP_S of that it takes the size as the new floor. Nothing here
+touches requests; where malloc_trim does not exist (not glibc) the Trimmer does nothing.
+bench/memory.py measures the effect.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import threading
@@ -78,6 +80,9 @@ class Trimmer:
             t = time.monotonic()
             if t < next_at:
                 continue
+            # First the garbage: a refused request's tensors stay in a reference cycle (its
+            # exception's traceback and frames) that an idle server, allocating nothing, never collects.
+            gc.collect()
             self._trim(0)
             after = resident_bytes()
             log.debug("malloc_trim: resident %d -> %d MiB", now >> 20, after >> 20)
