@@ -40,8 +40,9 @@ def _tensor_bytes(name: str, dtype: np.dtype, shape: Sequence[int]) -> int:
 
 
 def _envelope(model: str, version: str, request_id: str, parameters: Mapping[str, object]) -> int:
+    """The message's own fields, and ModelStreamInferResponse's wrapper around it in a stream."""
     params = sum(len(str(k)) + len(str(v)) + 4 * FIELD_BYTES for k, v in parameters.items())
-    return len(model) + len(version) + len(request_id) + 3 * FIELD_BYTES + params
+    return len(model) + len(version) + len(request_id) + 4 * FIELD_BYTES + params
 
 
 def tensor_answer_bytes(io: ModelIO, outputs: Sequence[str], feeds: Mapping[str, np.ndarray],

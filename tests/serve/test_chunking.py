@@ -1,14 +1,17 @@
 """Long runs of stateful models in time chunks (serve/engine/chunking.py): the chunked answer
 equals the whole run (logits and final states) on real exported models, chunking really
 happens (ModelStatistics counts one run per chunk), outputs the caller does not read are
-not kept, and short requests are never split."""
+not kept, short requests are never split, and a cancelled or expired chain runs no chunk."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 
 from rnnserve.serve.engine.chunking import MIN_CHUNK_STEPS, steps_per_chunk
 from rnnserve.serve.engine.model_engine import wait
+from rnnserve.serve.errors import Cancelled, DeadlineExceeded
 from rnnserve.serve.wire.types import InferRequest
 from tests.fixtures import CHARLM_VOCAB, make_dataplane
 
@@ -90,3 +93,22 @@ def test_text_api_runs_chunked_and_exact(planes):
     got = chunked.score("charlm", text)
     assert _runs(chunked, "charlm") - before > 1
     assert abs(got.log_likelihood - whole.score("charlm", text).log_likelihood) <= 1e-3
+
+
+def test_a_cancelled_or_expired_chain_stops(planes):
+    chunked, _ = planes
+    engine = chunked.engine("chargru")
+    tokens = _tokens(ROWS, STEPS, seed=4)
+    before = _runs(chunked, "chargru")
+    with engine.batcher.together():        # the first chunk stays queued until the block ends
+        fut, cancel = engine.submit({"tokens": tokens}, engine.zero_states(ROWS), need_state=True)
+        assert cancel()                    # taken out of the queue: no chunk runs
+    with pytest.raises(Cancelled):
+        fut.result(timeout=30)
+    with engine.batcher.together():
+        fut, _ = engine.submit({"tokens": tokens}, engine.zero_states(ROWS), need_state=True,
+                               deadline=time.monotonic() + 0.05)
+        time.sleep(0.1)
+    with pytest.raises(DeadlineExceeded):
+        fut.result(timeout=30)
+    assert _runs(chunked, "chargru") == before
