@@ -33,10 +33,9 @@ POSITION_BYTES = 40
 ALTERNATIVE_BYTES = 16
 
 
-def _tensor_bytes(name: str, dtype: np.dtype, shape: Sequence[int]) -> int:
+def _tensor_bytes(name: str, nbytes: int, rank: int) -> int:
     """An InferOutputTensor (name, datatype, shape) and its raw_output_contents entry."""
-    return (int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + FIELD_BYTES   # the raw bytes
-            + len(name) + 8 + len(shape) * DIM_BYTES + 4 * FIELD_BYTES)         # the tensor message
+    return nbytes + FIELD_BYTES + len(name) + 8 + rank * DIM_BYTES + 4 * FIELD_BYTES
 
 
 def _envelope(model: str, version: str, request_id: str, parameters: Mapping[str, object]) -> int:
@@ -50,20 +49,19 @@ def tensor_answer_bytes(io: ModelIO, outputs: Sequence[str], feeds: Mapping[str,
     """Upper bound of the answer's size for the requested outputs; None when a declared dim is
     neither fixed nor the batch or time axis (the answer is then checked once computed)."""
     rows, steps = io.rows(feeds), io.time_len(feeds)
-    shapes = io.output_shapes(rows, steps)
     total = _envelope(model, version, request_id, {})
     for name in outputs:
-        dtype_shape = shapes.get(name)
-        if dtype_shape is None:
+        size = io.output_bytes(name, rows, steps)
+        if size is None:
             return None
-        total += _tensor_bytes(name, *dtype_shape)
+        total += _tensor_bytes(name, *size)
     return total
 
 
 def response_bytes(resp: InferResponse) -> int:
     """Upper bound of a computed answer's size."""
     return _envelope(resp.model_name, resp.model_version, resp.id, resp.parameters) + sum(
-        _tensor_bytes(name, a.dtype, a.shape) for name, a in resp.outputs)
+        _tensor_bytes(name, a.nbytes, a.ndim) for name, a in resp.outputs)
 
 
 def text_answer_bytes(model: str, version: str, positions: int, top_k: int) -> int:

@@ -41,11 +41,10 @@ def step_bytes(io: ModelIO, inputs: dict[str, np.ndarray], rows: int, steps: int
     """Estimated bytes one run holds per row and time step: the inputs and outputs along time,
     and the graph's intermediates (STATE_FACTOR x the state per row)."""
     per_step = sum(inputs[t.name].nbytes for t in io.inputs if t.time_axis is not None) // max(rows * steps, 1)
-    one = io.output_shapes(1, 1)
-    per_step += sum(dtype.itemsize * int(np.prod(shape)) for name, (dtype, shape) in one.items()
-                    if name not in io.state_outputs)
-    per_step += STATE_FACTOR * sum(dtype.itemsize * int(np.prod(shape)) for name, (dtype, shape) in one.items()
-                                   if name in io.state_outputs)
+    for t in io.outputs:
+        per_step += (io.output_bytes(t.name, 1, 1) or (0, 0))[0]
+    for name in io.state_outputs:
+        per_step += STATE_FACTOR * (io.output_bytes(name, 1, 1) or (0, 0))[0]
     return max(per_step, 1)
 
 
@@ -58,7 +57,10 @@ def steps_per_chunk(io: ModelIO, inputs: dict[str, np.ndarray], budget: int) -> 
     if steps is None or steps <= MIN_CHUNK_STEPS:
         return None
     rows = io.rows(inputs)
-    longest = max(MIN_CHUNK_STEPS, budget // (rows * step_bytes(io, inputs, rows, steps)))
+    per_step = step_bytes(io, inputs, rows, steps)
+    if rows * steps * per_step <= budget:
+        return None
+    longest = max(MIN_CHUNK_STEPS, budget // (rows * per_step))
     if longest >= steps:
         return None
     chunks = math.ceil(steps / longest)

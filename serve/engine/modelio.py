@@ -24,6 +24,7 @@ Exactness rules (ModelIO says, per tensor, where its batch axis is):
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -89,6 +90,8 @@ class ModelIO:
     chunkable: bool = field(init=False)
     _rows_from: tuple[str, int] | None = field(init=False)   # (first batched input, its batch axis)
     _time_from: tuple[str, int] | None = field(init=False)   # (first input with a time axis, that axis)
+    # output name -> (bytes per row and step, batched, along time, rank), when its other dims are sizes
+    _output_units: dict[str, tuple[int, bool, bool, int]] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__   # frozen
@@ -99,6 +102,17 @@ class ModelIO:
                                       None))
         set_(self, "_time_from", next(((t.name, t.time_axis) for t in self.inputs if t.time_axis is not None),
                                       None))
+        units = {}
+        for t in self.outputs:
+            other = [d for i, d in enumerate(t.shape) if i not in (t.batch_axis, t.time_axis)]
+            if all(isinstance(d, int) for d in other):
+                units[t.name] = (np.dtype(t.dtype).itemsize * math.prod(other), t.batch_axis is not None,
+                                 t.time_axis is not None, len(t.shape))
+        for st in self.states:
+            other = [d for i, d in enumerate(st.shape) if i != st.batch_axis]
+            if all(isinstance(d, int) for d in other):
+                units[st.output] = (np.dtype(st.dtype).itemsize * math.prod(other), True, False, len(st.shape))
+        set_(self, "_output_units", units)
         # Exact when every batched input and every output runs along time: the chunks' outputs
         # concatenate to the whole run's, and the last chunk's states are its final states.
         set_(self, "chunkable", bool(self.states) and self._time_from is not None
@@ -125,18 +139,16 @@ class ModelIO:
         name, axis = self._time_from
         return int(inputs[name].shape[axis])
 
-    def output_shapes(self, rows: int, steps: int | None) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-        """{output name: (dtype, shape)} of a run over `rows` rows and `steps` time steps, for
-        every output (states included) whose other dims are declared as sizes."""
-        shapes = {}
-        for t in self.outputs:
-            shape = [rows if i == t.batch_axis else steps if i == t.time_axis else d for i, d in enumerate(t.shape)]
-            if all(isinstance(d, int) for d in shape):
-                shapes[t.name] = (np.dtype(t.dtype), tuple(shape))
-        for s in self.states:
-            if all(isinstance(d, int) for i, d in enumerate(s.shape) if i != s.batch_axis):
-                shapes[s.output] = (np.dtype(s.dtype), s.concrete_shape(rows))
-        return shapes
+    def output_bytes(self, name: str, rows: int, steps: int | None) -> tuple[int, int] | None:
+        """(bytes, rank) of output `name` (a state output too) from a run over `rows` rows and
+        `steps` time steps; None when a dim other than the batch and time axes is not a size."""
+        unit = self._output_units.get(name)
+        if unit is None:
+            return None
+        nbytes, batched, timed, rank = unit
+        if timed and steps is None:
+            return None
+        return nbytes * (rows if batched else 1) * (steps if timed else 1), rank
 
     def time_slice(self, inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
         """Steps start..stop of every input with a time axis (contiguous, for onnxruntime); the
