@@ -92,10 +92,11 @@ def check_runnable(req: InferRequest, deadline: float | None) -> None:
         raise DeadlineExceeded("the request's deadline passed before it ran")
 
 
-def infer(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: int) -> InferResponse:
+def infer(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: int,
+          params: validation.RequestParams | None = None) -> InferResponse:
     """Validate, queue and wait for one request: the blocking form (DataPlane.infer). Stateless
     work may run on the caller's thread when the model is idle (see Batcher.submit)."""
-    return submit(engine, req, max_seq_len, max_batch, inline=True).result()
+    return submit(engine, req, max_seq_len, max_batch, params, inline=True).result()
 
 
 def _check_rows(engine: ModelEngine, rows: sequence_rows.SequenceRows, params: validation.RequestParams,
@@ -113,13 +114,14 @@ def _check_rows(engine: ModelEngine, rows: sequence_rows.SequenceRows, params: v
 
 
 def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: int,
-           inline: bool = False) -> Pending:
+           params: validation.RequestParams | None = None, inline: bool = False) -> Pending:
     """Validate and queue one request; raises serve.errors.* for what is wrong before queueing.
-    inline: the caller blocks on the answer, so stateless work may run on its thread when the
-    model is idle (see Batcher.submit)."""
+    params: its parameters, already checked (None: check them here). inline: the caller blocks
+    on the answer, so stateless work may run on its thread when the model is idle (see Batcher.submit)."""
     arrived = time.monotonic()
     inst = engine.inst
-    params = validation.check_parameters(req.parameters)
+    if params is None:
+        params = validation.check_parameters(req.parameters)
     outputs = validation.check_outputs(inst, req.requested_outputs)
     model_inputs, rows = sequence_rows.take(req.inputs, req.input_datatypes)
     feeds = validation.check_infer_inputs(inst, model_inputs, req.input_datatypes, max_seq_len, max_batch)

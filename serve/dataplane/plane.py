@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 
 from rnnserve import __version__
@@ -23,6 +23,7 @@ from rnnserve.serve.admin.repository import Repository
 from rnnserve.serve.admin.scan import READY
 from rnnserve.serve.dataplane import answers, inference, sequence_rows, textgen, validation
 from rnnserve.serve.dataplane.textstream import TextStream
+from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.engine.model_engine import ModelEngine
 from rnnserve.serve.errors import InvalidArgument, ServeError, Unavailable
 from rnnserve.serve.metrics import Metrics
@@ -164,17 +165,20 @@ class DataPlane:
         sequence_start / sequence_end, Triton's semantics). Waits with cancellation polling:
         a cancelled call leaves the queue (Cancelled), a queued request past its deadline
         is dropped (DeadlineExceeded)."""
-        engine = self._engine_for(req)   # its batcher's max batch: the model's config.pbtxt may set it
-        return inference.infer(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size)
+        params = validation.parameters_or_none(req.parameters)
+        engine = self._engine_for(req, params)   # its batcher's max batch: the model's config.pbtxt may set it
+        return inference.infer(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size, params)
 
-    def _engine_for(self, req: InferRequest) -> ModelEngine:
+    def _engine_for(self, req: InferRequest, params: validation.RequestParams | None) -> ModelEngine:
         """The engine a request goes to. A sequence stays on the version it started on: a later
         step that names no version goes to the loaded version that holds the sequence (in memory,
-        else, with a shared state store, by its record), not to a newer version loaded since."""
+        else, with a shared state store, by its record), not to a newer version loaded since.
+        params: the request's checked parameters (None when they are invalid: the request is
+        refused where it runs)."""
         engine = self.engine(req.model_name, req.model_version)
-        if req.model_version:
+        if req.model_version or params is None:
             return engine
-        seq_id, start = validation.sequence_of(req.parameters)
+        seq_id, start = params.sequence_id, params.sequence_start
         if start or seq_id in (0, "") or engine.sequences is None or engine.sequences.holds(seq_id):
             return engine
         others = [(e.engine, e.engine.sequences) for e in reversed(self.repo.entry_list(req.model_name))
@@ -188,11 +192,16 @@ class DataPlane:
         version = engine.sequences.stored_version(seq_id)
         return next((o for o, _ in others if o.inst.version == version), engine)
 
-    def submit(self, req: InferRequest) -> inference.Pending:
+    def submit(self, req: InferRequest, hold: Callable[[Batcher], None] | None = None) -> inference.Pending:
         """Validate and queue one request; returns at once (the asyncio front end awaits
-        Pending.raw off its loop). Raises serve.errors.* for what is wrong before queueing."""
-        engine = self._engine_for(req)
-        return inference.submit(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size)
+        Pending.raw off its loop). Raises serve.errors.* for what is wrong before queueing.
+        hold: called with the batcher the request goes to, before it is queued there (the front
+        end's Coalescer)."""
+        params = validation.parameters_or_none(req.parameters)
+        engine = self._engine_for(req, params)
+        if hold is not None:
+            hold(engine.batcher)
+        return inference.submit(engine, req, self.settings.max_seq_len, engine.batcher.max_batch_size, params)
 
     def infer_async(self, req: InferRequest) -> Future[InferResponse]:
         """Queue one request and return at once, for pipelined streams (ModelStreamInfer).
@@ -204,9 +213,10 @@ class DataPlane:
         run in it. The future completes; the caller decides how long to wait.
         """
         try:
-            engine = self._engine_for(req)
+            params = validation.parameters_or_none(req.parameters)
+            engine = self._engine_for(req, params)
             return inference.submit(engine, req, self.settings.max_seq_len,
-                                    engine.batcher.max_batch_size).response_future()
+                                    engine.batcher.max_batch_size, params).response_future()
         except ServeError as e:
             failed: Future = Future()
             failed.set_exception(e)

@@ -10,6 +10,7 @@ what is wrong. (Raw-byte length against shape is checked by serve/wire/convert.p
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
@@ -61,6 +62,8 @@ def _is_int(v: object) -> TypeGuard[int | np.integer]:
 def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
     """Validate the reserved parameters; other parameters pass through untouched."""
     p = RequestParams()
+    if not params:
+        return p
     if "sequence_id" in params:
         v = params["sequence_id"]
         if isinstance(v, str):
@@ -99,13 +102,13 @@ def check_parameters(params: Mapping[str, ParamValue]) -> RequestParams:
     return p
 
 
-def sequence_of(params: Mapping[str, ParamValue]) -> tuple[int | str, bool]:
-    """(sequence_id, sequence_start) for routing, before validation; (0, False) if malformed."""
+def parameters_or_none(params: Mapping[str, ParamValue]) -> RequestParams | None:
+    """The checked parameters, or None when they are invalid (for routing: the request is
+    refused where it runs, after the model lookup's own errors)."""
     try:
-        p = check_parameters(params)
+        return check_parameters(params)
     except InvalidArgument:
-        return 0, False       # validation answers it where the request runs
-    return p.sequence_id, p.sequence_start
+        return None
 
 
 MAX_STEP_DIGITS = 18   # a numeric request id longer than this is not a step id (int64 range)
@@ -122,13 +125,41 @@ def step_id(params: RequestParams, request_id: str) -> int | None:
 
 
 # -- tensors -----------------------------------------------------------------------------------
+class _Table:
+    """What the per-request checks read of one model, computed once (a request's checks then
+    take a dictionary lookup or two per tensor)."""
+
+    def __init__(self, inst: ModelInstance):
+        spec = inst.spec
+        self.input_names = frozenset(inst.input_names)
+        self.output_names = tuple(inst.output_names)
+        self.output_set = frozenset(inst.output_names)
+        # (declaration, datatype, whether the values are token ids to range-check)
+        self.inputs = tuple((t, DTYPES[t.dtype], t.name == INPUT_TOKENS and bool(inst.vocab)) for t in spec.inputs)
+        self.states = tuple((pair, DTYPES[pair.dtype]) for pair in spec.states)
+        self.vocab_size = inst.vocab_size
+
+
+_TABLES: weakref.WeakKeyDictionary[ModelInstance, _Table] = weakref.WeakKeyDictionary()
+
+
+def _table(inst: ModelInstance) -> _Table:
+    table = _TABLES.get(inst)
+    if table is None:
+        table = _TABLES[inst] = _Table(inst)
+    return table
+
+
 def check_outputs(inst: ModelInstance, requested: Sequence[str] | None) -> list[str]:
     """The output names to compute: all of them when none are requested."""
+    table = _table(inst)
     if not requested:
-        return list(inst.output_names)
+        return list(table.output_names)
+    if len(requested) == 1 and requested[0] in table.output_set:
+        return list(requested)
     seen = set()
     for name in requested:
-        if name not in inst.output_names:
+        if name not in table.output_set:
             raise InvalidArgument(f"unknown output {quoted(name)} requested from model '{inst.name}'; "
                                   f"its outputs are: {', '.join(inst.output_names)}")
         if name in seen:
@@ -138,7 +169,9 @@ def check_outputs(inst: ModelInstance, requested: Sequence[str] | None) -> list[
 
 
 def check_token_ids(inst: ModelInstance, tokens: np.ndarray) -> None:
-    if tokens.min() >= 0 and tokens.max() < inst.vocab_size:  # the fast path: no temporaries
+    # The fast path, one reduction and no temporaries: seen as unsigned, a negative id is huge.
+    unsigned = tokens.view(f"u{tokens.dtype.itemsize}") if tokens.dtype.kind == "i" else tokens
+    if tokens.size and unsigned.max() < inst.vocab_size:
         return
     bad = (tokens < 0) | (tokens >= inst.vocab_size)
     if bad.any():
@@ -205,9 +238,9 @@ def check_state(inst: ModelInstance, pair: StatePair, state: np.ndarray, batch: 
 def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
                        datatypes: Mapping[str, str], max_seq_len: int, max_batch: int) -> dict[str, np.ndarray]:
     """Validated, C-contiguous feeds for ModelInstance.run (omitted states stay omitted = zeros)."""
-    spec = inst.spec
+    table = _table(inst)
     for name in inputs:
-        if name in inst.input_names:
+        if name in table.input_names:
             continue
         if inst.bidirectional and name in ("h0", "c0"):
             raise InvalidArgument(f"model '{inst.name}' is bidirectional and takes no state inputs "
@@ -219,26 +252,28 @@ def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
             raise InvalidArgument(f"input {quoted(name)} must be a tensor, got {type(arr).__name__}")
     feeds: dict[str, np.ndarray] = {}
     sizes: dict[str, tuple[int, str]] = {}
-    for t in spec.inputs:
-        if t.name not in inputs:
+    for t, want, token_ids in table.inputs:
+        arr = inputs.get(t.name)
+        if arr is None:
             raise InvalidArgument(f"missing input '{t.name}' ({t.datatype} {_shape_text(t.shape)}) "
                                   f"for model '{inst.name}'")
-        arr = inputs[t.name]
-        _check_dtype(t.name, arr, datatypes.get(t.name), DTYPES[t.dtype])
+        declared = datatypes.get(t.name)
+        if (declared is not None and declared != want) or _DATATYPES.get(arr.dtype.str) != want:
+            _check_dtype(t.name, arr, declared, want)
         check_shape(t, arr, sizes, max_seq_len)
-        if t.name == INPUT_TOKENS and inst.vocab:
+        if token_ids:
             check_token_ids(inst, arr)
         if arr.dtype.kind == "f":
             check_finite(inst, f"input '{t.name}'", arr)
-        feeds[t.name] = np.ascontiguousarray(arr)
+        feeds[t.name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
     batch = inst.io.rows(feeds)
     if batch > max_batch:
         raise InvalidArgument(f"the request has batch {batch}, over the server's maximum of {max_batch} "
                               f"(--max-batch-size); split the request")
-    for pair in spec.states:
+    for pair, want in table.states:
         if pair.input in inputs:
             state = inputs[pair.input]
-            _check_dtype(pair.input, state, datatypes.get(pair.input), DTYPES[pair.dtype])
+            _check_dtype(pair.input, state, datatypes.get(pair.input), want)
             check_state(inst, pair, state, batch)
             feeds[pair.input] = np.ascontiguousarray(state)
     return feeds

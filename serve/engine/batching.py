@@ -130,7 +130,8 @@ class Batcher:
                 self._recent_rows.append(work.rows)
             else:
                 self._queue.append(work)
-                self._cv.notify()
+                if not self._held:      # a hold's release wakes the scheduler
+                    self._cv.notify()
         if run_here:
             try:
                 self._execute([work], finish_here=True)
@@ -145,13 +146,27 @@ class Batcher:
     def together(self) -> Iterator[None]:
         """Work queued inside the block waits until its end, so it can share one run (the rows
         of a request that carries many sequences)."""
-        with self._cv:
-            self._held += 1
+        self.hold()
         try:
             yield
         finally:
-            with self._cv:
-                self._held -= 1
+            self.release()
+
+    def lone(self) -> bool:
+        """Work queued now would run alone: nothing queued or running, and the last runs held
+        one row each (concurrency 1). Holding the queue for company would only delay it.
+        Read without the lock: a hint."""
+        return not self._queue and not self._running and max(self._recent_rows, default=1) <= 1
+
+    def hold(self) -> None:
+        """Keep the schedulers off the queue until the matching release() (together(), as two calls)."""
+        with self._cv:
+            self._held += 1
+
+    def release(self) -> None:
+        with self._cv:
+            self._held -= 1
+            if not self._held and self._queue:
                 self._cv.notify_all()
 
     def cancel(self, work: Work) -> bool:
@@ -272,7 +287,9 @@ class Batcher:
             return
         if not finish_here:
             with self._cv:   # close() may have stopped the completion thread (a run outlived it)
-                finish_here = self._done_closed
+                # Nothing queued: no next run to start, so this thread answers its callers itself
+                # (one thread hand-off fewer: what concurrency 1 waits for).
+                finish_here = self._done_closed or not self._queue
                 if not finish_here:
                     self._done.put((live, out, times))
         if finish_here:

@@ -13,7 +13,6 @@ its deadline passes is dropped with DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -89,26 +88,27 @@ async def outputs(bridge: LoopBridge, fut: Future, cancel: Callable[[], bool] | 
 
 class Coalescer:
     """Requests the loop handles in one turn reach each model's Batcher together: the first
-    one holds the batcher (Batcher.together) until the end of the turn, so its scheduler
+    one holds the batcher (Batcher.hold) until the end of the turn, so its scheduler
     cannot start a run with the first request alone while the rest are still being read. With
     one event loop reading every request, that is what lets concurrent requests share runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self._open: dict[int, contextlib.AbstractContextManager] = {}
+        self._held: dict[int, object] = {}   # id(batcher) -> batcher, held until the turn ends
 
     def hold(self, batcher) -> None:
-        """(On the loop.) Hold the batcher until the end of this turn of the loop."""
-        key = id(batcher)
-        if key in self._open:
+        """(On the loop.) Hold the batcher (Batcher.hold) until the end of this turn of the loop,
+        unless its recent traffic came one request at a time (Batcher.lone): then the request
+        goes at once, as it would have run alone anyway."""
+        held = self._held
+        if id(batcher) in held or batcher.lone():
             return
-        held = batcher.together()
-        held.__enter__()
-        self._open[key] = held
-        if len(self._open) == 1:
+        batcher.hold()
+        held[id(batcher)] = batcher
+        if len(held) == 1:
             self._loop.call_soon(self._release)
 
     def _release(self) -> None:
-        opened, self._open = self._open, {}
-        for held in opened.values():
-            held.__exit__(None, None, None)
+        held, self._held = self._held, {}
+        for batcher in held.values():
+            batcher.release()

@@ -63,14 +63,18 @@ def handles_errors(func):
     if inspect.isasyncgenfunction(func):
         @functools.wraps(func)
         async def stream_wrapper(self, request, context):
+            limits = limits_of(self)
             try:
-                with limits_of(self).call(streaming):
+                limits.enter(streaming)
+                try:
                     answers = func(self, request, context)
                     try:
                         async for answer in answers:
                             yield answer
                     finally:   # the servicer's clean-up runs now, also when the call is cancelled
                         await answers.aclose()
+                finally:
+                    limits.leave(streaming)
             except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
                 if context.cancelled():   # client gone: nobody to answer
                     logger.debug("%s: client went away (%s)", method, exc.__class__.__name__)
@@ -80,9 +84,13 @@ def handles_errors(func):
 
     @functools.wraps(func)
     async def unary_wrapper(self, request, context):
+        limits = limits_of(self)
         try:
-            with limits_of(self).call(streaming):
+            limits.enter(streaming)
+            try:
                 return await func(self, request, context)
+            finally:
+                limits.leave(streaming)
         except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
             await _abort(context, exc, method)
     return unary_wrapper

@@ -27,6 +27,15 @@ class CallLimits:
 
     @contextlib.contextmanager
     def call(self, streaming: bool) -> Iterator[None]:
+        """One call's slot for the block (enter/leave as a context)."""
+        self.enter(streaming)
+        try:
+            yield
+        finally:
+            self.leave(streaming)
+
+    def enter(self, streaming: bool) -> None:
+        """Count a call that starts (leave() when it ends); ResourceExhausted past the bound."""
         if streaming:
             if self.max_streams and self.streams >= self.max_streams:
                 raise ResourceExhausted(f"too many open streams ({self.max_streams}, --max-streams); "
@@ -37,13 +46,12 @@ class CallLimits:
                 raise ResourceExhausted(f"too many calls in progress ({self.max_calls}, "
                                         "--max-concurrent-calls); retry later")
             self.calls += 1
-        try:
-            yield
-        finally:
-            if streaming:
-                self.streams -= 1
-            else:
-                self.calls -= 1
+
+    def leave(self, streaming: bool) -> None:
+        if streaming:
+            self.streams -= 1
+        else:
+            self.calls -= 1
 
 
 _UNBOUNDED = CallLimits()

@@ -40,13 +40,24 @@ OBSERVED = (_full_names(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], 
 STREAM_METHOD = "ModelStreamInfer"
 
 
-def _field(message: Any, *names: str) -> str:
-    """The first of `names` that the protobuf message has (model_name / model, ...), else ""."""
-    fields = getattr(getattr(message, "DESCRIPTOR", None), "fields_by_name", {})
-    for name in names:
-        if name in fields:
-            return getattr(message, name)
-    return ""
+# message type -> (its model field, its version field): model_name / model, model_version / version
+_FIELDS: dict[type, tuple[str | None, str | None]] = {}
+
+
+def _fields(message: Any) -> tuple[str | None, str | None]:
+    kind = type(message)
+    found = _FIELDS.get(kind)
+    if found is None:
+        fields = getattr(getattr(message, "DESCRIPTOR", None), "fields_by_name", {})
+        found = _FIELDS[kind] = (next((n for n in ("model_name", "model") if n in fields), None),
+                                 next((n for n in ("model_version", "version") if n in fields), None))
+    return found
+
+
+def _model_of(message: Any) -> tuple[str, str]:
+    """(model, version) a request or answer names; "" where it has no such field."""
+    model, version = _fields(message)
+    return (getattr(message, model) if model else "", getattr(message, version) if version else "")
 
 
 def _status(context, raised: BaseException | None) -> str:
@@ -71,8 +82,8 @@ class RequestObservation(grpc.aio.ServerInterceptor):
         """Record one request's outcome (t0: time.perf_counter() at its arrival). The version is the
         one the answer names, else the one the request named. Never raises."""
         try:
-            model = _field(request, "model_name", "model")
-            version = _field(answer, "model_version", "version") or _field(request, "model_version", "version")
+            model, asked = _model_of(request)
+            version = (_model_of(answer)[1] if answer is not None else "") or asked
             self._record(RequestRecord(method, model, version, code, time.perf_counter() - t0))
         except Exception:  # noqa: BLE001 - statistics must never break serving
             log.exception("recording a request failed")

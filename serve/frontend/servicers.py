@@ -1,8 +1,9 @@
 """Thin grpc.aio servicers over the data plane.
 
 Every method is a coroutine on the server's one event loop. Each converts the request
-with serve/wire/convert.py, calls one DataPlane (inference, metadata) or RepositoryAdmin
-(load, unload, index) method, and converts the answer back. Errors
+with serve/wire/convert.py (tensors) or serve/wire/messages.py (the rest), calls one
+DataPlane (inference, metadata) or RepositoryAdmin (load, unload, index) method, and
+converts the answer back. Errors
 become status codes in serve.frontend.grpc_errors (`@handles_errors`); ModelStreamInfer
 answers them in-stream as error_message, as Triton does, and the stream goes on.
 
@@ -22,11 +23,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
-from rnnserve.serve.errors import ServeError, quoted
+from rnnserve.serve.errors import quoted
 from rnnserve.serve.frontend import decoding
 from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge, outputs
 from rnnserve.serve.frontend.grpc_errors import handles_errors, status_for
-from rnnserve.serve.wire import convert
+from rnnserve.serve.wire import convert, messages
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.serve.wire.gen import text_service_pb2_grpc as tpb_grpc
@@ -59,11 +60,7 @@ def _infer_request(request: pb.ModelInferRequest, context, call: _Call):
 
 def _submit(dp, coalesce: Coalescer, req):
     """DataPlane.submit, with the model's batcher held until the loop's turn ends (Coalescer)."""
-    try:
-        coalesce.hold(dp.engine(req.model_name, req.model_version).batcher)
-    except ServeError:
-        pass   # dp.submit raises it again, for this request
-    return dp.submit(req)
+    return dp.submit(req, hold=coalesce.hold)
 
 
 class _Blocking:
@@ -110,8 +107,8 @@ async def _pipelined(dp, bridge: LoopBridge, coalesce: Coalescer, requests, cont
             request, pending, waiter, t0 = item
             try:
                 out = await waiter
-                answer = pb.ModelStreamInferResponse(infer_response=convert.infer_response_to_proto(
-                    pending.respond(out)))
+                answer = pb.ModelStreamInferResponse()
+                convert.infer_response_to_proto(pending.respond(out), answer.infer_response)
                 failure = None
             except Exception as exc:  # noqa: BLE001 - answered in-stream; the stream goes on
                 answer, failure = _stream_error(request, exc), exc
@@ -165,20 +162,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handles_errors
     async def ServerMetadata(self, request, context):
-        return convert.server_metadata_to_proto(self._dp.server_metadata())
+        return messages.server_metadata_to_proto(self._dp.server_metadata())
 
     @handles_errors
     async def ModelMetadata(self, request, context):
-        return convert.model_metadata_to_proto(
+        return messages.model_metadata_to_proto(
             self._dp.model_metadata(request.name, request.version))
 
     @handles_errors
     async def ModelConfig(self, request, context):
-        return convert.model_config_to_proto(self._dp.model_config(request.name, request.version))
+        return messages.model_config_to_proto(self._dp.model_config(request.name, request.version))
 
     @handles_errors
     async def ModelStatistics(self, request, context):
-        return convert.model_stats_to_proto(
+        return messages.model_stats_to_proto(
             self._dp.model_statistics(request.name, request.version))
 
     @handles_errors
@@ -199,7 +196,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handles_errors
     async def RepositoryIndex(self, request, context):
-        return convert.repository_index_to_proto(self._admin.repository_index(), request.ready)
+        return messages.repository_index_to_proto(self._admin.repository_index(), request.ready)
 
     @handles_errors
     async def RepositoryModelLoad(self, request, context):
@@ -255,21 +252,21 @@ class TextServicer(tpb_grpc.TextServiceServicer):
     async def Predict(self, request, context):
         result = await self._blocking(self._dp.predict_text, request.model, request.text,
                                       top_k=request.top_k or DEFAULT_TOP_K, version=request.version)
-        return convert.predict_to_proto(result)
+        return messages.predict_to_proto(result)
 
     @handles_errors
     async def Generate(self, request, context):
-        events = await self._blocking(self._dp.generate, **convert.generate_args_from_proto(request))
+        events = await self._blocking(self._dp.generate, **messages.generate_args_from_proto(request))
         steps = _OffLoop(self._pool, events.close)
         try:
             while (event := await steps.run(next, events, None)) is not None:
-                yield convert.generate_event_to_proto(event)   # waits while the client does not read
+                yield messages.generate_event_to_proto(event)   # waits while the client does not read
         finally:
             steps.close()
 
     @handles_errors
     async def Score(self, request, context):
-        return convert.score_to_proto(await self._blocking(self._dp.score, request.model, request.text,
+        return messages.score_to_proto(await self._blocking(self._dp.score, request.model, request.text,
                                                            version=request.version))
 
     @handles_errors
@@ -282,14 +279,14 @@ class TextServicer(tpb_grpc.TextServiceServicer):
                 request = decoding.check(request)
                 if stream is None:
                     first = request
-                    stream = self._dp.open_text_stream(**convert.stream_open_args(request, DEFAULT_TOP_K))
+                    stream = self._dp.open_text_stream(**messages.stream_open_args(request, DEFAULT_TOP_K))
                     chunks = _OffLoop(self._pool, stream.close)
                     if not request.text:
                         continue
                 else:
-                    convert.check_stream_followup(request, first)
+                    messages.check_stream_followup(request, first)
                 result = await chunks.run(stream.feed, request.text)
-                yield convert.stream_response_to_proto(result, chunk)
+                yield messages.stream_response_to_proto(result, chunk)
                 chunk += 1
         finally:
             if stream is not None:

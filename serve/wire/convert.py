@@ -1,15 +1,20 @@
-"""The one module converting between protobuf messages and serve.types / numpy.
+"""The one module converting between protobuf messages and numpy: tensors, inference
+requests and responses (shared by the server and our client). Everything else that
+crosses the wire (metadata, config, statistics, the text API) is serve/wire/messages.py's.
 
 Tensors travel little-endian, row-major and unpadded. Requests may carry them in
 `raw_input_contents` (one blob per input, in input order; what tritonclient
 sends) or in each input's typed `contents`; responses always use
 `raw_output_contents`, the only place tritonclient reads. Everything a client
 can get wrong here raises serve.errors.InvalidArgument with a message that says
-what is wrong.
+what is wrong. This runs for every request on the server's event loop, so the
+common case (a raw tensor of a known datatype) takes one dictionary lookup per
+fact; the checks that build messages run only when something is wrong.
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 
@@ -17,22 +22,7 @@ import numpy as np
 
 from rnnserve.serve.errors import InvalidArgument, quoted
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
-from rnnserve.serve.wire.gen import model_config_pb2 as mc
-from rnnserve.serve.wire.gen import text_service_pb2 as tpb
-from rnnserve.serve.wire.types import (
-    GenerateEvent,
-    InferRequest,
-    InferResponse,
-    ModelConfigInfo,
-    ModelMetadata,
-    ModelStats,
-    ParamValue,
-    PredictResult,
-    RepositoryEntry,
-    ScoreResult,
-    ServerMetadata,
-    TensorSpec,
-)
+from rnnserve.serve.wire.types import InferRequest, InferResponse, ParamValue
 
 # Open Inference Protocol datatype -> numpy dtype (little-endian on the wire).
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -41,7 +31,10 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
         "INT8": "i1", "INT16": "i2", "INT32": "i4", "INT64": "i8",
         "FP16": "f2", "FP32": "f4", "FP64": "f8"}.items()}
 DATATYPES = tuple(NUMPY_DTYPES) + ("BYTES", "BF16")   # every name the protocol knows
-_DATATYPE_OF = {dt.newbyteorder("="): name for name, dt in NUMPY_DTYPES.items()}
+# numpy dtype (by its .str, either byte order) -> datatype, for the answers
+_DATATYPE_OF = {dt.newbyteorder(order).str: name for name, dt in NUMPY_DTYPES.items() for order in "<>"}
+_DATATYPE_OF.update({np.dtype(np.bool_).str: "BOOL", np.dtype(np.int8).str: "INT8", np.dtype(np.uint8).str: "UINT8"})
+_LITTLE = sys.byteorder == "little"   # wire order is native: no byte swapping
 
 # Which InferTensorContents field carries each datatype (FP16 has none: raw only).
 CONTENTS_FIELD = {
@@ -87,8 +80,9 @@ def params_to_proto(values: dict[str, ParamValue], target) -> None:
 # ---- tensors ----------------------------------------------------------------
 
 def _dtype_for(tensor_name: str, datatype: str) -> np.dtype:
-    if datatype in NUMPY_DTYPES:
-        return NUMPY_DTYPES[datatype]
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is not None:
+        return dtype
     if datatype in DATATYPES:
         raise InvalidArgument(f"input {quoted(tensor_name)}: datatype {datatype} is not supported")
     raise InvalidArgument(f"input {quoted(tensor_name)}: unknown datatype {quoted(datatype)}; "
@@ -99,9 +93,9 @@ def _shape_of(tensor_name: str, dims) -> tuple:
     if len(dims) > MAX_RANK:
         raise InvalidArgument(f"input {quoted(tensor_name)}: shape has {len(dims)} dimensions, "
                               f"over the limit of {MAX_RANK}")
-    shape = tuple(int(d) for d in dims)
-    negative = [d for d in shape if d < 0]
-    if negative:
+    shape = tuple(dims)
+    if shape and min(shape) < 0:
+        negative = [d for d in shape if d < 0]
         raise InvalidArgument(f"input {quoted(tensor_name)}: shape {list(shape)} has a negative "
                               f"dimension {negative[0]}")
     return shape
@@ -145,7 +139,10 @@ def tensor_from_raw(name: str, datatype: str, dims, raw: bytes) -> np.ndarray:
     if len(raw) != expected:
         raise InvalidArgument(f"input {quoted(name)}: shape {list(shape)} of {datatype} needs {expected} "
                               f"bytes of raw_input_contents, got {len(raw)}")
-    return _reshape(name, np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False), shape)
+    flat = np.frombuffer(raw, dtype=dtype)
+    if not _LITTLE:
+        flat = flat.astype(dtype.newbyteorder("="))
+    return _reshape(name, flat, shape)
 
 
 def tensor_from_contents(name: str, datatype: str, dims, contents) -> np.ndarray:
@@ -176,11 +173,12 @@ def tensor_from_contents(name: str, datatype: str, dims, contents) -> np.ndarray
 
 def tensor_to_raw(array: np.ndarray) -> tuple[str, bytes]:
     """-> (datatype, little-endian row-major bytes)."""
-    native = array.dtype.newbyteorder("=")
-    datatype = _DATATYPE_OF.get(native)
+    datatype = _DATATYPE_OF.get(array.dtype.str)
     if datatype is None:
         raise TypeError(f"no protocol datatype for numpy dtype {array.dtype}")
-    return datatype, np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not _LITTLE):
+        array = array.astype(NUMPY_DTYPES[datatype])
+    return datatype, array.tobytes()   # row-major, whatever the array's own layout
 
 
 # ---- inference --------------------------------------------------------------
@@ -195,39 +193,47 @@ def deadline_from(time_remaining: float | None) -> float | None:
 def infer_request_from_proto(msg: pb.ModelInferRequest, time_remaining: float | None = None,
                              is_cancelled: Callable[[], bool] | None = None) -> InferRequest:
     raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(msg.inputs)} inputs; "
+    tensors = msg.inputs
+    if raw and len(raw) != len(tensors):
+        raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(tensors)} inputs; "
                               f"send one per input, in input order")
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
-    for i, tensor in enumerate(msg.inputs):
-        if tensor.name in inputs:
-            raise InvalidArgument(f"input {quoted(tensor.name)} is given twice")
+    for i, tensor in enumerate(tensors):
+        name, datatype = tensor.name, tensor.datatype
+        if name in inputs:
+            raise InvalidArgument(f"input {quoted(name)} is given twice")
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidArgument(f"input {quoted(tensor.name)}: contents must be empty when "
+                raise InvalidArgument(f"input {quoted(name)}: contents must be empty when "
                                       f"raw_input_contents is used")
-            array = tensor_from_raw(tensor.name, tensor.datatype, tensor.shape, raw[i])
+            inputs[name] = tensor_from_raw(name, datatype, tensor.shape, raw[i])
         else:
-            array = tensor_from_contents(tensor.name, tensor.datatype, tensor.shape,
-                                         tensor.contents)
-        inputs[tensor.name] = array
-        datatypes[tensor.name] = tensor.datatype
-    requested = [out.name for out in msg.outputs] or None
+            inputs[name] = tensor_from_contents(name, datatype, tensor.shape, tensor.contents)
+        datatypes[name] = datatype
+    outputs = msg.outputs
+    params = msg.parameters
     return InferRequest(model_name=msg.model_name, model_version=msg.model_version, id=msg.id,
-                        inputs=inputs, input_datatypes=datatypes, requested_outputs=requested,
-                        parameters=params_from_proto(msg.parameters),
+                        inputs=inputs, input_datatypes=datatypes,
+                        requested_outputs=[out.name for out in outputs] if outputs else None,
+                        parameters=params_from_proto(params) if params else {},
                         deadline=deadline_from(time_remaining), is_cancelled=is_cancelled)
 
 
-def infer_response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
-    msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version,
-                                id=resp.id)
-    params_to_proto(resp.parameters, msg.parameters)
+def infer_response_to_proto(resp: InferResponse, msg: pb.ModelInferResponse | None = None
+                            ) -> pb.ModelInferResponse:
+    """The answer's message; `msg`: fill this one (a ModelStreamInferResponse's infer_response,
+    built in place rather than copied in)."""
+    if msg is None:
+        msg = pb.ModelInferResponse()
+    msg.model_name, msg.model_version, msg.id = resp.model_name, resp.model_version, resp.id
+    if resp.parameters:
+        params_to_proto(resp.parameters, msg.parameters)
+    add_output, blobs = msg.outputs.add, msg.raw_output_contents
     for name, array in resp.outputs:
         datatype, blob = tensor_to_raw(array)
-        msg.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        msg.raw_output_contents.append(blob)
+        add_output(name=name, datatype=datatype, shape=array.shape)
+        blobs.append(blob)
     return msg
 
 
@@ -255,153 +261,3 @@ def infer_outputs_from_proto(msg: pb.ModelInferResponse) -> dict[str, np.ndarray
                 for i, out in enumerate(msg.outputs)}
     return {out.name: tensor_from_contents(out.name, out.datatype, out.shape, out.contents)
             for out in msg.outputs}
-
-
-# ---- metadata, config, statistics, repository ------------------------------
-
-def server_metadata_to_proto(meta: ServerMetadata) -> pb.ServerMetadataResponse:
-    return pb.ServerMetadataResponse(name=meta.name, version=meta.version,
-                                     extensions=meta.extensions)
-
-
-def _tensor_metadata(spec: TensorSpec):
-    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype,
-                                                   shape=spec.shape)
-
-
-def model_metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
-    return pb.ModelMetadataResponse(name=meta.name, versions=meta.versions,
-                                    platform=meta.platform,
-                                    inputs=[_tensor_metadata(s) for s in meta.inputs],
-                                    outputs=[_tensor_metadata(s) for s in meta.outputs])
-
-
-def _config_type(datatype: str) -> int:
-    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-    return mc.DataType.Value(name) if name in mc.DataType.keys() else mc.TYPE_INVALID
-
-
-def model_config_to_proto(cfg: ModelConfigInfo) -> pb.ModelConfigResponse:
-    """Triton's scheduling_choice is a oneof: a model with sequence_batching carries its
-    dynamic batching inside it, as the `oldest` strategy (Triton's equivalent)."""
-    config = mc.ModelConfig(
-        name=cfg.name, platform=cfg.platform, max_batch_size=cfg.max_batch_size,
-        backend="onnxruntime" if cfg.platform == "onnxruntime_onnx" else "",
-        input=[mc.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape,
-                             optional=s.optional) for s in cfg.inputs],
-        output=[mc.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape)
-                for s in cfg.outputs])
-    config.instance_group.add(count=cfg.instance_count)
-    for key, value in cfg.parameters.items():
-        config.parameters[key].string_value = value
-    dyn = cfg.dynamic_batching
-    if cfg.sequence_batching is not None:
-        seq = config.sequence_batching
-        seq.max_sequence_idle_microseconds = int(
-            cfg.sequence_batching.get("max_sequence_idle_microseconds", 0))
-        for state in cfg.sequence_batching.get("states", []):
-            seq.state.add(
-                input_name=state.input_name, output_name=state.output_name,
-                data_type=_config_type(state.datatype), dims=state.dims,
-                initial_state=[mc.ModelSequenceBatching.InitialState(
-                    name=f"{state.input_name}_zero", data_type=_config_type(state.datatype),
-                    dims=state.dims, zero_data=True)])
-        if dyn is not None:
-            seq.oldest.preferred_batch_size.extend(dyn.get("preferred_batch_size", []))
-            seq.oldest.max_queue_delay_microseconds = int(
-                dyn.get("max_queue_delay_microseconds", 0))
-    elif dyn is not None:
-        config.dynamic_batching.preferred_batch_size.extend(dyn.get("preferred_batch_size", []))
-        config.dynamic_batching.max_queue_delay_microseconds = int(
-            dyn.get("max_queue_delay_microseconds", 0))
-    return pb.ModelConfigResponse(config=config)
-
-
-def _duration(target, stat) -> None:
-    target.count, target.ns = stat.count, stat.ns
-
-
-def model_stats_to_proto(stats: list[ModelStats]) -> pb.ModelStatisticsResponse:
-    msg = pb.ModelStatisticsResponse()
-    for s in stats:
-        out = msg.model_stats.add(name=s.name, version=s.version,
-                                  last_inference=s.last_inference_ms,
-                                  inference_count=s.inference_count,
-                                  execution_count=s.execution_count)
-        for field in ("success", "fail", "queue", "compute_input", "compute_infer",
-                      "compute_output"):
-            _duration(getattr(out.inference_stats, field), getattr(s, field))
-        for size in sorted(s.batch_stats):
-            batch = out.batch_stats.add(batch_size=size)
-            _duration(batch.compute_infer, s.batch_stats[size])
-    return msg
-
-
-def repository_index_to_proto(entries: list[RepositoryEntry], ready_only: bool
-                              ) -> pb.RepositoryIndexResponse:
-    msg = pb.RepositoryIndexResponse()
-    for e in entries:
-        if not ready_only or e.state == "READY":
-            msg.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
-    return msg
-
-
-# ---- text API ---------------------------------------------------------------
-
-def _positions_to_proto(result: PredictResult) -> list:
-    return [tpb.PositionPrediction(index=p.index, input_char=p.input_char, char=p.char,
-                                   prob=p.prob,
-                                   top=[tpb.CharProb(char=c.char, prob=c.prob) for c in p.top])
-            for p in result.positions]
-
-
-def predict_to_proto(result: PredictResult) -> tpb.PredictResponse:
-    return tpb.PredictResponse(model=result.model_name, version=result.model_version,
-                               decoded=result.decoded, positions=_positions_to_proto(result))
-
-
-def stream_response_to_proto(result: PredictResult, chunk: int) -> tpb.StreamResponse:
-    """One TextService.Stream answer: chunk `chunk`'s predictions (the Predict per-position message)."""
-    return tpb.StreamResponse(model=result.model_name, version=result.model_version, chunk=chunk,
-                              decoded=result.decoded, positions=_positions_to_proto(result))
-
-
-def stream_open_args(req: tpb.StreamRequest, default_top_k: int) -> dict:
-    """Keyword arguments for DataPlane.open_text_stream from the first StreamRequest."""
-    if not req.model:
-        raise InvalidArgument("the first StreamRequest must name the model")
-    return dict(model=req.model, version=req.version, top_k=req.top_k or default_top_k)
-
-
-def check_stream_followup(req: tpb.StreamRequest, first: tpb.StreamRequest) -> None:
-    """A later StreamRequest may repeat the first one's model/version/top_k, never change them."""
-    for name in ("model", "version", "top_k"):
-        value = getattr(req, name)
-        if value and value != getattr(first, name):
-            raise InvalidArgument(f"StreamRequest.{name} is set by the first message of a stream "
-                                  f"({quoted(getattr(first, name))}); a later message cannot change it "
-                                  f"to {quoted(value)}")
-    if not req.text:
-        raise InvalidArgument("an empty text chunk: only the first StreamRequest may omit text")
-
-
-def generate_event_to_proto(event: GenerateEvent) -> tpb.GenerateResponse:
-    return tpb.GenerateResponse(index=event.index, token_id=event.token_id, text=event.text,
-                                finish_reason=event.finish_reason)
-
-
-def generate_args_from_proto(req: tpb.GenerateRequest) -> dict:
-    """Keyword arguments for DataPlane.generate (unset optional fields -> defaults)."""
-    return dict(model=req.model, version=req.version, prompt=req.prompt,
-                max_tokens=req.max_tokens,
-                temperature=req.temperature if req.HasField("temperature") else 1.0,
-                top_k=req.top_k, top_p=req.top_p if req.HasField("top_p") else 1.0,
-                seed=req.seed if req.HasField("seed") else None, stop=list(req.stop))
-
-
-def score_to_proto(result: ScoreResult) -> tpb.ScoreResponse:
-    return tpb.ScoreResponse(model=result.model_name, version=result.model_version,
-                             log_likelihood=result.log_likelihood,
-                             nats_per_char=result.nats_per_char,
-                             bits_per_char=result.bits_per_char,
-                             num_predicted=result.num_predicted)
