@@ -85,9 +85,12 @@ def method_handlers(servicer, service) -> dict[str, grpc.RpcMethodHandler]:
     return handlers
 
 
-def add_servicer(server, servicer, service) -> None:
-    """Register the grpc.aio `servicer` for `service` on a grpc.aio server with tolerant decoding."""
+def add_servicer(server, servicer, service, wrap=None) -> None:
+    """Register the grpc.aio `servicer` for `service` on a grpc.aio server with tolerant decoding.
+    wrap(service name, {method: handler}) -> the handlers to register (request observation)."""
     handlers = method_handlers(servicer, service)
+    if wrap is not None:
+        handlers = wrap(service.full_name, handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(service.full_name, handlers)

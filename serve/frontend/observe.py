@@ -1,10 +1,14 @@
 """Request observation: one serve.stats.RequestRecord per answered inference request.
 
-A grpc.aio server interceptor wraps the inference calls from outside the error map
-(serve/frontend/grpc_errors.py) and reads the status code that map gave the call,
-so it sees exactly what the client got: OK, a serve.errors code, INTERNAL, or
-CANCELLED when the client went away. ModelStreamInfer answers each streamed request
-in-stream, so its servicer reports every one with `stream_request`.
+`RequestObservation.handlers` wraps the method handlers of the inference calls when they
+are registered (serve/frontend/decoding.py add_servicer), outside the error map
+(serve/frontend/grpc_errors.py) and outside the refusal of undecodable bodies, and reads
+the status code the call ended with, so it sees exactly what the client got: OK, a
+serve.errors code, INTERNAL, or CANCELLED when the client went away. (Wrapping at
+registration, not as a server interceptor, keeps grpc.aio from running an interceptor
+chain for every call.) A call that auth refuses never reaches its handler and is not
+recorded. ModelStreamInfer answers each streamed request in-stream, so its servicer
+reports every one with `stream_request`.
 
 The records go to one function (DataPlane.record_request), which feeds the
 Prometheus request series and ModelStatistics' success / fail counts together.
@@ -71,12 +75,11 @@ def _status(context, raised: BaseException | None) -> str:
     return "UNKNOWN" if raised is not None else "OK"
 
 
-class RequestObservation(grpc.aio.ServerInterceptor):
-    """The interceptor, plus `stream_request` for the requests of ModelStreamInfer."""
+class RequestObservation:
+    """The handler wrappers, plus `stream_request` for the requests of ModelStreamInfer."""
 
     def __init__(self, record: Record):
         self._record = record
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def report(self, method: str, request: Any, answer: Any, code: str, t0: float) -> None:
         """Record one request's outcome (t0: time.perf_counter() at its arrival). The version is the
@@ -92,17 +95,16 @@ class RequestObservation(grpc.aio.ServerInterceptor):
         """One request of a ModelStreamInfer call, answered in-stream (exc None = OK)."""
         self.report(STREAM_METHOD, request, answer, code_for(exc).name, t0)
 
-    # -- the interceptor -------------------------------------------------------------------------
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = OBSERVED.get(handler_call_details.method)
-        if handler is None or method is None:
-            return handler
-        cached = self._wrapped.get(handler_call_details.method)   # one wrapper per method handler
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(method, handler))
-            self._wrapped[handler_call_details.method] = cached
-        return cached[1]
+    # -- the handlers -------------------------------------------------------------------------
+    def handlers(self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]
+                 ) -> dict[str, grpc.RpcMethodHandler]:
+        """{method: handler} of one service, the observed methods' handlers wrapped."""
+        out = dict(handlers)
+        for name, handler in handlers.items():
+            method = OBSERVED.get(f"/{service_name}/{name}")
+            if method is not None:
+                out[name] = self._wrap(method, handler)
+        return out
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         codec = {"request_deserializer": h.request_deserializer, "response_serializer": h.response_serializer}

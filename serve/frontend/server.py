@@ -148,7 +148,7 @@ class Server:
         observation = RequestObservation(self.dataplane.record_request)
         checks = [auth.AuthInterceptor(self.policy, status_for)] if self.policy.enabled else []
         self.grpc_server = grpc.aio.server(
-            interceptors=[*checks, observation],
+            interceptors=checks,
             # The data plane refuses, before the run, any request whose answer would be larger
             # (serve/dataplane/answers.py), so gRPC's check and ours agree.
             options=[("grpc.max_send_message_length", s.max_response_bytes),
@@ -164,8 +164,8 @@ class Server:
         text = TextServicer(self.dataplane, self._blocking)
         for servicer in (inference, text):
             set_limits(servicer, self.limits)
-        add_servicer(self.grpc_server, inference, INFERENCE_SERVICE)
-        add_servicer(self.grpc_server, text, TEXT_SERVICE)
+        add_servicer(self.grpc_server, inference, INFERENCE_SERVICE, observation.handlers)
+        add_servicer(self.grpc_server, text, TEXT_SERVICE, observation.handlers)
         add_servicer(self.grpc_server, self._health, HEALTH_SERVICE)
         if self.reflection:
             reflection.enable_server_reflection(SERVICE_NAMES, self.grpc_server, pool=reflection_pool())
