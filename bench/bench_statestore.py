@@ -5,7 +5,7 @@
 Model: bench.bench_server's 2-layer LSTM char model (vocab 65, emb 64, hidden 256), random
 weights. Servers: `rnnserve-server` subprocesses on 127.0.0.1, `--threads 1`; Redis: a real
 redis-server on a free loopback port, without persistence (tests/cluster.py). Clients:
-tritonclient.grpc streams (bench.bench_batching.stream_sequences), N sequences over K streams,
+tritonclient.grpc streams (bench.sequence_clients.stream_sequences), N sequences over K streams,
 each with a stream to every server; each sequence sends its next single-token step when the
 previous answer arrives, with its step id in the `sequence_step` parameter.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as tc
 
-from bench.bench_batching import stream_sequences
 from bench.bench_server import MODEL, VOCAB, build_repository, start_server
 from bench.floor import process_cpu_s
+from bench.sequence_clients import stream_sequences
 from tests.cluster import RedisServer
 
 

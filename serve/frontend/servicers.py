@@ -74,55 +74,6 @@ class _Blocking:
             self._executor, functools.partial(fn, *args, **kwargs))
 
 
-async def _pipelined(dp, bridge: LoopBridge, coalesce: Coalescer, requests, context, observe):
-    """One ModelStreamInfer call. A reader task submits each request the moment it arrives
-    (DataPlane.submit, in arrival order, so one sequence's steps keep their order and
-    different sequences' steps share runs); answers go out in request order, as Triton does
-    for non-decoupled models, each as soon as it and those before it are done. observe(request,
-    exception or None, answer, t0) records each request's outcome (serve/frontend/observe.py)."""
-    call = _Call(context)
-    submitted: asyncio.Queue = asyncio.Queue()
-
-    async def read() -> None:
-        try:
-            async for request in requests:
-                t0 = time.perf_counter()
-                try:
-                    pending = _submit(dp, coalesce, _infer_request(decoding.check(request), context, call))
-                    waiter = bridge.wrap(pending.raw)
-                except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
-                    pending, waiter = None, asyncio.get_running_loop().create_future()
-                    waiter.set_exception(exc)
-                    if isinstance(request, decoding.Undecodable):
-                        request = pb.ModelInferRequest()
-                submitted.put_nowait((request, pending, waiter, t0))
-        except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
-            logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
-        finally:
-            submitted.put_nowait(None)
-
-    reader = asyncio.ensure_future(read())
-    try:
-        while (item := await submitted.get()) is not None:
-            request, pending, waiter, t0 = item
-            try:
-                out = await waiter
-                answer = pb.ModelStreamInferResponse()
-                convert.infer_response_to_proto(pending.respond(out), answer.infer_response)
-                failure = None
-            except Exception as exc:  # noqa: BLE001 - answered in-stream; the stream goes on
-                answer, failure = _stream_error(request, exc), exc
-            if observe is not None:
-                observe(request, failure, answer.infer_response, t0)
-            yield answer
-    finally:
-        reader.cancel()
-        while not submitted.empty():   # answers nobody will read: no "never retrieved" noise
-            item = submitted.get_nowait()
-            if item is not None:
-                item[2].cancel()
-
-
 def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
     _, message = status_for(exc, "ModelStreamInfer")
     if request.id:
@@ -185,14 +136,55 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return convert.infer_response_to_proto(pending.respond(out))
 
     @handles_errors
-    async def ModelStreamInfer(self, request_iterator, context):
-        """Pipelined: each request is queued the moment it arrives, in arrival order, without
-        waiting for earlier answers; answers go out in request order (Triton, non-decoupled),
-        each as soon as it and the ones before it are done. An error is answered in-stream
-        (error_message, plus the request's id in infer_response) and the stream goes on."""
-        async for answer in _pipelined(self._dp, self._bridge, self._coalesce, request_iterator, context,
-                                       self._observe_stream_request):
-            yield answer
+    async def ModelStreamInfer(self, requests, context):
+        """Pipelined: a reader task submits each request the moment it arrives (DataPlane.submit,
+        in arrival order, so one sequence's steps keep their order and different sequences' steps
+        share runs), without waiting for earlier answers; answers go out in request order (Triton,
+        non-decoupled), each as soon as it and the ones before it are done. An error is answered
+        in-stream (error_message, plus the request's id in infer_response) and the stream goes on.
+        Each request's outcome is recorded with observe_stream_request (serve/frontend/observe.py)."""
+        dp, bridge, coalesce, observe = self._dp, self._bridge, self._coalesce, self._observe_stream_request
+        call = _Call(context)
+        submitted: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    t0 = time.perf_counter()
+                    try:
+                        pending = _submit(dp, coalesce, _infer_request(decoding.check(request), context, call))
+                        waiter = bridge.wrap(pending.raw)
+                    except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
+                        pending, waiter = None, asyncio.get_running_loop().create_future()
+                        waiter.set_exception(exc)
+                        if isinstance(request, decoding.Undecodable):
+                            request = pb.ModelInferRequest()
+                    submitted.put_nowait((request, pending, waiter, t0))
+            except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
+                logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
+            finally:
+                submitted.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await submitted.get()) is not None:
+                request, pending, waiter, t0 = item
+                try:
+                    out = await waiter
+                    answer = pb.ModelStreamInferResponse()
+                    convert.infer_response_to_proto(pending.respond(out), answer.infer_response)
+                    failure = None
+                except Exception as exc:  # noqa: BLE001 - answered in-stream; the stream goes on
+                    answer, failure = _stream_error(request, exc), exc
+                if observe is not None:
+                    observe(request, failure, answer.infer_response, t0)
+                yield answer
+        finally:
+            reader.cancel()
+            while not submitted.empty():   # answers nobody will read: no "never retrieved" noise
+                item = submitted.get_nowait()
+                if item is not None:
+                    item[2].cancel()
 
     @handles_errors
     async def RepositoryIndex(self, request, context):
