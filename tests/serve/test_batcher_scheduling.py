@@ -228,3 +228,52 @@ def test_a_run_that_outlives_close_still_answers_its_caller(models):
     finally:
         run.gate.set()
         b.close()
+
+
+def test_a_run_with_nothing_queued_behind_it_is_answered_by_its_scheduler(models):
+    """No hand-off to the completion thread when no next run waits (concurrency 1): the
+    scheduler that ran the work completes it. With work queued behind a run, the completion
+    thread answers it while the scheduler starts the next run."""
+    m = models["lstm"]
+    gated = GatedRun(m)
+    b = Batcher("lstm", gated, m.io, max_batch_size=1)
+    answered: dict[str, str] = {}
+    try:
+        toks = np.ones((1, 5), np.int64)
+        works = {name: work(toks, m.zero(1)) for name in ("first", "second")}
+        for name, w in works.items():
+            w.future.add_done_callback(lambda _f, name=name: answered.setdefault(
+                name, threading.current_thread().name))
+        b.submit(works["first"])
+        assert gated.entered.wait(10)
+        b.submit(works["second"])            # queued behind the first run
+        gated.gate.set()
+        for w in works.values():
+            np.testing.assert_array_equal(w.future.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+        assert answered == {"first": "batcher-lstm-done", "second": "batcher-lstm-0"}
+    finally:
+        gated.gate.set()
+        b.close()
+
+
+def test_hold_keeps_work_queued_until_release(models):
+    """hold() keeps the scheduler off the queue until release(), so work queued meanwhile
+    shares one run; lone() says when holding is pointless (nothing queued or running and the
+    last runs held one row each)."""
+    m = models["lstm"]
+    runs = Runs()
+    b = Batcher("lstm", m.run, m.io, max_batch_size=8, on_run=runs)
+    try:
+        toks = np.ones((1, 5), np.int64)
+        assert b.lone()
+        b.hold()
+        futures = [b.submit(work(toks, m.zero(1))) for _ in range(3)]
+        time.sleep(0.05)
+        assert b.queue_depth() == 3 and not any(f.done() for f in futures) and not b.lone()
+        b.release()
+        for f in futures:
+            np.testing.assert_array_equal(f.result(timeout=30)["logits"], m.alone(toks, m.zero(1))["logits"])
+        assert runs.execution_count == 1 and runs.inference_count == 3
+        assert not b.lone()                  # the last run held 3 rows: company is likely
+    finally:
+        b.close()
