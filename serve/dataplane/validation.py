@@ -168,11 +168,20 @@ def check_outputs(inst: ModelInstance, requested: Sequence[str] | None) -> list[
     return list(requested)
 
 
+SMALL_TENSOR = 16   # elements: checked in Python, quicker than a numpy reduction
+
+
 def check_token_ids(inst: ModelInstance, tokens: np.ndarray) -> None:
-    # The fast path, one reduction and no temporaries: seen as unsigned, a negative id is huge.
-    unsigned = tokens.view(f"u{tokens.dtype.itemsize}") if tokens.dtype.kind == "i" else tokens
-    if tokens.size and unsigned.max() < inst.vocab_size:
-        return
+    # The fast paths. A streamed step holds a token or a few; otherwise one reduction and no
+    # temporaries: seen as unsigned, a negative id is huge.
+    if tokens.size <= SMALL_TENSOR:
+        ids = tokens.ravel().tolist()
+        if ids and min(ids) >= 0 and max(ids) < inst.vocab_size:
+            return
+    else:
+        unsigned = tokens.view(f"u{tokens.dtype.itemsize}") if tokens.dtype.kind == "i" else tokens
+        if unsigned.max() < inst.vocab_size:
+            return
     bad = (tokens < 0) | (tokens >= inst.vocab_size)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -58,7 +58,11 @@ def param_value(name: str, param) -> ParamValue:
 
 
 def params_from_proto(params) -> dict[str, ParamValue]:
-    return {key: param_value(key, param) for key, param in params.items()}
+    out: dict[str, ParamValue] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        out[key] = getattr(param, choice) if choice is not None else param_value(key, param)
+    return out
 
 
 def params_to_proto(values: dict[str, ParamValue], target) -> None:
