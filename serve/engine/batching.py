@@ -288,8 +288,10 @@ class Batcher:
         if not finish_here:
             with self._cv:   # close() may have stopped the completion thread (a run outlived it)
                 # Nothing queued: no next run to start, so this thread answers its callers itself
-                # (one thread hand-off fewer: what concurrency 1 waits for).
-                finish_here = self._done_closed or not self._queue
+                # (one thread hand-off fewer: what concurrency 1 waits for), unless answering
+                # needs a state store round trip (before_answer), which work arriving meanwhile
+                # should not wait for.
+                finish_here = self._done_closed or (not self._queue and self._before_answer is None)
                 if not finish_here:
                     self._done.put((live, out, times))
         if finish_here:
