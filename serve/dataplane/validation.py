@@ -256,9 +256,9 @@ def check_infer_inputs(inst: ModelInstance, inputs: Mapping[str, np.ndarray],
                                   f"(got {quoted(name)}): it reads the whole sequence at once")
         raise InvalidArgument(f"unknown input {quoted(name)} for model '{inst.name}'; "
                               f"its inputs are: {', '.join(inst.input_names)}")
-    for name, arr in inputs.items():
-        if not isinstance(arr, np.ndarray):
-            raise InvalidArgument(f"input {quoted(name)} must be a tensor, got {type(arr).__name__}")
+    for name, value in inputs.items():
+        if not isinstance(value, np.ndarray):
+            raise InvalidArgument(f"input {quoted(name)} must be a tensor, got {type(value).__name__}")
     feeds: dict[str, np.ndarray] = {}
     sizes: dict[str, tuple[int, str]] = {}
     for t, want, token_ids in table.inputs:

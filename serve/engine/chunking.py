@@ -119,13 +119,14 @@ class ChunkedRun:
             out = done.result()
             stop = min(self._start + self._chunk, self._steps)
             for t in self._keep:
-                part = out[t.name]
+                part, axis = out[t.name], t.time_axis
+                assert axis is not None     # chunkable models' outputs all have a time axis
                 if t.name not in self._out:
                     shape = list(part.shape)
-                    shape[t.time_axis] = self._steps
+                    shape[axis] = self._steps
                     self._out[t.name] = np.empty(shape, part.dtype)
                 index = [slice(None)] * part.ndim
-                index[t.time_axis] = slice(self._start, stop)
+                index[axis] = slice(self._start, stop)
                 self._out[t.name][tuple(index)] = part
             states = tuple(out[s.output] for s in self._io.states)
             if stop >= self._steps:

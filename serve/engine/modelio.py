@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -125,14 +125,14 @@ class ModelIO:
         mergeable = not spec.fixed_batch and all(t.batch_axis is not None for t in spec.outputs)
         return cls(tuple(spec.inputs), tuple(spec.outputs), tuple(spec.states), mergeable, pad)
 
-    def rows(self, inputs: dict[str, np.ndarray]) -> int:
+    def rows(self, inputs: Mapping[str, np.ndarray]) -> int:
         """The batch size of validated inputs (1 when no input is batched)."""
         if self._rows_from is None:
             return 1
         name, axis = self._rows_from
         return int(inputs[name].shape[axis]) if name in inputs else 1
 
-    def time_len(self, inputs: dict[str, np.ndarray]) -> int | None:
+    def time_len(self, inputs: Mapping[str, np.ndarray]) -> int | None:
         """The length of the time axis of validated inputs (None when no input has one)."""
         if self._time_from is None or self._time_from[0] not in inputs:
             return None
@@ -146,9 +146,12 @@ class ModelIO:
         if unit is None:
             return None
         nbytes, batched, timed, rank = unit
-        if timed and steps is None:
-            return None
-        return nbytes * (rows if batched else 1) * (steps if timed else 1), rank
+        length = 1
+        if timed:
+            if steps is None:
+                return None
+            length = steps
+        return nbytes * (rows if batched else 1) * length, rank
 
     def time_slice(self, inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
         """Steps start..stop of every input with a time axis (contiguous, for onnxruntime); the

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded
 
@@ -94,7 +95,7 @@ class Coalescer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self._held: dict[int, object] = {}   # id(batcher) -> batcher, held until the turn ends
+        self._held: dict[int, Any] = {}   # id(batcher) -> batcher, held until the turn ends
 
     def hold(self, batcher) -> None:
         """(On the loop.) Hold the batcher (Batcher.hold) until the end of this turn of the loop,

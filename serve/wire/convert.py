@@ -32,7 +32,8 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
         "FP16": "f2", "FP32": "f4", "FP64": "f8"}.items()}
 DATATYPES = tuple(NUMPY_DTYPES) + ("BYTES", "BF16")   # every name the protocol knows
 # numpy dtype (by its .str, either byte order) -> datatype, for the answers
-_DATATYPE_OF = {dt.newbyteorder(order).str: name for name, dt in NUMPY_DTYPES.items() for order in "<>"}
+_DATATYPE_OF = {**{dt.newbyteorder("<").str: name for name, dt in NUMPY_DTYPES.items()},
+                **{dt.newbyteorder(">").str: name for name, dt in NUMPY_DTYPES.items()}}
 _DATATYPE_OF.update({np.dtype(np.bool_).str: "BOOL", np.dtype(np.int8).str: "INT8", np.dtype(np.uint8).str: "UINT8"})
 _LITTLE = sys.byteorder == "little"   # wire order is native: no byte swapping
 
