@@ -134,14 +134,14 @@ def submit(engine: ModelEngine, req: InferRequest, max_seq_len: int, max_batch: 
     cancel = None
     if rows is not None:
         _check_rows(engine, rows, params, feeds, batch)
-        fut = engine.submit_rows(rows.ids, rows.start, rows.end, inputs, deadline, req.is_cancelled)
+        fut = engine.submit_rows(rows.ids, rows.start, rows.end, inputs, deadline, req.is_cancelled, outputs)
     elif params.in_sequence:
         sent = [n for n in engine.io.state_inputs if n in feeds]
         client_states = engine.states_from(feeds, batch) if sent else None
         fut = engine.submit_step(params.sequence_id, inputs, start=params.sequence_start,
                                  end=params.sequence_end, client_states=client_states,
                                  deadline=deadline, is_cancelled=req.is_cancelled,
-                                 step_id=validation.step_id(params, req.id))
+                                 step_id=validation.step_id(params, req.id), outputs=outputs)
     else:
         need_state = any(n in engine.io.state_outputs for n in outputs)
         fut, cancel = engine.submit(inputs, engine.states_from(feeds, batch), need_state,

@@ -324,7 +324,7 @@ class Batcher:
         for live, out, times in runs:
             try:
                 t0 = time.perf_counter_ns()
-                split = self._io.split(live, out)
+                split = [r if w.finish is None else w.finish(r) for w, r in zip(live, self._io.split(live, out))]
             except BaseException as e:  # noqa: BLE001 - handed to this run's callers
                 self._fail(live, e)
                 continue

@@ -15,6 +15,13 @@ runs, and other requests run between the chunks of a long one. Of the outputs wi
 axis only those the caller reads are kept, written into one array each as the chunks
 finish; the state outputs are the last chunk's. Short requests are never split, so they
 batch as before.
+
+Sequence steps (serve/engine/sequences.py: a single step or a many-sequence unit) are
+chained the same way: only the last chunk carries the step, and its result in the Batcher
+is already the whole step's outputs, so the write-through sees the whole step once (its
+final state and, for a step with an id, its whole answer), while the earlier chunks write
+nothing and move no step counter. A chain that is cancelled or expires between chunks
+fails, and the step is not applied.
 """
 from __future__ import annotations
 
@@ -67,24 +74,36 @@ def steps_per_chunk(io: ModelIO, inputs: dict[str, np.ndarray], budget: int) -> 
     return math.ceil(steps / chunks)   # even chunks: equal shapes can share a run
 
 
-class ChunkedRun:
-    """One request run as a chain of time chunks; `future` completes with its outputs."""
+def chunked(submit: Callable[[Work], object], io: ModelIO, work: Work, budget: int,
+            keep: Collection[str] | None = None) -> ChunkedRun | None:
+    """`work` as a chain of time chunks through `submit` (the Batcher's) when its run is estimated
+    above `budget` (not queued yet: start() it), else None (it runs whole)."""
+    chunk = steps_per_chunk(io, work.inputs, budget)
+    return None if chunk is None else ChunkedRun(submit, io, work, keep, chunk)
 
-    def __init__(self, submit: Callable[[Work], object], io: ModelIO, inputs: dict[str, np.ndarray],
-                 states: States, need_state: bool, keep: Collection[str] | None, chunk: int,
-                 deadline: float | None = None, is_cancelled: Callable[[], bool] | None = None):
-        self.future: Future = Future()
-        self._submit, self._io, self._inputs = submit, io, inputs
-        self._need_state, self._chunk = need_state, chunk
-        self._deadline, self._is_cancelled = deadline, is_cancelled
+
+class ChunkedRun:
+    """One Work run as a chain of time chunks; its future completes with the whole run's outputs.
+
+    Each chunk's result is made in the Batcher (Work.finish): a chunk's kept outputs are written
+    into the chain's arrays there, and the last chunk's result is the whole run's outputs. The
+    last chunk carries the work's tag, so the Batcher's before_answer (a sequence step's
+    write-through) sees the whole step, once; the earlier chunks carry none."""
+
+    def __init__(self, submit: Callable[[Work], object], io: ModelIO, work: Work,
+                 keep: Collection[str] | None, chunk: int):
+        self.future: Future = work.future
+        self._submit, self._io, self._inputs = submit, io, work.inputs
+        self._need_state, self._chunk, self._tag = work.need_state, chunk, work.tag
+        self._deadline, self._is_cancelled = work.deadline, work.is_cancelled
         self._keep = [t for t in io.outputs if keep is None or t.name in keep]
-        self._steps = io.time_len(inputs) or 0
+        self._steps = io.time_len(work.inputs) or 0
         self._out: dict[str, np.ndarray] = {}
         self._start = 0
         self._lock = threading.Lock()
         self._current: Work | None = None
         self._stopped = False
-        self._states = states
+        self._states: States = work.states
 
     def start(self) -> Future:
         """Queue the first chunk (raises what the Batcher's submit raises: a full queue)."""
@@ -103,36 +122,45 @@ class ChunkedRun:
             current = self._current
         return current is not None and cancel_work(current)
 
+    def _stop(self) -> int:
+        return min(self._start + self._chunk, self._steps)
+
     def _queue(self, states: States) -> None:
-        stop = min(self._start + self._chunk, self._steps)
-        work = Work(self._io.time_slice(self._inputs, self._start, stop), states,
-                    need_state=self._need_state or stop < self._steps,
-                    deadline=self._deadline, is_cancelled=self._is_cancelled)
+        last = self._stop() >= self._steps
+        work = Work(self._io.time_slice(self._inputs, self._start, self._stop()), states,
+                    need_state=self._need_state or not last, deadline=self._deadline,
+                    is_cancelled=self._is_cancelled, tag=self._tag if last else None, finish=self._take)
         with self._lock:
             self._current = work
         self._submit(work)
         work.future.add_done_callback(self._chunk_done)
 
+    def _take(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """(Work.finish, in the Batcher) Keep this chunk's outputs along time: -> the final states
+        to go on from, or after the last chunk the whole run's outputs."""
+        stop = self._stop()
+        for t in self._keep:
+            part, axis = out[t.name], t.time_axis
+            assert axis is not None     # chunkable models' outputs all have a time axis
+            if t.name not in self._out:
+                shape = list(part.shape)
+                shape[axis] = self._steps
+                self._out[t.name] = np.empty(shape, part.dtype)
+            index = [slice(None)] * part.ndim
+            index[axis] = slice(self._start, stop)
+            self._out[t.name][tuple(index)] = part
+        if stop < self._steps:
+            return {name: out[name] for name in self._io.state_outputs}
+        whole, self._out = self._out, {}
+        if self._need_state:
+            whole.update((name, out[name]) for name in self._io.state_outputs)
+        return whole
+
     def _chunk_done(self, done) -> None:
-        """On the Batcher's completion thread: keep this chunk's outputs, queue the next chunk."""
+        """On the Batcher's completion thread: complete the chain, or queue the next chunk."""
         try:
             out = done.result()
-            stop = min(self._start + self._chunk, self._steps)
-            for t in self._keep:
-                part, axis = out[t.name], t.time_axis
-                assert axis is not None     # chunkable models' outputs all have a time axis
-                if t.name not in self._out:
-                    shape = list(part.shape)
-                    shape[axis] = self._steps
-                    self._out[t.name] = np.empty(shape, part.dtype)
-                index = [slice(None)] * part.ndim
-                index[axis] = slice(self._start, stop)
-                self._out[t.name][tuple(index)] = part
-            states = tuple(out[s.output] for s in self._io.states)
-            if stop >= self._steps:
-                if self._need_state:
-                    self._out.update(zip(self._io.state_outputs, states))
-                out, self._out = self._out, {}
+            if self._stop() >= self._steps:
                 self._release()
                 self.future.set_result(out)
                 return
@@ -140,8 +168,8 @@ class ChunkedRun:
                 stopped = self._stopped
             if stopped:
                 raise Cancelled("the request was cancelled by the client")
-            self._start = stop
-            self._queue(states)
+            self._start = self._stop()
+            self._queue(tuple(out[name] for name in self._io.state_outputs))
         except BaseException as e:  # noqa: BLE001 - the caller waits on the chain's future
             self._release()
             if not self.future.done():

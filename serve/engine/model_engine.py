@@ -29,7 +29,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from rnnserve.serve.engine.batching import Batcher
-from rnnserve.serve.engine.chunking import ChunkedRun, steps_per_chunk
+from rnnserve.serve.engine.chunking import chunked
 from rnnserve.serve.engine.modelio import Work
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.engine.sequences import SequenceManager
@@ -68,7 +68,8 @@ class ModelEngine:
             self.sequences = SequenceManager(label, self.batcher, self.io, self.zero_states,
                                              max_sequences=settings.max_sequences,
                                              idle_timeout_s=settings.sequence_idle_timeout_s,
-                                             store=store, model=inst.name, version=inst.version)
+                                             store=store, model=inst.name, version=inst.version,
+                                             max_run_bytes=settings.max_run_bytes)
         self.max_sequences = settings.max_sequences
         self._lock = threading.Lock()
         self._inflight = 0
@@ -106,31 +107,32 @@ class ModelEngine:
         inline: the caller will block on the result, so it may run the work itself when idle.
         outputs: the non-state outputs the caller reads (None = all); a run too large for
         settings.max_run_bytes goes in time chunks (serve/engine/chunking.py), keeping only those."""
-        chunk = steps_per_chunk(self.io, inputs, self.settings.max_run_bytes)
-        if chunk is not None:
-            chain = ChunkedRun(self.batcher.submit, self.io, inputs, tuple(states), need_state, outputs, chunk,
-                               deadline=deadline, is_cancelled=is_cancelled)
-            return self._track(chain.start)(), lambda: chain.cancel(self.batcher.cancel)
         work = Work(inputs, tuple(states), need_state=need_state, deadline=deadline, is_cancelled=is_cancelled)
-        self._track(lambda w: self.batcher.submit(w, inline=inline))(work)
+        chain = chunked(self.batcher.submit, self.io, work, self.settings.max_run_bytes, outputs)
+        if chain is not None:
+            return self._track(chain.start)(), lambda: chain.cancel(self.batcher.cancel)
+        self._track(lambda: self.batcher.submit(work, inline=inline))()
         return work.future, lambda: self.batcher.cancel(work)
 
     def submit_step(self, seq_id: Hashable, inputs: dict[str, np.ndarray], *, start: bool, end: bool,
                     client_states: States | None = None, deadline: float | None = None,
-                    is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
-        """Queue one request of a server-side sequence (Triton semantics, see serve/engine/sequences.py)."""
+                    is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None,
+                    outputs: Collection[str] | None = None) -> Future:
+        """Queue one request of a server-side sequence (Triton semantics, see serve/engine/sequences.py).
+        outputs: those the caller reads (None = all); a long step runs in time chunks."""
         sequences = self._sequences()
         return self._track(lambda: sequences.submit(
             seq_id, inputs, start=start, end=end, client_states=client_states or None,
-            deadline=deadline, is_cancelled=is_cancelled, step_id=step_id))()
+            deadline=deadline, is_cancelled=is_cancelled, step_id=step_id, outputs=outputs))()
 
     def submit_rows(self, seq_ids: Sequence[Hashable], starts: Sequence[bool], ends: Sequence[bool],
                     inputs: dict[str, np.ndarray], deadline: float | None = None,
-                    is_cancelled: Callable[[], bool] | None = None) -> Future:
+                    is_cancelled: Callable[[], bool] | None = None,
+                    outputs: Collection[str] | None = None) -> Future:
         """Queue a request whose row i is a step of sequence seq_ids[i] (serve/engine/sequence_units.py)."""
         sequences = self._sequences()
         return self._track(lambda: sequences.submit_rows(
-            seq_ids, starts, ends, inputs, deadline=deadline, is_cancelled=is_cancelled))()
+            seq_ids, starts, ends, inputs, deadline=deadline, is_cancelled=is_cancelled, outputs=outputs))()
 
     def _sequences(self) -> SequenceManager:
         if self.sequences is None:

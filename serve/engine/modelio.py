@@ -44,6 +44,8 @@ class Work:
     deadline: float | None = None                 # time.monotonic()
     is_cancelled: Callable[[], bool] | None = None
     tag: object = None                            # the submitter's own note (a sequence's step)
+    # its split outputs -> its result, before before_answer sees it (a time chunk: ChunkedRun's)
+    finish: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     # set by ModelIO.sign (Batcher.submit), read often by the scheduler:

@@ -1,6 +1,7 @@
 """What the SequenceManager (serve/engine/sequences.py) queues and keeps: a step of one
-sequence (Step), a live sequence (Seq), and the rows of a many-sequence request run as
-one unit (RowUnit), with the array work a unit needs: its rows' states stacked into one
+sequence (Step), a live sequence (Seq), the rule that decides what becomes of a step by
+its id (verdict_of: run, replay, reload or refuse), and the rows of a many-sequence request
+run as one unit (RowUnit), with the array work a unit needs: its rows' states stacked into one
 run and split back, a row's inputs or outputs, and its rows' answers gathered.
 
 A RowUnit is one Step per row, each queued on its own sequence like any step, so the
@@ -16,7 +17,7 @@ import collections
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from rnnserve.serve.engine.modelio import ModelIO
 from rnnserve.serve.engine.statestore import Write
-from rnnserve.serve.errors import ServeError
+from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, quoted
 
 States = tuple[np.ndarray, ...]
 
@@ -58,6 +59,7 @@ class Step:
     unit: RowUnit | None = None          # the many-sequence request it is a row of
     row: int = 0                         # its row there
     arrived: bool = False                # its sequence has reached it and waits for the unit's other rows
+    keep: Collection[str] | None = None  # the outputs its answer needs (None: all), if it runs in time chunks
 
     @property
     def future(self) -> Future:
@@ -92,7 +94,46 @@ class RowUnit:
     waiting: int = 0                     # rows whose sequence has not reached the unit's step yet
     dissolved: bool = False              # its rows run as steps of their own
     states: list[States] | None = None   # each row's new state, once split (by the store's write-through)
+    keep: Collection[str] | None = None  # the outputs its answer needs (None: all), if it runs in time chunks
     future: Future = field(default_factory=Future)   # the request's outputs
+
+
+def verdict_of(seq: Seq, step: Step, shared: bool) -> str | ServeError:
+    """(Under the SequenceManager's lock) 'run', 'replay', 'reload' or the error for the
+    sequence's next step, by its step id (sets the id it runs as). shared: the state store is
+    shared, so a copy held here may be stale."""
+    if step.start:
+        if (step.step_id is not None and not seq.ended and seq.answer is not None
+                and seq.step == step.step_id and seq.digest == step.digest and seq.state is not None):
+            return "replay"   # a repeated START: running it again would give the same
+        step.applied_id = 0 if step.step_id is None else step.step_id
+        return "run"
+    want = seq.step + 1
+    sid = want if step.step_id is None else step.step_id
+    repeat = sid == seq.step and seq.answer is not None and seq.digest == step.digest
+    if repeat:
+        return "replay"
+    if sid == want and not seq.ended:
+        if step.rows != seq.batch:
+            return batch_mismatch(seq, step.rows)
+        step.applied_id = sid
+        return "run"
+    if shared and not step.reloaded:
+        return "reload"   # this copy may be stale: another replica may have moved it on
+    if seq.ended:
+        return InvalidArgument(f"sequence {quoted(seq.key)} has ended (sequence_end): "
+                               "its next request must set sequence_start=true (START is required)")
+    if sid == seq.step:
+        why = ("with other inputs" if seq.answer is not None
+               else "and its answer was not kept (its request carried no step id)")
+        return FailedPrecondition(f"sequence {quoted(seq.key)}: step {sid} was already applied {why}; "
+                                  f"the server expects step {want}")
+    return FailedPrecondition(f"sequence {quoted(seq.key)}: got step {sid}, the server expects step {want} "
+                              f"(step {seq.step} is the last applied; repeat it to get its answer again)")
+
+
+def batch_mismatch(seq: Seq, rows: int) -> InvalidArgument:
+    return InvalidArgument(f"sequence {quoted(seq.key)} started with batch {seq.batch}; this request has batch {rows}")
 
 
 def _rows(a: np.ndarray, axis: int | None, i: int) -> np.ndarray:

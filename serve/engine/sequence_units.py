@@ -5,7 +5,7 @@ each queued on its sequence like any other step, so the per-step rules stay the
 manager's (order, step ids, the state store, END, the limits). The unit waits until
 every row's sequence has reached its step (a free sequence at once, a busy one when its
 earlier steps are done, pipelined units one after another). Then, when each step is to
-run now (SequenceManager._check says 'run'), the unit runs as one Work: the request's
+run now (seqsteps.verdict_of says 'run'), the unit runs as one Work: the request's
 inputs as they are, the rows' states stacked once. Finished, each row's new state goes
 back to its sequence (one store commit for all rows, before the answer) and the answer
 is the run's outputs. Otherwise (a replay, a reload, an error, a row dropped or failed
@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ from rnnserve.serve.engine.seqsteps import (
     row_outputs,
     split_states,
     stack_states,
+    verdict_of,
 )
 from rnnserve.serve.engine.statestore import StateStore
 from rnnserve.serve.errors import InvalidArgument, ServeError
@@ -60,28 +61,30 @@ class RowUnits:
         def stored_version(self, seq_id: Hashable) -> str | None: ...
         def _enqueue(self, step: Step, now: float) -> tuple[Seq, bool]: ...
         def _load(self, seq: Seq) -> None: ...
-        def _check(self, seq: Seq, step: Step) -> str | ServeError: ...
         def _start_state(self, seq: Seq, step: Step) -> States | None: ...
         def _release(self, seq: Seq) -> None: ...
         def _dispatch(self, seq: Seq) -> None: ...
+        def _run(self, work: Work, keep: Collection[str] | None) -> Future: ...
         def _apply(self, seq: Seq, step: Step, exc: BaseException | None, state: States | None,
                    out: dict[str, np.ndarray] | None, now: float
                    ) -> tuple[bool, BaseException | None, list[tuple[Step, BaseException]]]: ...
 
     def submit_rows(self, keys: Sequence[Hashable], starts: Sequence[bool], ends: Sequence[bool],
                     inputs: dict[str, np.ndarray], *, deadline: float | None = None,
-                    is_cancelled: Callable[[], bool] | None = None) -> Future:
+                    is_cancelled: Callable[[], bool] | None = None,
+                    outputs: Collection[str] | None = None) -> Future:
         """Queue a request whose row i is one step of sequence keys[i] (distinct) as a unit;
         -> a Future of its outputs, row i from sequence keys[i]. A row refused before anything is
         queued (a new id without START, a batch mismatch, too many sequences) refuses the
-        whole request, naming the row, with nothing changed."""
+        whole request, naming the row, with nothing changed. outputs: the outputs the answer
+        needs (None = all; a unit run in time chunks keeps only those, and the states)."""
         self._check_streamable()
         if len(set(keys)) < len(keys):   # a unit would wait for itself
             raise InvalidArgument("a sequence may have one row per request")
         if self._store.shared:
             self._check_stored(keys, starts)
-        unit = RowUnit(inputs, deadline, is_cancelled)
-        unit.steps = [Step({}, start, end, None, deadline, is_cancelled, key=key, unit=unit, row=i)
+        unit = RowUnit(inputs, deadline, is_cancelled, keep=outputs)
+        unit.steps = [Step({}, start, end, None, deadline, is_cancelled, key=key, unit=unit, row=i, keep=outputs)
                       for i, (key, start, end) in enumerate(zip(keys, starts, ends))]
         loads: list[Seq] = []
         with self._lock:
@@ -131,7 +134,7 @@ class RowUnits:
     def _claim(self, unit: RowUnit) -> list[States | None] | None:
         """(Under the lock, every row at its step) Take each row's step off its sequence with the
         state it starts from, when every step is to run now; else dissolve the unit (None)."""
-        if any(self._check(seq, step) != "run" for seq, step in zip(unit.seqs, unit.steps)):
+        if any(verdict_of(seq, step, self._store.shared) != "run" for seq, step in zip(unit.seqs, unit.steps)):
             self._dissolve(unit)
             return None
         for seq in unit.seqs:
@@ -156,7 +159,7 @@ class RowUnits:
         work = Work(unit.inputs, stack_states(self._io, claim, self._zero_state), need_state=True,
                     deadline=unit.deadline, is_cancelled=unit.is_cancelled, tag=unit)
         try:
-            fut = self._batcher.submit(work)
+            fut = self._run(work, unit.keep)
         except ServeError as e:
             unit.future.set_exception(e)
             self._dispatch_each(unit.seqs)

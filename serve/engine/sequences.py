@@ -34,14 +34,25 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from concurrent.futures import Future
 
 import numpy as np
 
 from rnnserve.serve.engine.batching import Batcher
+from rnnserve.serve.engine.chunking import chunked
 from rnnserve.serve.engine.modelio import ModelIO, Work
-from rnnserve.serve.engine.seqsteps import RowUnit, Seq, States, Step, digest, row_inputs, split_states
+from rnnserve.serve.engine.seqsteps import (
+    RowUnit,
+    Seq,
+    States,
+    Step,
+    batch_mismatch,
+    digest,
+    row_inputs,
+    split_states,
+    verdict_of,
+)
 from rnnserve.serve.engine.sequence_units import RowUnits
 from rnnserve.serve.engine.statestore import MemoryStore, SeqRecord, StateStore, Write
 from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, Unavailable, quoted
@@ -55,7 +66,8 @@ class SequenceManager(RowUnits):
     def __init__(self, name: str, batcher: Batcher, io: ModelIO,
                  zero_state: Callable[[int], States], *, max_sequences: int = 4096,
                  idle_timeout_s: float = 60.0, store: StateStore | None = None,
-                 model: str = "", version: str = "") -> None:
+                 model: str = "", version: str = "", max_run_bytes: int = 0) -> None:
+        """max_run_bytes: a step whose run is estimated above it runs in time chunks (0: never)."""
         self.name = name
         self._batcher = batcher
         self._io = io
@@ -64,6 +76,7 @@ class SequenceManager(RowUnits):
         self.idle_timeout_s = idle_timeout_s
         self._store: StateStore = store or MemoryStore()
         self._model, self._version = model or name, version
+        self.max_run_bytes = max_run_bytes
         self._seqs: dict[Hashable, Seq] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -74,15 +87,18 @@ class SequenceManager(RowUnits):
     # ---- public -------------------------------------------------------------
     def submit(self, seq_id: Hashable, inputs: dict[str, np.ndarray], *, start: bool, end: bool,
                client_states: States | None = None, deadline: float | None = None,
-               is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None) -> Future:
-        """Queue one request of a sequence; the Future resolves to the model outputs."""
+               is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None,
+               outputs: Collection[str] | None = None) -> Future:
+        """Queue one request of a sequence; the Future resolves to the model outputs (with the
+        states; a step run in time chunks keeps only `outputs` of the others, None = all)."""
         self._check_streamable()
         if client_states and not start:
             raise InvalidArgument(f"state inputs ({', '.join(self._io.state_inputs)}) may only be sent with "
                                   "sequence_start: the server keeps the state of a live sequence")
         step = Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
                     digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "",
-                    rows=self._io.rows(inputs), promise=Future())
+                    rows=self._io.rows(inputs), promise=Future(),
+                    keep=None if step_id is not None else outputs)   # a kept answer is replayed whole
         with self._lock:
             refusal = self._refusal(seq_id, start, step.rows)
             if refusal is not None:
@@ -219,37 +235,6 @@ class SequenceManager(RowUnits):
         return all(n in rec.states and rec.states[n].shape == z.shape and rec.states[n].dtype == z.dtype
                    for n, z in zip(self._io.state_inputs, zeros))
 
-    def _check(self, seq: Seq, step: Step) -> str | ServeError:
-        """(Under the lock) 'run', 'replay', 'reload' or the error for the sequence's next step."""
-        if step.start:
-            if (step.step_id is not None and not seq.ended and seq.answer is not None
-                    and seq.step == step.step_id and seq.digest == step.digest and seq.state is not None):
-                return "replay"   # a repeated START: running it again would give the same
-            step.applied_id = 0 if step.step_id is None else step.step_id
-            return "run"
-        want = seq.step + 1
-        sid = want if step.step_id is None else step.step_id
-        repeat = sid == seq.step and seq.answer is not None and seq.digest == step.digest
-        if repeat:
-            return "replay"
-        if sid == want and not seq.ended:
-            if step.rows != seq.batch:
-                return _batch_mismatch(seq, step.rows)
-            step.applied_id = sid
-            return "run"
-        if self._store.shared and not step.reloaded:
-            return "reload"   # this copy may be stale: another replica may have moved it on
-        if seq.ended:
-            return InvalidArgument(f"sequence {quoted(seq.key)} has ended (sequence_end): "
-                                   "its next request must set sequence_start=true (START is required)")
-        if sid == seq.step:
-            why = ("with other inputs" if seq.answer is not None
-                   else "and its answer was not kept (its request carried no step id)")
-            return FailedPrecondition(f"sequence {quoted(seq.key)}: step {sid} was already applied {why}; "
-                                      f"the server expects step {want}")
-        return FailedPrecondition(f"sequence {quoted(seq.key)}: got step {sid}, the server expects step {want} "
-                                  f"(step {seq.step} is the last applied; repeat it to get its answer again)")
-
     def _check_streamable(self) -> None:
         if not self._io.streamable:
             raise InvalidArgument(
@@ -270,7 +255,7 @@ class SequenceManager(RowUnits):
         if seq is None:
             return None if start or self._store.shared else self._not_active(key)
         if (not start or seq.pending or seq.busy) and rows != seq.batch and not seq.loading:
-            return _batch_mismatch(seq, rows)
+            return batch_mismatch(seq, rows)
         return None
 
     def _enqueue(self, step: Step, now: float) -> tuple[Seq, bool]:
@@ -314,7 +299,7 @@ class SequenceManager(RowUnits):
                     ready = self._arrive(step)
                     claim = self._claim(unit) if ready else None
                 else:
-                    verdict = self._check(seq, step)
+                    verdict = verdict_of(seq, step, self._store.shared)
                     if verdict == "reload":
                         step.reloaded = True
                     else:
@@ -338,12 +323,19 @@ class SequenceManager(RowUnits):
             work = Work(step.inputs, state or self._zero_state(step.rows), need_state=True,
                         deadline=step.deadline, is_cancelled=step.is_cancelled, tag=step)
             try:
-                fut = self._batcher.submit(work)
+                fut = self._run(work, step.keep)
             except ServeError as e:
                 step.future.set_exception(e)
                 continue
             fut.add_done_callback(functools.partial(self._finished, seq, step))
             return
+
+    def _run(self, work: Work, keep: Collection[str] | None) -> Future:
+        """Queue a step's (or a unit's) Work on the Batcher: whole, or in time chunks past
+        max_run_bytes (serve/engine/chunking.py: the write-through sees only the whole step);
+        -> the future of its whole outputs. Raises what Batcher.submit raises."""
+        chain = chunked(self._batcher.submit, self._io, work, self.max_run_bytes, keep)
+        return self._batcher.submit(work) if chain is None else chain.start()
 
     def _finished(self, seq: Seq, step: Step, fut: Future) -> None:
         exc = fut.exception()
@@ -399,8 +391,3 @@ class SequenceManager(RowUnits):
         elif step.start:
             seq.state = None
         return False, exc, dropped
-
-
-
-def _batch_mismatch(seq: Seq, rows: int) -> InvalidArgument:
-    return InvalidArgument(f"sequence {quoted(seq.key)} started with batch {seq.batch}; this request has batch {rows}")
