@@ -1,0 +1,168 @@
+"""Long sequence steps in time chunks (serve/engine/chunking.py through SequenceManager._run),
+on real exported models and real onnxruntime, in process: a long START, a long step that
+continues it and a many-sequence unit with long rows each run as one run per chunk, and
+equal the same steps run whole, as do the steps after them; a repeated step id is answered
+with the whole step's outputs; a chain cancelled between chunks applies nothing; with a
+Redis store a chunked step is written once, whole, and goes on on another data plane."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnserve.serve.engine.chunking import steps_per_chunk
+from rnnserve.serve.engine.model_engine import wait
+from rnnserve.serve.errors import Cancelled
+from rnnserve.serve.wire.types import InferRequest
+from tests.fixtures import CHARLM_VOCAB, make_dataplane
+
+ROWS, STEPS = 3, 400
+BUDGET = 64 * 1024   # a few dozen steps per chunk at 3 rows
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def planes(charlm_repo):
+    """(chunked, whole): the same models, one splitting runs above BUDGET, one never."""
+    chunked = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False)
+    whole = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=0, warmup=False)
+    yield chunked, whole
+    chunked.close()
+    whole.close()
+
+
+def _tokens(rows: int, steps: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, len(CHARLM_VOCAB), (rows, steps), dtype=np.int64)
+
+
+def _runs(plane, model: str) -> int:
+    return plane.model_statistics(model, plane.engine(model).inst.version)[0].execution_count
+
+
+def _chunks(plane, model: str, tokens: np.ndarray) -> int:
+    chunk = steps_per_chunk(plane.engine(model).io, {"tokens": tokens}, BUDGET)
+    assert chunk is not None and chunk < tokens.shape[1]
+    return -(-tokens.shape[1] // chunk)
+
+
+def _step(plane, model, seq_id, tokens, *, start=False, end=False, step_id=None):
+    params = {"sequence_id": seq_id, "sequence_start": start, "sequence_end": end}
+    if step_id is not None:
+        params["sequence_step"] = step_id
+    return dict(plane.infer(InferRequest(model_name=model, inputs={"tokens": tokens}, parameters=params)).outputs)
+
+
+def _assert_equal(got: dict, ref: dict) -> None:
+    assert set(got) == set(ref)
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        assert np.max(np.abs(got[name] - ref[name])) <= ATOL, name
+
+
+@pytest.mark.parametrize("model", ["charlm", "chargru"])   # a 2-layer LSTM (h and c), a GRU
+def test_long_steps_chunked_equal_whole_and_replay_whole(planes, model):
+    """A long START with a step id, its replay, a short step, a long END step: one run per
+    chunk, every answer equal to the whole runs'; the replay runs nothing and is whole."""
+    chunked, whole = planes
+    long_a, short, long_b = _tokens(ROWS, STEPS, 1), _tokens(ROWS, 8, 2), _tokens(ROWS, STEPS, 3)
+    seq = f"long-{model}"
+    before = _runs(chunked, model)
+    first = _step(chunked, model, seq, long_a, start=True, step_id=5)
+    assert _runs(chunked, model) - before == _chunks(chunked, model, long_a)
+    _assert_equal(first, _step(whole, model, seq, long_a, start=True, step_id=5))
+    assert first["logits"].shape == (ROWS, STEPS, len(CHARLM_VOCAB))
+
+    before = _runs(chunked, model)
+    _assert_equal(_step(chunked, model, seq, long_a, start=True, step_id=5), first)   # a retry
+    assert _runs(chunked, model) == before
+
+    _assert_equal(_step(chunked, model, seq, short, step_id=6), _step(whole, model, seq, short, step_id=6))
+    before = _runs(chunked, model)
+    last = _step(chunked, model, seq, long_b, end=True)
+    assert _runs(chunked, model) - before == _chunks(chunked, model, long_b)
+    _assert_equal(last, _step(whole, model, seq, long_b, end=True))
+    assert chunked.engine(model).sequences.live() == 0   # the END freed it
+
+
+def test_a_step_without_id_keeps_only_the_outputs_it_is_asked_for(planes):
+    chunked, whole = planes
+    engine = chunked.engine("charlm")
+    tokens = _tokens(ROWS, STEPS, 4)
+    out = wait(engine.submit_step("state-only", {"tokens": tokens}, start=True, end=False,
+                                  outputs=engine.io.state_outputs))
+    assert set(out) == set(engine.io.state_outputs)   # the chunks' logits were dropped
+    ref = _step(whole, "charlm", "state-only", tokens, start=True)
+    for name in out:
+        assert np.max(np.abs(out[name] - ref[name])) <= ATOL, name
+    nxt = _tokens(ROWS, 8, 5)
+    _assert_equal(_step(chunked, "charlm", "state-only", nxt, end=True),
+                  _step(whole, "charlm", "state-only", nxt, end=True))
+
+
+def test_unit_with_long_rows_chunked_equals_whole(planes):
+    """Four sequences, one long row each, in one request: one run per chunk; then a short unit."""
+    chunked, whole = planes
+    ids = [901, 902, 903, 904]
+    starts, ends = [True] * 4, [False] * 4
+    tokens, short = _tokens(len(ids), STEPS, 6), _tokens(len(ids), 8, 7)
+    got, ref = [], []
+    for plane, answers in ((chunked, got), (whole, ref)):
+        engine = plane.engine("chargru")
+        before = _runs(plane, "chargru")
+        answers.append(wait(engine.submit_rows(ids, starts, ends, {"tokens": tokens})))
+        runs = _runs(plane, "chargru") - before
+        assert runs == (_chunks(plane, "chargru", tokens) if plane is chunked else 1)
+        answers.append(wait(engine.submit_rows(ids, [False] * 4, [True] * 4, {"tokens": short})))
+    for g, r in zip(got, ref):
+        _assert_equal(g, r)
+
+
+def test_a_chain_cancelled_between_chunks_applies_nothing(planes):
+    """Cancelled after two chunks: the step fails and is not applied; run again with the same
+    id it equals the whole run."""
+    chunked, whole = planes
+    engine = chunked.engine("chargru")
+    head, long = _tokens(ROWS, 8, 8), _tokens(ROWS, STEPS, 9)
+    for plane in planes:
+        _step(plane, "chargru", "cut", head, start=True, step_id=0)
+    checks = []
+
+    def cancelled_after_two() -> bool:   # the Batcher asks once per chunk, before it runs
+        checks.append(1)
+        return len(checks) > 2
+
+    before = _runs(chunked, "chargru")
+    fut = engine.submit_step("cut", {"tokens": long}, start=False, end=False, step_id=1,
+                             is_cancelled=cancelled_after_two)
+    with pytest.raises(Cancelled):
+        fut.result(timeout=60)
+    assert _runs(chunked, "chargru") - before == 2
+    _assert_equal(_step(chunked, "chargru", "cut", long, step_id=1), _step(whole, "chargru", "cut", long, step_id=1))
+    tail = _tokens(ROWS, 8, 10)
+    _assert_equal(_step(chunked, "chargru", "cut", tail, end=True), _step(whole, "chargru", "cut", tail, end=True))
+
+
+def test_redis_store_gets_the_whole_step_once(charlm_repo, redis_server, planes):
+    """Two chunked steps with ids on one data plane: one compare-and-set write each; the other
+    data plane answers a retry of the second from the store, with its whole logits and no run,
+    and continues the sequence exactly."""
+    _, whole = planes
+    a, b = (make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False,
+                           state_store=redis_server.url) for _ in range(2))
+    seq = "shared-long"
+    try:
+        steps = [_tokens(ROWS, STEPS, 11 + i) for i in range(3)]
+        ref = [_step(whole, "charlm", seq, t, start=i == 0, end=i == 2, step_id=i) for i, t in enumerate(steps)]
+        with redis_server.client() as r:
+            for i in (0, 1):
+                writes = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+                before = _runs(a, "charlm")
+                _assert_equal(_step(a, "charlm", seq, steps[i], start=i == 0, step_id=i), ref[i])
+                assert _runs(a, "charlm") - before == _chunks(a, "charlm", steps[i]) > 1
+                assert r.info("commandstats")["cmdstat_evalsha"]["calls"] - writes == 1
+        before = _runs(b, "charlm")
+        _assert_equal(_step(b, "charlm", seq, steps[1], step_id=1), ref[1])   # a retry, from Redis
+        assert _runs(b, "charlm") == before
+        _assert_equal(_step(b, "charlm", seq, steps[2], end=True, step_id=2), ref[2])
+    finally:
+        a.close()
+        b.close()
