@@ -2,6 +2,10 @@
 
     python -m bench.memory [--threads 2] [--max-run-bytes N]   # repo root; Linux (reads /proc)
 
+The cases: stateless requests for the logits or the final state only, then the same as
+sequence steps (a START that leaves its state on the server; a START + END with a step id,
+whose whole answer is assembled to be kept for a retry), an invalid one and one over the
+message limit.
 For each case it resets the server process's peak resident size (/proc/PID/clear_refs),
 sends one request, and reads the peak (VmHWM) and, after an idle second or two, the
 resident size (VmRSS). It prints, per case: request and response bytes, the peak rise
@@ -36,14 +40,20 @@ MiB = 2**20
 IDLE_S = float(os.environ.get("IDLE_S", "2"))
 MODEL = "tiny"
 VOCAB = list("abcdefgh")
-# (name, rows, seq, outputs, gzip, valid)
+# a sequence START (its state stays on the server), and a START + END with a step id (its whole answer
+# is assembled to be kept for a retry)
+SEQ_START = {"sequence_id": "bench-state", "sequence_start": True}
+SEQ_ONCE = {"sequence_id": "bench-once", "sequence_start": True, "sequence_end": True, "sequence_step": 0}
+# (name, rows, seq, outputs, gzip, valid, parameters)
 CASES = [
-    ("logits", 1000, 1000, ["logits"], False, True),
-    ("state only", 6000, 1000, ["hn"], False, True),
-    ("state only, gzip", 6000, 1000, ["hn"], True, True),
-    ("invalid token id", 6000, 1000, ["hn"], False, False),
-    ("over --max-message-bytes", 10000, 1000, ["hn"], False, True),
-    ("logits again", 1000, 1000, ["logits"], False, True),
+    ("logits", 1000, 1000, ["logits"], False, True, {}),
+    ("state only", 6000, 1000, ["hn"], False, True, {}),
+    ("state only, gzip", 6000, 1000, ["hn"], True, True, {}),
+    ("sequence START, state", 6000, 1000, ["hn"], False, True, SEQ_START),
+    ("sequence step id, logits", 1000, 1000, ["logits"], False, True, SEQ_ONCE),
+    ("invalid token id", 6000, 1000, ["hn"], False, False, {}),
+    ("over --max-message-bytes", 10000, 1000, ["hn"], False, True, {}),
+    ("logits again", 1000, 1000, ["logits"], False, True, {}),
 ]
 
 
@@ -73,12 +83,12 @@ def _reset_peak(pid: int) -> None:
         f.write("5")
 
 
-def run_case(stub, pid: int, rows: int, seq: int, outputs, gzip: bool, valid: bool) -> dict:
+def run_case(stub, pid: int, rows: int, seq: int, outputs, gzip: bool, valid: bool, parameters: dict) -> dict:
     rng = np.random.default_rng(rows)
     tokens = rng.integers(0, len(VOCAB), size=(rows, seq), dtype=np.int64)
     if not valid:
         tokens[-1, -1] = len(VOCAB) + 5
-    request = convert.infer_request_to_proto(MODEL, {"tokens": tokens}, outputs=outputs)
+    request = convert.infer_request_to_proto(MODEL, {"tokens": tokens}, outputs=outputs, parameters=parameters)
     before = _status(pid)["VmRSS"]
     _reset_peak(pid)
     code, answer_bytes = "OK", 0

@@ -35,7 +35,7 @@ def digest(arrays: Sequence[np.ndarray]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for a in arrays:
         h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(np.ascontiguousarray(a).data)   # hashed in place, not copied
     return h.hexdigest()
 
 
@@ -59,7 +59,7 @@ class Step:
     unit: RowUnit | None = None          # the many-sequence request it is a row of
     row: int = 0                         # its row there
     arrived: bool = False                # its sequence has reached it and waits for the unit's other rows
-    keep: Collection[str] | None = None  # the outputs its answer needs (None: all), if it runs in time chunks
+    keep: Collection[str] | None = None  # the outputs its request reads (None: all); the states always
 
     @property
     def future(self) -> Future:
@@ -94,7 +94,7 @@ class RowUnit:
     waiting: int = 0                     # rows whose sequence has not reached the unit's step yet
     dissolved: bool = False              # its rows run as steps of their own
     states: list[States] | None = None   # each row's new state, once split (by the store's write-through)
-    keep: Collection[str] | None = None  # the outputs its answer needs (None: all), if it runs in time chunks
+    keep: Collection[str] | None = None  # the outputs its request reads (None: all); the states always
     future: Future = field(default_factory=Future)   # the request's outputs
 
 
@@ -105,14 +105,14 @@ def verdict_of(seq: Seq, step: Step, shared: bool) -> str | ServeError:
     if step.start:
         if (step.step_id is not None and not seq.ended and seq.answer is not None
                 and seq.step == step.step_id and seq.digest == step.digest and seq.state is not None):
-            return "replay"   # a repeated START: running it again would give the same
+            return _replay(seq, step)   # a repeated START: running it again would give the same
         step.applied_id = 0 if step.step_id is None else step.step_id
         return "run"
     want = seq.step + 1
     sid = want if step.step_id is None else step.step_id
     repeat = sid == seq.step and seq.answer is not None and seq.digest == step.digest
     if repeat:
-        return "replay"
+        return _replay(seq, step)
     if sid == want and not seq.ended:
         if step.rows != seq.batch:
             return batch_mismatch(seq, step.rows)
@@ -130,6 +130,23 @@ def verdict_of(seq: Seq, step: Step, shared: bool) -> str | ServeError:
                                   f"the server expects step {want}")
     return FailedPrecondition(f"sequence {quoted(seq.key)}: got step {sid}, the server expects step {want} "
                               f"(step {seq.step} is the last applied; repeat it to get its answer again)")
+
+
+def kept(io: ModelIO, step: Step, out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What of a step's outputs is kept as its answer for a retry: what its request reads, and
+    the states (not outputs it never reads: the logits of a request for the state alone)."""
+    if step.keep is None:
+        return dict(out)
+    return {k: v for k, v in out.items() if k in step.keep or k in io.state_outputs}
+
+
+def _replay(seq: Seq, step: Step) -> str | ServeError:
+    missing = [name for name in step.keep or () if name not in (seq.answer or {})]
+    if not missing:
+        return "replay"
+    return FailedPrecondition(f"sequence {quoted(seq.key)}: step {seq.step} was already applied; its kept "
+                              f"answer holds the outputs its request read ({', '.join(sorted(seq.answer or {}))}), "
+                              f"not {', '.join(missing)}: repeat it with the same outputs")
 
 
 def batch_mismatch(seq: Seq, rows: int) -> InvalidArgument:

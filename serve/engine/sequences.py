@@ -20,7 +20,8 @@ live; past that a START is refused with UNAVAILABLE and nothing is evicted.
 Steps are numbered: the START is step s (its id, else 0) and each step after
 it is the previous one plus one. A request may carry its step's id (the
 `sequence_step` parameter or a numeric request `id`); a repeat of the last
-applied step is answered from the kept answer without running it again, a
+applied step is answered from the kept answer (the outputs its request read,
+and the state) without running it again, a
 gap or an older id is refused with FAILED_PRECONDITION naming the step the
 server expects (exactly once, for clients that retry). The state and the
 last step live in the state store (serve/engine/statestore.py): with a
@@ -49,6 +50,7 @@ from rnnserve.serve.engine.seqsteps import (
     Step,
     batch_mismatch,
     digest,
+    kept,
     row_inputs,
     split_states,
     verdict_of,
@@ -89,16 +91,16 @@ class SequenceManager(RowUnits):
                client_states: States | None = None, deadline: float | None = None,
                is_cancelled: Callable[[], bool] | None = None, step_id: int | None = None,
                outputs: Collection[str] | None = None) -> Future:
-        """Queue one request of a sequence; the Future resolves to the model outputs (with the
-        states; a step run in time chunks keeps only `outputs` of the others, None = all)."""
+        """Queue one request of a sequence; the Future resolves to the model outputs. outputs: those
+        the caller reads (None = all): a step in time chunks keeps only those and the states, and a
+        step with an id keeps only those (and the states) as its answer for a retry."""
         self._check_streamable()
         if client_states and not start:
             raise InvalidArgument(f"state inputs ({', '.join(self._io.state_inputs)}) may only be sent with "
                                   "sequence_start: the server keeps the state of a live sequence")
         step = Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
                     digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "",
-                    rows=self._io.rows(inputs), promise=Future(),
-                    keep=None if step_id is not None else outputs)   # a kept answer is replayed whole
+                    rows=self._io.rows(inputs), promise=Future(), keep=outputs)
         with self._lock:
             refusal = self._refusal(seq_id, start, step.rows)
             if refusal is not None:
@@ -152,7 +154,7 @@ class SequenceManager(RowUnits):
         for work, out in zip(items, results):
             tag = work.tag
             if isinstance(tag, Step):
-                answer = ({k: v for k, v in out.items() if k not in self._io.state_outputs}
+                answer = ({k: v for k, v in kept(self._io, tag, out).items() if k not in self._io.state_outputs}
                           if tag.step_id is not None else None)
                 writes.append(self._write(tag, int(work.rows), tuple(out[o] for o in self._io.state_outputs),
                                           answer))
@@ -375,7 +377,7 @@ class SequenceManager(RowUnits):
         dropped: list[tuple[Step, BaseException]] = []
         if exc is None:
             seq.step, seq.digest, seq.ended = step.applied_id, step.digest, False
-            seq.answer = ({k: np.array(v) for k, v in out.items()}
+            seq.answer = ({k: np.array(v) for k, v in kept(self._io, step, out).items()}
                           if step.step_id is not None and out is not None else None)
             seq.token = written.record.token if written is not None else "*"
             if step.start:

@@ -11,7 +11,7 @@ import pytest
 
 from rnnserve.serve.engine.chunking import steps_per_chunk
 from rnnserve.serve.engine.model_engine import wait
-from rnnserve.serve.errors import Cancelled
+from rnnserve.serve.errors import Cancelled, FailedPrecondition
 from rnnserve.serve.wire.types import InferRequest
 from tests.fixtures import CHARLM_VOCAB, make_dataplane
 
@@ -166,3 +166,18 @@ def test_redis_store_gets_the_whole_step_once(charlm_repo, redis_server, planes)
     finally:
         a.close()
         b.close()
+
+
+def test_a_step_id_keeps_only_the_outputs_read(planes):
+    """A long step with an id asking for the state alone keeps no logits (chunked or whole);
+    its retry gets the state, a retry asking for the logits is refused naming them."""
+    for plane in planes:
+        tokens = _tokens(ROWS, STEPS, 13)
+        req = InferRequest(model_name="chargru", inputs={"tokens": tokens}, requested_outputs=["hn"],
+                           parameters={"sequence_id": "kept", "sequence_start": True, "sequence_step": 3})
+        first = dict(plane.infer(req).outputs)
+        np.testing.assert_array_equal(dict(plane.infer(req).outputs)["hn"], first["hn"])
+        req.requested_outputs = None
+        with pytest.raises(FailedPrecondition, match="step 3 was already applied.*not logits"):
+            plane.infer(req)
+        _step(plane, "chargru", "kept", tokens[:, :8], end=True)
