@@ -3,9 +3,8 @@
     python -m bench.memory [--threads 2] [--max-run-bytes N]   # repo root; Linux (reads /proc)
 
 The cases: stateless requests for the logits or the final state only, then the same as
-sequence steps (a START that leaves its state on the server; a START + END with a step id,
-whose whole answer is assembled to be kept for a retry), an invalid one and one over the
-message limit.
+sequence steps with a step id (a START that leaves its state on the server, a START + END;
+the answer each reads is kept for a retry), an invalid one and one over the message limit.
 For each case it resets the server process's peak resident size (/proc/PID/clear_refs),
 sends one request, and reads the peak (VmHWM) and, after an idle second or two, the
 resident size (VmRSS). It prints, per case: request and response bytes, the peak rise
@@ -40,9 +39,9 @@ MiB = 2**20
 IDLE_S = float(os.environ.get("IDLE_S", "2"))
 MODEL = "tiny"
 VOCAB = list("abcdefgh")
-# a sequence START (its state stays on the server), and a START + END with a step id (its whole answer
-# is assembled to be kept for a retry)
-SEQ_START = {"sequence_id": "bench-state", "sequence_start": True}
+# sequence steps with a step id, so the answer read is kept for a retry: a START (its state stays on the
+# server) and a START + END
+SEQ_START = {"sequence_id": "bench-state", "sequence_start": True, "sequence_step": 0}
 SEQ_ONCE = {"sequence_id": "bench-once", "sequence_start": True, "sequence_end": True, "sequence_step": 0}
 # (name, rows, seq, outputs, gzip, valid, parameters)
 CASES = [
@@ -50,7 +49,7 @@ CASES = [
     ("state only", 6000, 1000, ["hn"], False, True, {}),
     ("state only, gzip", 6000, 1000, ["hn"], True, True, {}),
     ("sequence START, state", 6000, 1000, ["hn"], False, True, SEQ_START),
-    ("sequence step id, logits", 1000, 1000, ["logits"], False, True, SEQ_ONCE),
+    ("sequence START+END, logits", 1000, 1000, ["logits"], False, True, SEQ_ONCE),
     ("invalid token id", 6000, 1000, ["hn"], False, False, {}),
     ("over --max-message-bytes", 10000, 1000, ["hn"], False, True, {}),
     ("logits again", 1000, 1000, ["logits"], False, True, {}),
@@ -126,11 +125,11 @@ def main(argv=None) -> int:
                 time.sleep(IDLE_S)
                 start = _status(proc.pid)["VmRSS"]
                 print(f"server resident at start: {start / MiB:.0f} MiB")
-                print(f"{'case':<26}{'status':<20}{'request MB':>11}{'response MB':>12}{'peak +MB':>10}"
+                print(f"{'case':<28}{'status':<20}{'request MB':>11}{'response MB':>12}{'peak +MB':>10}"
                       f"{'peak/(req+resp)':>16}{'idle +MB':>10}{'seconds':>9}")
                 for name, *case in CASES:
                     r = run_case(stub, proc.pid, *case)
-                    print(f"{name:<26}{r['code']:<20}{r['request'] / 1e6:>11.1f}{r['response'] / 1e6:>12.1f}"
+                    print(f"{name:<28}{r['code']:<20}{r['request'] / 1e6:>11.1f}{r['response'] / 1e6:>12.1f}"
                           f"{r['rise'] / 1e6:>10.0f}{r['ratio']:>16.1f}{(r['idle'] - start) / 1e6:>10.0f}"
                           f"{r['seconds']:>9.2f}")
         finally:
