@@ -8,6 +8,8 @@
   "charlm" (2-layer LSTM, versions 1 and 2), "chargru" (1-layer one-hot GRU),
   "bigru" (bidirectional 2-layer GRU, no state inputs).
 - hello_dataplane / charlm_dataplane: loaded DataPlanes over those repositories.
+- chunk_planes: (chunked, whole) DataPlanes over charlm_repo, one splitting runs above
+  tests.fixtures.CHUNK_BUDGET into time chunks, one never (one per test module).
 - hello_server: (server, "127.0.0.1:port") serving hello_repo with the test settings
   (tests.fixtures.serving); one per test module.
 - redis_server: a real redis-server on a free loopback port (tests/cluster.py), without
@@ -19,7 +21,15 @@ from __future__ import annotations
 import pytest
 
 from tests.cluster import RedisServer, redis_server_path
-from tests.fixtures import BuiltRepo, build_charlm_repo, build_hello_repo, make_dataplane, serving
+from tests.fixtures import (
+    CHUNK_BUDGET,
+    CHUNK_STEPS,
+    BuiltRepo,
+    build_charlm_repo,
+    build_hello_repo,
+    make_dataplane,
+    serving,
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +58,15 @@ def hello_dataplane(hello_repo):
     dp = make_dataplane(hello_repo)
     yield dp
     dp.close()
+
+
+@pytest.fixture(scope="module")
+def chunk_planes(charlm_repo):
+    chunked = make_dataplane(charlm_repo, max_seq_len=CHUNK_STEPS, max_run_bytes=CHUNK_BUDGET, warmup=False)
+    whole = make_dataplane(charlm_repo, max_seq_len=CHUNK_STEPS, max_run_bytes=0, warmup=False)
+    yield chunked, whole
+    chunked.close()
+    whole.close()
 
 
 @pytest.fixture(scope="session")

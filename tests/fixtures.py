@@ -93,6 +93,10 @@ def make_dataplane(repo: str, **overrides) -> DataPlane:
 HELLO_MODELS = PRESET_NAMES
 # max_seq_len of the test servers (small, so the "seq too long" rule is cheap to hit).
 MAX_SEQ_LEN = 64
+# Time chunks (tests/serve/test_chunking.py, test_sequence_chunks.py): requests of 3 rows x
+# CHUNK_STEPS steps run as a few dozen steps per chunk under CHUNK_BUDGET.
+CHUNK_STEPS = 400
+CHUNK_BUDGET = 64 * 1024
 
 
 @contextmanager

@@ -13,20 +13,9 @@ from rnnserve.serve.engine.chunking import MIN_CHUNK_STEPS, steps_per_chunk
 from rnnserve.serve.engine.model_engine import wait
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded
 from rnnserve.serve.wire.types import InferRequest
-from tests.fixtures import CHARLM_VOCAB, make_dataplane
+from tests.fixtures import CHARLM_VOCAB, CHUNK_BUDGET, CHUNK_STEPS
 
-ROWS, STEPS = 3, 400
-BUDGET = 64 * 1024   # a few dozen steps per chunk at 3 rows
-
-
-@pytest.fixture(scope="module")
-def planes(charlm_repo):
-    """(chunked, whole): the same models, one splitting runs above BUDGET, one never."""
-    chunked = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False)
-    whole = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=0, warmup=False)
-    yield chunked, whole
-    chunked.close()
-    whole.close()
+ROWS, STEPS, BUDGET = 3, CHUNK_STEPS, CHUNK_BUDGET
 
 
 def _tokens(rows: int, steps: int, seed: int = 0) -> np.ndarray:
@@ -44,8 +33,8 @@ def _infer(plane, model: str, tokens, outputs=None, **inputs):
 
 
 @pytest.mark.parametrize("model", ["charlm", "chargru"])   # a 2-layer LSTM (h and c), a GRU
-def test_chunked_equals_whole_run(planes, model):
-    chunked, whole = planes
+def test_chunked_equals_whole_run(chunk_planes, model):
+    chunked, whole = chunk_planes
     engine = chunked.engine(model)
     tokens = _tokens(ROWS, STEPS)
     chunk = steps_per_chunk(engine.io, {"tokens": tokens}, BUDGET)
@@ -65,8 +54,8 @@ def test_chunked_equals_whole_run(planes, model):
         assert np.max(np.abs(got[name] - ref[name])) <= 1e-5, name
 
 
-def test_state_only_keeps_no_logits(planes):
-    chunked, whole = planes
+def test_state_only_keeps_no_logits(chunk_planes):
+    chunked, whole = chunk_planes
     engine = chunked.engine("charlm")
     tokens = _tokens(ROWS, STEPS, seed=2)
     fut, _cancel = engine.submit({"tokens": tokens}, engine.zero_states(ROWS), need_state=True, outputs=())
@@ -77,8 +66,8 @@ def test_state_only_keeps_no_logits(planes):
         assert np.max(np.abs(out[name] - ref[name])) <= 1e-5, name
 
 
-def test_short_requests_and_stateless_models_run_whole(planes):
-    chunked, _ = planes
+def test_short_requests_and_stateless_models_run_whole(chunk_planes):
+    chunked, _ = chunk_planes
     for model, rows, steps in (("charlm", 1, 24), ("bigru", ROWS, STEPS)):   # short; bidirectional: no state
         before = _runs(chunked, model)
         out = _infer(chunked, model, _tokens(rows, steps))
@@ -86,8 +75,8 @@ def test_short_requests_and_stateless_models_run_whole(planes):
         assert _runs(chunked, model) - before == 1, model
 
 
-def test_text_api_runs_chunked_and_exact(planes):
-    chunked, whole = planes
+def test_text_api_runs_chunked_and_exact(chunk_planes):
+    chunked, whole = chunk_planes
     text = "".join(CHARLM_VOCAB[i] for i in _tokens(1, STEPS, seed=3)[0])
     before = _runs(chunked, "charlm")
     got = chunked.score("charlm", text)
@@ -95,8 +84,8 @@ def test_text_api_runs_chunked_and_exact(planes):
     assert abs(got.log_likelihood - whole.score("charlm", text).log_likelihood) <= 1e-3
 
 
-def test_a_cancelled_or_expired_chain_stops(planes):
-    chunked, _ = planes
+def test_a_cancelled_or_expired_chain_stops(chunk_planes):
+    chunked, _ = chunk_planes
     engine = chunked.engine("chargru")
     tokens = _tokens(ROWS, STEPS, seed=4)
     before = _runs(chunked, "chargru")

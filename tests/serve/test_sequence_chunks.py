@@ -13,21 +13,10 @@ from rnnserve.serve.engine.chunking import steps_per_chunk
 from rnnserve.serve.engine.model_engine import wait
 from rnnserve.serve.errors import Cancelled, FailedPrecondition
 from rnnserve.serve.wire.types import InferRequest
-from tests.fixtures import CHARLM_VOCAB, make_dataplane
+from tests.fixtures import CHARLM_VOCAB, CHUNK_BUDGET, CHUNK_STEPS, make_dataplane
 
-ROWS, STEPS = 3, 400
-BUDGET = 64 * 1024   # a few dozen steps per chunk at 3 rows
+ROWS, STEPS, BUDGET = 3, CHUNK_STEPS, CHUNK_BUDGET
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def planes(charlm_repo):
-    """(chunked, whole): the same models, one splitting runs above BUDGET, one never."""
-    chunked = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False)
-    whole = make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=0, warmup=False)
-    yield chunked, whole
-    chunked.close()
-    whole.close()
 
 
 def _tokens(rows: int, steps: int, seed: int) -> np.ndarray:
@@ -59,10 +48,10 @@ def _assert_equal(got: dict, ref: dict) -> None:
 
 
 @pytest.mark.parametrize("model", ["charlm", "chargru"])   # a 2-layer LSTM (h and c), a GRU
-def test_long_steps_chunked_equal_whole_and_replay_whole(planes, model):
+def test_long_steps_chunked_equal_whole_and_replay_whole(chunk_planes, model):
     """A long START with a step id, its replay, a short step, a long END step: one run per
     chunk, every answer equal to the whole runs'; the replay runs nothing and is whole."""
-    chunked, whole = planes
+    chunked, whole = chunk_planes
     long_a, short, long_b = _tokens(ROWS, STEPS, 1), _tokens(ROWS, 8, 2), _tokens(ROWS, STEPS, 3)
     seq = f"long-{model}"
     before = _runs(chunked, model)
@@ -83,8 +72,8 @@ def test_long_steps_chunked_equal_whole_and_replay_whole(planes, model):
     assert chunked.engine(model).sequences.live() == 0   # the END freed it
 
 
-def test_a_step_without_id_keeps_only_the_outputs_it_is_asked_for(planes):
-    chunked, whole = planes
+def test_a_step_without_id_keeps_only_the_outputs_it_is_asked_for(chunk_planes):
+    chunked, whole = chunk_planes
     engine = chunked.engine("charlm")
     tokens = _tokens(ROWS, STEPS, 4)
     out = wait(engine.submit_step("state-only", {"tokens": tokens}, start=True, end=False,
@@ -98,9 +87,9 @@ def test_a_step_without_id_keeps_only_the_outputs_it_is_asked_for(planes):
                   _step(whole, "charlm", "state-only", nxt, end=True))
 
 
-def test_unit_with_long_rows_chunked_equals_whole(planes):
+def test_unit_with_long_rows_chunked_equals_whole(chunk_planes):
     """Four sequences, one long row each, in one request: one run per chunk; then a short unit."""
-    chunked, whole = planes
+    chunked, whole = chunk_planes
     ids = [901, 902, 903, 904]
     starts, ends = [True] * 4, [False] * 4
     tokens, short = _tokens(len(ids), STEPS, 6), _tokens(len(ids), 8, 7)
@@ -116,13 +105,13 @@ def test_unit_with_long_rows_chunked_equals_whole(planes):
         _assert_equal(g, r)
 
 
-def test_a_chain_cancelled_between_chunks_applies_nothing(planes):
+def test_a_chain_cancelled_between_chunks_applies_nothing(chunk_planes):
     """Cancelled after two chunks: the step fails and is not applied; run again with the same
     id it equals the whole run."""
-    chunked, whole = planes
+    chunked, whole = chunk_planes
     engine = chunked.engine("chargru")
     head, long = _tokens(ROWS, 8, 8), _tokens(ROWS, STEPS, 9)
-    for plane in planes:
+    for plane in chunk_planes:
         _step(plane, "chargru", "cut", head, start=True, step_id=0)
     checks = []
 
@@ -141,11 +130,11 @@ def test_a_chain_cancelled_between_chunks_applies_nothing(planes):
     _assert_equal(_step(chunked, "chargru", "cut", tail, end=True), _step(whole, "chargru", "cut", tail, end=True))
 
 
-def test_redis_store_gets_the_whole_step_once(charlm_repo, redis_server, planes):
+def test_redis_store_gets_the_whole_step_once(charlm_repo, redis_server, chunk_planes):
     """Two chunked steps with ids on one data plane: one compare-and-set write each; the other
     data plane answers a retry of the second from the store, with its whole logits and no run,
     and continues the sequence exactly."""
-    _, whole = planes
+    _, whole = chunk_planes
     a, b = (make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False,
                            state_store=redis_server.url) for _ in range(2))
     seq = "shared-long"
@@ -168,10 +157,10 @@ def test_redis_store_gets_the_whole_step_once(charlm_repo, redis_server, planes)
         b.close()
 
 
-def test_a_step_id_keeps_only_the_outputs_read(planes):
+def test_a_step_id_keeps_only_the_outputs_read(chunk_planes):
     """A long step with an id asking for the state alone keeps no logits (chunked or whole);
     its retry gets the state, a retry asking for the logits is refused naming them."""
-    for plane in planes:
+    for plane in chunk_planes:
         tokens = _tokens(ROWS, STEPS, 13)
         req = InferRequest(model_name="chargru", inputs={"tokens": tokens}, requested_outputs=["hn"],
                            parameters={"sequence_id": "kept", "sequence_start": True, "sequence_step": 3})
