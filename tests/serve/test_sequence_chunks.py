@@ -131,27 +131,30 @@ def test_a_chain_cancelled_between_chunks_applies_nothing(chunk_planes):
 
 
 def test_redis_store_gets_the_whole_step_once(charlm_repo, redis_server, chunk_planes):
-    """Two chunked steps with ids on one data plane: one compare-and-set write each; the other
-    data plane answers a retry of the second from the store, with its whole logits and no run,
-    and continues the sequence exactly."""
+    """Chunked steps on two data planes sharing Redis: each step is one compare-and-set write;
+    a retry on the other plane is answered from the store with the whole logits and no run; a
+    step computed from a stale copy conflicts, is reloaded and runs again, exactly."""
     _, whole = chunk_planes
     a, b = (make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False,
                            state_store=redis_server.url) for _ in range(2))
     seq = "shared-long"
+    ids = [0, 1, 2, None]   # the last step carries no id: a's stale copy takes it for step 2
+    steps = [_tokens(ROWS, STEPS, 11 + i) for i in range(len(ids))]
+    ref = [_step(whole, "charlm", seq, t, start=i == 0, end=i == 3, step_id=ids[i]) for i, t in enumerate(steps)]
     try:
-        steps = [_tokens(ROWS, STEPS, 11 + i) for i in range(3)]
-        ref = [_step(whole, "charlm", seq, t, start=i == 0, end=i == 2, step_id=i) for i, t in enumerate(steps)]
         with redis_server.client() as r:
-            for i in (0, 1):
-                writes = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
-                before = _runs(a, "charlm")
-                _assert_equal(_step(a, "charlm", seq, steps[i], start=i == 0, step_id=i), ref[i])
-                assert _runs(a, "charlm") - before == _chunks(a, "charlm", steps[i]) > 1
-                assert r.info("commandstats")["cmdstat_evalsha"]["calls"] - writes == 1
-        before = _runs(b, "charlm")
-        _assert_equal(_step(b, "charlm", seq, steps[1], step_id=1), ref[1])   # a retry, from Redis
-        assert _runs(b, "charlm") == before
-        _assert_equal(_step(b, "charlm", seq, steps[2], end=True, step_id=2), ref[2])
+            def step(plane, i, writes):
+                calls = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+                before = _runs(plane, "charlm")
+                _assert_equal(_step(plane, "charlm", seq, steps[i], start=i == 0, end=i == 3, step_id=ids[i]), ref[i])
+                assert _runs(plane, "charlm") - before == writes * _chunks(plane, "charlm", steps[i])
+                assert r.info("commandstats")["cmdstat_evalsha"]["calls"] - calls == writes
+
+            step(a, 0, 1)
+            step(a, 1, 1)
+            step(b, 1, 0)   # a retry, from Redis
+            step(b, 2, 1)
+            step(a, 3, 2)   # a stale copy: its write conflicts, it reloads and runs the step again
     finally:
         a.close()
         b.close()
