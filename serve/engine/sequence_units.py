@@ -5,8 +5,9 @@ each queued on its sequence like any other step, so the per-step rules stay the
 manager's (order, step ids, the state store, END, the limits). The unit waits until
 every row's sequence has reached its step (a free sequence at once, a busy one when its
 earlier steps are done, pipelined units one after another). Then, when each step is to
-run now (seqsteps.verdict_of says 'run'), the unit runs as one Work: the request's
-inputs as they are, the rows' states stacked once. Finished, each row's new state goes
+run now (seqsteps.verdict_of says 'run'), the unit runs as one Work (a long one as a
+chain of time chunks, serve/engine/chunking.py): the request's inputs as they are, the
+rows' states stacked once. Finished, each row's new state goes
 back to its sequence (one store commit for all rows, before the answer) and the answer
 is the run's outputs. Otherwise (a replay, a reload, an error, a row dropped or failed
 before it ran) the unit is dissolved: each row runs as a step of its own, and the answer

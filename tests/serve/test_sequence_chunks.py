@@ -2,8 +2,9 @@
 on real exported models and real onnxruntime, in process: a long START, a long step that
 continues it and a many-sequence unit with long rows each run as one run per chunk, and
 equal the same steps run whole, as do the steps after them; a repeated step id is answered
-with the whole step's outputs; a chain cancelled between chunks applies nothing; with a
-Redis store a chunked step is written once, whole, and goes on on another data plane."""
+with the whole step's outputs (those its request read); a chain cancelled between chunks applies nothing; with a
+Redis store a chunked step is written once, whole (a unit once per row), goes on on another
+data plane, and one computed from a stale copy is reloaded and run again."""
 from __future__ import annotations
 
 import numpy as np
@@ -155,6 +156,30 @@ def test_redis_store_gets_the_whole_step_once(charlm_repo, redis_server, chunk_p
             step(b, 1, 0)   # a retry, from Redis
             step(b, 2, 1)
             step(a, 3, 2)   # a stale copy: its write conflicts, it reloads and runs the step again
+    finally:
+        a.close()
+        b.close()
+
+
+def test_redis_store_gets_a_chunked_unit_once_per_row(charlm_repo, redis_server, chunk_planes):
+    """A unit of two sequences with long rows, chunked on one data plane: one write per row;
+    the other data plane continues both rows exactly."""
+    _, whole = chunk_planes
+    a, b = (make_dataplane(charlm_repo, max_seq_len=STEPS, max_run_bytes=BUDGET, warmup=False,
+                           state_store=redis_server.url) for _ in range(2))
+    ids = [9101, 9102]
+    tokens, short = _tokens(len(ids), STEPS, 20), _tokens(len(ids), 8, 21)
+    try:
+        ref = [wait(whole.engine("chargru").submit_rows(ids, [True] * 2, [False] * 2, {"tokens": tokens})),
+               wait(whole.engine("chargru").submit_rows(ids, [False] * 2, [True] * 2, {"tokens": short}))]
+        with redis_server.client() as r:
+            calls = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+            before = _runs(a, "chargru")
+            _assert_equal(wait(a.engine("chargru").submit_rows(ids, [True] * 2, [False] * 2, {"tokens": tokens})),
+                          ref[0])
+            assert _runs(a, "chargru") - before == _chunks(a, "chargru", tokens) > 1
+            assert r.info("commandstats")["cmdstat_evalsha"]["calls"] - calls == len(ids)
+        _assert_equal(wait(b.engine("chargru").submit_rows(ids, [False] * 2, [True] * 2, {"tokens": short})), ref[1])
     finally:
         a.close()
         b.close()
