@@ -2,9 +2,10 @@
 on real exported models and real onnxruntime, in process: a long START, a long step that
 continues it and a many-sequence unit with long rows each run as one run per chunk, and
 equal the same steps run whole, as do the steps after them; a repeated step id is answered
-with the whole step's outputs (those its request read); a chain cancelled between chunks applies nothing; with a
-Redis store a chunked step is written once, whole (a unit once per row), goes on on another
-data plane, and one computed from a stale copy is reloaded and run again."""
+with the whole step's outputs (those its request read); a chain cancelled between chunks
+applies nothing; with a Redis store a chunked step is written once, whole (a unit once per
+row), goes on on another data plane, and one computed from a stale copy is reloaded and
+run again."""
 from __future__ import annotations
 
 import numpy as np
