@@ -50,7 +50,8 @@ def _refuse_undecodable(behavior, streaming_response: bool):
         async def stream(request, context):
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
-            async for answer in behavior(request, context):
+            answers, request = behavior(request, context), None   # see unary
+            async for answer in answers:
                 yield answer
         return stream
 
@@ -58,7 +59,10 @@ def _refuse_undecodable(behavior, streaming_response: bool):
     async def unary(request, context):
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
-        return await behavior(request, context)
+        # This frame lets the request go: a refused call's exception holds the frame until
+        # grpc.aio's next call (serve/frontend/grpc_errors.release).
+        answer, request = behavior(request, context), None
+        return await answer
     return unary
 
 

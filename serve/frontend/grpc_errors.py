@@ -48,12 +48,20 @@ def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})"
 
 
+def release(exc: BaseException) -> None:
+    """Drop what a handled exception holds: its traceback's frames hold the request and its
+    decoded tensors, and grpc.aio keeps the last call's error until the next call arrives, so
+    a refused 100 MB request would otherwise stay in memory that long. Call after status_for
+    (which logs the traceback of an unexpected error)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+
+
 # -- the decorator -------------------------------------------------------------------------------
-async def _abort(context, exc: Exception, method: str):
-    code, message = status_for(exc, method)
-    await context.abort(code, message)   # raises; grpc answers the call with this status
-
-
 def handles_errors(func):
     """Decorate an async servicer method (a coroutine, or an async generator for a response
     stream): exceptions -> a gRPC status, never a crash. The call counts against the
@@ -78,8 +86,16 @@ def handles_errors(func):
             except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
                 if context.cancelled():   # client gone: nobody to answer
                     logger.debug("%s: client went away (%s)", method, exc.__class__.__name__)
+                    release(exc)
                     return
-                await _abort(context, exc, method)
+                code, message = status_for(exc, method)
+                release(exc)
+            else:
+                return
+            # Aborted outside the except block, with the request dropped: the abort's exception
+            # then carries neither the error (as its __context__) nor a frame that holds the request.
+            request = None
+            await context.abort(code, message)
         return stream_wrapper
 
     @functools.wraps(func)
@@ -92,5 +108,8 @@ def handles_errors(func):
             finally:
                 limits.leave(streaming)
         except Exception as exc:  # noqa: BLE001 - the one catch-all, by design
-            await _abort(context, exc, method)
+            code, message = status_for(exc, method)
+            release(exc)
+        request = None   # as in stream_wrapper
+        await context.abort(code, message)   # raises; grpc answers the call with this status
     return unary_wrapper

@@ -127,6 +127,9 @@ class RequestObservation:
                 raise
             finally:
                 self.report(method, request, answer, _status(context, raised), t0)
+                # A refused call's exception, which grpc.aio keeps until the next call, holds
+                # this frame: it must not hold the request (serve/frontend/grpc_errors.release).
+                request = answer = raised = None
         return call
 
     def _streaming(self, method: str, behavior, request_stream: bool):
@@ -143,6 +146,7 @@ class RequestObservation:
             finally:
                 await answers.aclose()
                 self.report(method, seen.request, seen.answer, _status(context, raised), t0)
+                request = seen = raised = None   # as in _unary
         return call
 
 

@@ -4,8 +4,10 @@ ModelStreamInfer, the text API, and the error map. A real server on 127.0.0.1:0
 serves the real exported models of the session's hello_repo / charlm_repo."""
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import time
 
 import grpc
 import numpy as np
@@ -224,6 +226,28 @@ def test_invalid_infer_is_invalid_argument(infer_stub, case):
     assert code == INVALID, message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+def test_refused_request_is_let_go(infer_stub):
+    """A refused request's memory goes back right after the refusal: grpc.aio keeps the last
+    call's error until the next call, and that error must not hold the request. With the
+    garbage collector off, only references matter."""
+    request = _raw_request("emb-lstm", _tokens([[0, 4]]))   # id 4 >= vocab 4
+    request.id = "let-go"
+
+    def kept() -> int:
+        return sum(1 for o in gc.get_objects()
+                   if type(o).__name__ == "ModelInferRequest" and o is not request and o.id == "let-go")
+
+    gc.disable()
+    try:
+        assert _code(infer_stub.ModelInfer, request)[0] == INVALID
+        until = time.monotonic() + 5
+        while kept() and time.monotonic() < until:   # the server's thread may still be finishing the call
+            time.sleep(0.02)
+        assert kept() == 0
+    finally:
+        gc.enable()
 
 
 def test_timeout_parameter_is_deadline_exceeded(infer_stub):
