@@ -92,6 +92,11 @@ def _serves(e: ModelEntry | None) -> TypeGuard[ModelEntry]:
     return e is not None and e.state == READY and e.engine is not None
 
 
+def _newest(entries: Sequence[ModelEntry]) -> ModelEntry:
+    """Where a request that names no version goes: the newest READY version, else the newest."""
+    return next((e for e in reversed(entries) if e.state == READY), entries[-1])
+
+
 def _unchanged(current: ModelEntry, found: ModelEntry) -> bool:
     """Nothing to load for this version: the same file as last time, or the same bytes as the
     loaded one (a touch, or a copy of the same file)."""
@@ -157,6 +162,9 @@ class Repository:
         self._lock = threading.Lock()           # the table
         self._sync = threading.RLock()          # one load / unload / sync at a time
         self._models: dict[str, list[ModelEntry]] = {}
+        # name -> the entry a request that names no version goes to (the newest READY one, else the
+        # newest): read on every request, so derived once per change of the table (_index)
+        self._default: dict[str, ModelEntry] = {}
         self._unloaded: set[str] = set()        # unloaded by request: polls leave them alone
         self._serving = False                   # after load_all a DeviceError only fails that version
         self._closed = False
@@ -250,12 +258,23 @@ class Repository:
     def _publish(self, name: str, entries: list[ModelEntry]) -> None:
         with self._lock:
             self._models[name] = entries
+            self._index(name)
+
+    def _index(self, name: str) -> None:
+        """Derive _default[name] after the model's entries or their states changed; the caller
+        holds self._lock. (A version turning READY while it loads is published right after.)"""
+        entries = self._models.get(name)
+        if not entries:
+            self._default.pop(name, None)
+            return
+        self._default[name] = _newest(entries)
 
     def _drop(self, name: str) -> bool:
         """The model's folder is gone: forget it, retire its engines; True if it was known."""
         self._unloaded.discard(name)
         with self._lock:
             entries = self._models.pop(name, None)
+            self._index(name)
         if entries is None:
             return False
         for engine in _engines(entries):
@@ -275,6 +294,7 @@ class Repository:
                 old = _engines(entries)
                 for e in entries:
                     e.engine, e.state, e.reason = None, UNLOADED, "unloaded by request"
+                self._index(name)
             self._unloaded.add(name)
         # In-flight requests keep their own reference to the engine and finish first.
         for engine in old:
@@ -290,6 +310,7 @@ class Repository:
                 for name in self._models:
                     for e in self._models[name]:
                         e.engine, e.state = None, UNLOADED
+                    self._index(name)
         for engine in engines:
             engine.close()
 
@@ -339,13 +360,17 @@ class Repository:
     def entry_list(self, name: str) -> list[ModelEntry]:
         with self._lock:
             entries = self._models.get(name)
-            known = sorted(self._models)
+            known = sorted(self._models) if entries is None else []
         if entries is None:
             raise NotFound(f"unknown model {quoted(name)}; models in the repository: {', '.join(known) or 'none'}")
         return list(entries)
 
     def entry(self, name: str, version: str = "") -> ModelEntry:
         """The entry for (name, version); version "" = the newest READY version. NotFound if unknown."""
+        if not version:
+            found = self._default.get(name)   # one dict read: atomic
+            if found is not None:
+                return found
         entries = self.entry_list(name)
         if version:
             for e in entries:
@@ -353,8 +378,7 @@ class Repository:
                     return e
             have = ", ".join(e.version for e in entries if e.version) or "none"
             raise NotFound(f"model '{name}' has no version {quoted(version)}; versions: {have}")
-        ready = [e for e in entries if e.state == READY]
-        return ready[-1] if ready else entries[-1]
+        return _newest(entries)
 
     def get(self, name: str, version: str = "") -> ModelEngine:
         """The engine serving (name, version): NotFound if unknown, Unavailable if not READY;

@@ -20,6 +20,7 @@ than WAIT_LIMIT_S.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -77,6 +78,7 @@ class ModelEngine:
         self._retired = False
         self._retire_after = 0.0      # time.monotonic() before which a retired engine stays open
         self._closed = False
+        self._on_done = self._done    # one bound method for every future, not one per submit
 
     # -- states ------------------------------------------------------------------------------
     def zero_states(self, batch: int) -> States:
@@ -110,9 +112,8 @@ class ModelEngine:
         work = Work(inputs, tuple(states), need_state=need_state, deadline=deadline, is_cancelled=is_cancelled)
         chain = chunked(self.batcher.submit, self.io, work, self.settings.max_run_bytes, outputs)
         if chain is not None:
-            return self._track(chain.start)(), lambda: chain.cancel(self.batcher.cancel)
-        self._track(lambda: self.batcher.submit(work, inline=inline))()
-        return work.future, lambda: self.batcher.cancel(work)
+            return self._tracked(chain.start), lambda: chain.cancel(self.batcher.cancel)
+        return self._tracked(self.batcher.submit, work, inline), functools.partial(self.batcher.cancel, work)
 
     def submit_step(self, seq_id: Hashable, inputs: dict[str, np.ndarray], *, start: bool, end: bool,
                     client_states: States | None = None, deadline: float | None = None,
@@ -120,19 +121,17 @@ class ModelEngine:
                     outputs: Collection[str] | None = None) -> Future:
         """Queue one request of a server-side sequence (Triton semantics, see serve/engine/sequences.py).
         outputs: those the caller reads (None = all); a long step runs in time chunks."""
-        sequences = self._sequences()
-        return self._track(lambda: sequences.submit(
-            seq_id, inputs, start=start, end=end, client_states=client_states or None,
-            deadline=deadline, is_cancelled=is_cancelled, step_id=step_id, outputs=outputs))()
+        return self._tracked(self._sequences().submit, seq_id, inputs, start=start, end=end,
+                             client_states=client_states or None, deadline=deadline,
+                             is_cancelled=is_cancelled, step_id=step_id, outputs=outputs)
 
     def submit_rows(self, seq_ids: Sequence[Hashable], starts: Sequence[bool], ends: Sequence[bool],
                     inputs: dict[str, np.ndarray], deadline: float | None = None,
                     is_cancelled: Callable[[], bool] | None = None,
                     outputs: Collection[str] | None = None) -> Future:
         """Queue a request whose row i is a step of sequence seq_ids[i] (serve/engine/sequence_units.py)."""
-        sequences = self._sequences()
-        return self._track(lambda: sequences.submit_rows(
-            seq_ids, starts, ends, inputs, deadline=deadline, is_cancelled=is_cancelled, outputs=outputs))()
+        return self._tracked(self._sequences().submit_rows, seq_ids, starts, ends, inputs,
+                             deadline=deadline, is_cancelled=is_cancelled, outputs=outputs)
 
     def _sequences(self) -> SequenceManager:
         if self.sequences is None:
@@ -147,18 +146,19 @@ class ModelEngine:
         return wait(fut, cancel)
 
     # -- accounting ----------------------------------------------------------------------------
-    def _track(self, submit):
-        """Wrap a submit function: count the work in flight until its future completes."""
-        def call(*args):
-            self._acquire()
-            try:
-                fut = submit(*args)
-            except BaseException:
-                self._release()
-                raise
-            fut.add_done_callback(lambda _f: self._release())
-            return fut
-        return call
+    def _tracked(self, submit: Callable[..., Future], *args, **kwargs) -> Future:
+        """submit(*args, **kwargs), its work counted in flight until its future completes."""
+        self._acquire()
+        try:
+            fut = submit(*args, **kwargs)
+        except BaseException:
+            self._release()
+            raise
+        fut.add_done_callback(self._on_done)
+        return fut
+
+    def _done(self, _fut: Future) -> None:
+        self._release()
 
     def _acquire(self) -> None:
         with self._lock:

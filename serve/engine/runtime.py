@@ -186,8 +186,8 @@ class ModelInstance:
     # -- the one onnxruntime call --------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session on validated feeds; omitted state inputs are zeros. Returns {output name: array}."""
-        feeds = dict(feeds)
         if len(feeds) < len(self.input_names):    # validated feeds: only state inputs can be missing
+            feeds = dict(feeds)
             for name, z in zip(self.state_inputs, self.zero_states(self.io.rows(feeds))):
                 feeds.setdefault(name, z)
         try:
