@@ -26,7 +26,7 @@ from concurrent.futures import Executor, Future
 from rnnserve.serve.errors import quoted
 from rnnserve.serve.frontend import decoding
 from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge, outputs
-from rnnserve.serve.frontend.grpc_errors import handles_errors, status_for
+from rnnserve.serve.frontend.grpc_errors import handles_errors, release, status_for
 from rnnserve.serve.wire import convert, messages
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
@@ -160,6 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         if isinstance(request, decoding.Undecodable):
                             request = pb.ModelInferRequest()
                     submitted.put_nowait((request, pending, waiter, t0))
+                    request = pending = waiter = None   # the queue holds them; nothing here while idle
             except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
                 logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
             finally:
@@ -176,9 +177,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     failure = None
                 except Exception as exc:  # noqa: BLE001 - answered in-stream; the stream goes on
                     answer, failure = _stream_error(request, exc), exc
+                    release(exc)
                 if observe is not None:
                     observe(request, failure, answer.infer_response, t0)
                 yield answer
+                # Nothing of this request stays referenced while the stream waits for the next one.
+                item = request = pending = waiter = out = answer = failure = None
         finally:
             reader.cancel()
             while not submitted.empty():   # answers nobody will read: no "never retrieved" noise
