@@ -146,7 +146,8 @@ class RequestObservation:
             finally:
                 await answers.aclose()
                 self.report(method, seen.request, seen.answer, _status(context, raised), t0)
-                request = seen = raised = None   # as in _unary
+                request = raised = None   # as in _unary
+                del seen
         return call
 
 

@@ -160,7 +160,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         if isinstance(request, decoding.Undecodable):
                             request = pb.ModelInferRequest()
                     submitted.put_nowait((request, pending, waiter, t0))
-                    request = pending = waiter = None   # the queue holds them; nothing here while idle
+                    request = None   # the queue holds them; nothing here while idle
+                    del pending, waiter
             except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
                 logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
             finally:
