@@ -120,7 +120,7 @@ def batched_load(session, concurrency: int, seconds: float) -> dict:
             "rps": concurrency * len(lat) / elapsed}
 
 
-def _infer_call(address: str, tokens: np.ndarray):
+def infer_call(address: str, tokens: np.ndarray):
     """A make_call for run_load: its own tritonclient, infer() of tokens, logits requested."""
     def make():
         client = tc.InferenceServerClient(address)
@@ -135,7 +135,7 @@ def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tu
     trip with no work behind it), and the streaming client of table 2 against canned answers."""
     proc, address = start_floor_server(Path(tempfile.mkdtemp(dir=tmp)) / "port", SEQ)
     try:
-        unary = run_load(_infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
+        unary = run_load(infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
         _, secs, client_ms, server_ms = _timed_steps(lambda: stream_sequences(address, tokens, 1, streams),
                                                      proc.pid, tokens.size)
         stream = (f"gRPC floor: canned answers, stream x{streams}", secs, 0.0, float("nan"),
@@ -149,7 +149,7 @@ def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tu
 def stateless_table(session, address: str, concurrencies: list[int], seconds: float) -> list:
     tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
     feeds = _feeds(session, tokens)
-    server_call = _infer_call(address, tokens)
+    server_call = infer_call(address, tokens)
 
     check = server_call()()
     assert np.allclose(check.as_numpy("logits"), session.run(["logits"], feeds)[0], atol=1e-3, rtol=0), \
