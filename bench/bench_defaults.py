@@ -1,22 +1,24 @@
 """The server's default onnxruntime threading against the alternatives, side by side in one run.
 
-    python -m bench.bench_defaults [--seconds 2] [--rounds 2] [--margin 0.05]   # repo root
+    python -m bench.bench_defaults [--seconds 2] [--rounds 3] [--margin 0.05]   # repo root
 
 `rnnserve-server` chooses --threads / --instances left at 0 from the cores it may use
 (serve/settings.py machine_threading, logged at start). This starts it with those defaults and
-with each alternative of a small grid (the first column), one server at a time on 127.0.0.1
-port 0, and measures each with the same tritonclient.grpc loads as bench_server / bench_batching,
-on the same 2-layer LSTM char model (bench_server.build_repository), every other flag default:
+with each alternative of a small grid (the first column), each on 127.0.0.1 port 0, and
+measures each with the same tritonclient.grpc loads as bench_server / bench_batching, on the
+same 2-layer LSTM char model (bench_server.build_repository), every other flag default:
   stateless, c=C    batch 1 x seq 64, C threads each calling infer() for --seconds: req/s, p50
   streaming         N sequences x S one-token steps over K pipelined streams
                     (sequence_clients.stream_sequences): steps/s; answers checked against
                     in-process onnxruntime
-Every round measures every configuration, in an order that rotates from round to round, and the
-tables show the median over the rounds, so drift of the machine's load hits all alike. Per load:
-the ratio of the defaults to the best alternative (raw), and "defaults >= best: met" when the
-throughput ratio is >= 1 - margin and, for stateless loads, the p50 is <= (1 + margin) x the
-lowest alternative's. Spinning is not in the grid: the intra-op pool never spins
-(serve/engine/runtime.py) and no flag turns it on.
+Every round measures each load on every configuration in turn, in an order that rotates from
+round to round, and the tables show the median over the rounds, so drift of the machine's load
+hits all alike. Per load: the ratio of the defaults to the best alternative (raw), and
+"defaults >= best: met" when the throughput ratio is >= 1 - margin and, for stateless loads,
+the p50 is <= (1 + margin) x the lowest alternative's. The row marked "(= defaults here)" runs
+the defaults' threading under explicit flags: its spread from the defaults' row is the noise.
+Spinning is not in the grid: the intra-op pool never spins (serve/engine/runtime.py) and no
+flag turns it on.
 """
 from __future__ import annotations
 
@@ -53,40 +55,46 @@ def resolved(flags: list[str], cores: int) -> tuple[int, int]:
     return given.get("--threads", threads), given.get("--instances", instances)
 
 
-def measure(address: str, args, tokens: np.ndarray, seq_tokens: np.ndarray, ref: np.ndarray,
-            base_id: int) -> dict[str, tuple[float, float]]:
-    """Every load against one server -> {load: (throughput, p50 ms or nan)}."""
-    out = {}
-    for c in args.concurrency:
-        r = run_load(infer_call(address, tokens), c, args.seconds)
-        out[f"c{c}"] = (r["rps"], r["p50"])
+def measure(load: str, address: str, args, tokens: np.ndarray, seq_tokens: np.ndarray, ref: np.ndarray,
+            base_id: int) -> tuple[float, float]:
+    """One load against one server -> (throughput, p50 ms; nan for the streaming load)."""
+    if load != "stream":
+        r = run_load(infer_call(address, tokens), int(load[1:]), args.seconds)
+        return r["rps"], r["p50"]
     t0 = time.perf_counter()
     last = stream_sequences(address, seq_tokens, base_id, args.streams)
-    out["stream"] = (seq_tokens.size / (time.perf_counter() - t0), float("nan"))
+    steps_per_s = seq_tokens.size / (time.perf_counter() - t0)
     diff = float(np.abs(last - ref).max())
     assert diff < 1e-3, f"streamed answers differ from in-process onnxruntime by {diff}"
-    return out
+    return steps_per_s, float("nan")
 
 
 def run_rounds(args, configs, repo: str, tmp: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """-> {config: {load: [(throughput, p50) per round]}}."""
+    """One server per configuration, all started up front (idle, they cost no CPU); per round
+    and load, every server in turn -> {config: {load: [(throughput, p50) per round]}}."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
     seq_tokens = rng.integers(0, len(VOCAB), size=(args.sequences, args.steps), dtype=np.int64)
     session = create_session(os.path.join(repo, MODEL, "1", "model.onnx"), [CPU], "cpu", intra_op_threads=1)
     ref = local_steps(session, seq_tokens, args.sequences)
-    results: dict = {label: {} for label, _ in configs}
-    for r in range(args.rounds):
-        for k in range(len(configs)):
-            label, flags = configs[(k + r) % len(configs)]
-            proc, address = start_server(repo, 0, Path(tempfile.mkdtemp(dir=tmp)) / "port", flags)
-            try:
-                for load, figures in measure(address, args, tokens, seq_tokens, ref, 1 + r).items():
-                    results[label].setdefault(load, []).append(figures)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
-            print(f"  round {r + 1}/{args.rounds}: {label} done", flush=True)
+    loads = [f"c{c}" for c in args.concurrency] + ["stream"]
+    results: dict = {label: {load: [] for load in loads} for label, _ in configs}
+    servers: dict = {}
+    try:
+        for label, flags in configs:
+            servers[label] = start_server(repo, 0, Path(tempfile.mkdtemp(dir=tmp)) / "port", flags)
+        for r in range(args.rounds):
+            for load in loads:
+                for k in range(len(configs)):
+                    label = configs[(k + r) % len(configs)][0]
+                    results[label][load].append(measure(load, servers[label][1], args, tokens, seq_tokens, ref,
+                                                        1 + r * args.sequences))
+            print(f"  round {r + 1}/{args.rounds} done", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            proc.wait(timeout=60)
     return results
 
 
@@ -131,8 +139,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="per stateless measurement (a full run takes about 5 configurations x "
-                             "--rounds x (3 x --seconds + the streaming run + a server start))")
-    parser.add_argument("--rounds", type=int, default=2, help="every configuration measured once per round")
+                             "--rounds x (3 x --seconds + the streaming run + 2 s))")
+    parser.add_argument("--rounds", type=int, default=3, help="every configuration measured once per round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="stateless concurrencies")
     parser.add_argument("--sequences", type=int, default=64, help="streamed sequences")
     parser.add_argument("--steps", type=int, default=256, help="one-token steps per sequence")
