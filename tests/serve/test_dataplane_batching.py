@@ -37,9 +37,10 @@ def totals(dp, model):
 
 @pytest.fixture(scope="module")
 def tight_dp(charlm_repo):
-    """One request per run, 2 queue slots, 2 live sequences: limits are easy to reach."""
+    """One request per run, 2 queue slots, 2 live sequences: limits are easy to reach. Whole runs
+    (max_run_bytes 0): the LONG request is one run, with no time chunks that others could slip between."""
     dp = make_dataplane(charlm_repo, warmup=False, max_seq_len=LONG[1], max_batch_size=1, max_queue_size=2,
-                        max_sequences=2)
+                        max_sequences=2, max_run_bytes=0)
     yield dp
     dp.close()
 
