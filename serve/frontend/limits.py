@@ -7,8 +7,6 @@ All counting happens on the server's event loop thread, so plain integers suffic
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from rnnserve.serve.errors import ResourceExhausted
@@ -24,15 +22,6 @@ class CallLimits:
         self.max_calls = max_calls
         self.streams = 0                  # open now
         self.calls = 0
-
-    @contextlib.contextmanager
-    def call(self, streaming: bool) -> Iterator[None]:
-        """One call's slot for the block (enter/leave as a context)."""
-        self.enter(streaming)
-        try:
-            yield
-        finally:
-            self.leave(streaming)
 
     def enter(self, streaming: bool) -> None:
         """Count a call that starts (leave() when it ends); ResourceExhausted past the bound."""

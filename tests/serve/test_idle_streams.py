@@ -114,11 +114,16 @@ def test_streams_past_the_bound_are_refused_not_hung(hello_repo):
 
 def test_call_limits_count_and_refuse():
     limits = CallLimits(max_streams=1, max_calls=2)
-    with limits.call(False), limits.call(False):
-        assert limits.calls == 2
-        with pytest.raises(ResourceExhausted, match="--max-concurrent-calls"):
-            with limits.call(False):
-                pass
-        with limits.call(True):
-            assert limits.streams == 1
+    limits.enter(False)
+    limits.enter(False)
+    assert limits.calls == 2
+    with pytest.raises(ResourceExhausted, match="--max-concurrent-calls"):
+        limits.enter(False)
+    limits.enter(True)
+    assert limits.streams == 1
+    with pytest.raises(ResourceExhausted, match="--max-streams"):
+        limits.enter(True)
+    limits.leave(True)
+    limits.leave(False)
+    limits.leave(False)
     assert (limits.calls, limits.streams) == (0, 0)
