@@ -97,3 +97,16 @@ def test_settings_out_of_range_stop_create_server_before_loading(hello_repo):
                 dict(model_control_mode="sometimes"), dict(poll_interval=5.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             create_server(ServeSettings(repository=hello_repo, port=0, **bad))
+
+
+def test_create_server_port_zero_start_wait_and_stop(hello_repo):
+    """The gRPC examples' shape from plain code: create_server(...) -> (server, port) on port 0,
+    start(), wait_for_termination() (True while serving, as grpc's on a timeout), stop(grace)."""
+    server, port = create_server(ServeSettings(repository=hello_repo, port=0, host="127.0.0.1"))
+    assert port > 0
+    server.start()
+    try:
+        assert server.wait_for_termination(0.05) is True
+    finally:
+        server.stop(0.5)
+    assert server.wait_for_termination(0.05) is False
