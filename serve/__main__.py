@@ -302,7 +302,8 @@ def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: server.reload_certificates())
-    trimmer = Trimmer()   # the process's memory back to the OS after large requests (serve/memory.py)
+    # the process's memory back to the OS after large requests (serve/memory.py)
+    trimmer = Trimmer(release=server.dataplane.repo.release_memory)
     server.start()
     if args.port_file:
         if server.metrics_port is not None:   # first: the gRPC port file says everything is up

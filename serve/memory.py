@@ -1,16 +1,18 @@
 """Give memory back to the operating system after large requests.
 
-glibc keeps freed heap memory for reuse, so after one large request (tens of MB of tensors
-and protobuf buffers) an idle server would stay at its peak. Two measures (glibc only):
-blocks of MMAP_THRESHOLD_BYTES and more always get their own mapping, returned the moment
-they are freed (glibc would otherwise raise that threshold after the first large free and
-serve the next large blocks from the heap); and a Trimmer thread watches the
-process's resident size: while it is TRIM_STEP_BYTES or more above the idle floor it runs
-the garbage collector and calls malloc_trim(0), which returns the free pages, at most
-every MAX_BACKOFF_S while trimming frees nothing (the memory is in use, or the request is
-still running); after GIVE_UP_S of that it takes the size as the new floor. Nothing here
-touches requests; where malloc_trim does not exist (not glibc) the Trimmer does nothing.
-bench/memory.py measures the effect.
+glibc keeps freed heap memory for reuse, and onnxruntime's CPU arena keeps the buffers of
+its largest run, so after one large request (tens of MB of tensors and protobuf buffers)
+an idle server would stay at its peak. Three measures: blocks of MMAP_THRESHOLD_BYTES and
+more always get their own mapping, returned the moment they are freed (glibc would
+otherwise raise that threshold after the first large free and serve the next large blocks
+from the heap); and a Trimmer thread watches the process's resident size: while it is
+TRIM_STEP_BYTES or more above the idle floor it has the models' arenas hand back their
+free memory (its `release` hook: Repository.release_memory), runs the garbage collector
+and calls malloc_trim(0), which returns the free pages, at most every MAX_BACKOFF_S while
+trimming frees nothing (the memory is in use, or the request is still running); after
+GIVE_UP_S of that it takes the size as the new floor. Nothing here touches requests;
+where malloc_trim does not exist (not glibc) the Trimmer does nothing. bench/memory.py
+measures the effect.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,11 @@ def resident_bytes() -> int:
 class Trimmer:
     """A daemon thread: malloc_trim(0) whenever the resident size grew by TRIM_STEP_BYTES."""
 
-    def __init__(self, step: int = TRIM_STEP_BYTES, interval: float = CHECK_S):
+    def __init__(self, release: Callable[[], None] | None = None, step: int = TRIM_STEP_BYTES,
+                 interval: float = CHECK_S):
+        """release: called before each trim, to free what malloc cannot see as free (the arenas)."""
         map_large_blocks()
+        self._release = release
         self._trim = _libc_function("malloc_trim", [ctypes.c_size_t])
         self._step, self._interval = step, interval
         self._stop = threading.Event()
@@ -82,6 +88,11 @@ class Trimmer:
                 continue
             # First the garbage: a refused request's tensors stay in a reference cycle (its
             # exception's traceback and frames) that an idle server, allocating nothing, never collects.
+            if self._release is not None:
+                try:
+                    self._release()
+                except Exception:  # noqa: BLE001 - housekeeping must never take the thread down
+                    log.exception("releasing the models' memory failed")
             gc.collect()
             self._trim(0)
             after = resident_bytes()

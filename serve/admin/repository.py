@@ -320,6 +320,13 @@ class Repository:
             engines = self._all_engines()
         return sum(engine.inflight() for engine in engines)
 
+    def release_memory(self) -> None:
+        """Every loaded version hands its onnxruntime arena's free memory back (the Trimmer's hook)."""
+        with self._lock:
+            engines = self._all_engines()
+        for engine in engines:
+            engine.inst.release_memory()
+
     def _all_engines(self) -> list[ModelEngine]:
         """Every loaded version's engine; the caller holds self._lock."""
         return [x for entries in self._models.values() for x in _engines(entries)]

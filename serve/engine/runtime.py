@@ -83,9 +83,12 @@ def create_session(path: str, providers: Sequence[str], device: str, intra_op_th
     # No busy-waiting in the intra-op pool: spinning threads starve the gRPC threads that
     # share the cores, and the batcher feeds one run at a time anyway.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # onnxruntime's CPU arena keeps the peak of the largest run for good; with malloc the
-    # memory of a large request goes back (serve/memory.py trims), see bench/memory.py.
-    so.enable_cpu_mem_arena = False
+    # onnxruntime's CPU arena keeps a run's buffers for the next run. Without it every run
+    # allocates them afresh, and large ones come as new mappings that fault in page by page
+    # (serve/memory.py), which costs more CPU than the run's arithmetic at moderate batches.
+    # The arena would keep the peak of the largest run for good, so the Trimmer has it hand
+    # its free memory back (ModelInstance.release_memory) when the process has grown.
+    so.enable_cpu_mem_arena = True
     sess = ort.InferenceSession(path, sess_options=so, providers=list(providers),
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
     active = sess.get_providers()
@@ -138,6 +141,8 @@ class ModelInstance:
         # Right-padding is exact for our unidirectional char models only (see modelio.py).
         self.io = ModelIO.from_spec(spec, pad=char_model and spec.streamable)
         self._zeros: dict[int, tuple[np.ndarray, ...]] = {}
+        self._shrink: ort.RunOptions | None = ort.RunOptions()   # a run that empties the arena
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -197,24 +202,47 @@ class ModelInstance:
             raise ServeError(f"onnxruntime failed running model '{self.name}': {type(e).__name__}") from e
         return dict(zip(self.output_names, values))
 
+    def _zero_feeds(self, batch: int, seq: int) -> dict[str, np.ndarray] | None:
+        """Zeros for every non-state input at (batch, seq); None for a model whose inputs are not all
+        batched (their values are the client's to choose)."""
+        if not all(t.batch_axis is not None for t in self.spec.inputs):
+            return None
+        return {t.name: np.zeros([batch if i == t.batch_axis else d if isinstance(d, int) else seq
+                                  for i, d in enumerate(t.shape)], t.dtype) for t in self.spec.inputs}
+
+    def release_memory(self) -> None:
+        """Hand the free memory of onnxruntime's CPU arena back to malloc: a one-row, one-step run
+        with the arena shrink option (onnxruntime shrinks only at the end of a run). Safe while other
+        runs are in progress: only regions nobody uses are freed. Nothing for a model that cannot be
+        run on zeros, or where this onnxruntime has no CPU arena to shrink."""
+        feeds = self._zero_feeds(1, 1) if self._shrink is not None else None
+        if feeds is None:
+            return
+        for name, z in zip(self.state_inputs, self.zero_states(1)):
+            feeds[name] = z
+        try:
+            self.session.run(self.output_names[:1], feeds, self._shrink)
+        except Exception as e:  # noqa: BLE001 - memory housekeeping must never break serving
+            log.info("model %s version %s: cannot shrink onnxruntime's arena (%s); not trying again",
+                     self.name, self.version, e)
+            self._shrink = None
+
     def warmup(self, max_seq_len: int) -> None:
         """A few runs at a few shapes, before the engine exists: they are not counted in the statistics.
         A model whose inputs are not all batched (their values are the client's to choose) is not warmed up."""
-        if not all(t.batch_axis is not None for t in self.spec.inputs):
-            return
         t0 = time.perf_counter()
         for batch, seq in WARMUP_SHAPES:
             if self.spec.fixed_batch and batch > 1:
                 continue
-            seq = min(seq, max_seq_len)
-            feeds = {t.name: np.zeros([batch if i == t.batch_axis else d if isinstance(d, int) else seq
-                                       for i, d in enumerate(t.shape)], t.dtype) for t in self.spec.inputs}
+            feeds = self._zero_feeds(batch, min(seq, max_seq_len))
+            if feeds is None:
+                return
             try:
                 for _ in range(WARMUP_REPEATS):
                     self.run(feeds)
             except ServeError:
                 log.info("model %s version %s: warm-up at batch %d, seq %d failed; serving without it",
-                         self.name, self.version, batch, seq)
+                         self.name, self.version, batch, min(seq, max_seq_len))
                 break
         log.info("warmed up %s version %s in %.1f ms", self.name, self.version, (time.perf_counter() - t0) * 1e3)
 
