@@ -86,6 +86,7 @@ from bench.bench_server import (
 from bench.floor import own_cpu_s, process_cpu_s, start_floor_server
 from bench.sequence_clients import row_sequences, stream_sequences, tokens_input, unary_sequences
 from rnnserve.serve.engine.runtime import create_session
+from rnnserve.serve.settings import machine_threading
 
 
 def _feeds(session, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -146,7 +147,9 @@ def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tu
         proc.wait(timeout=60)
 
 
-def stateless_table(session, address: str, concurrencies: list[int], seconds: float) -> list:
+def stateless_table(session, address: str, concurrencies: list[int], seconds: float, lone_session=None) -> list:
+    """lone_session: a session like the server's for lone runs; at concurrency 1 the in-process loop
+    also runs on it (local["lone"]), the fair comparison for a server that runs lone requests there."""
     tokens = np.random.default_rng(0).integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
     feeds = _feeds(session, tokens)
     server_call = infer_call(address, tokens)
@@ -157,6 +160,8 @@ def stateless_table(session, address: str, concurrencies: list[int], seconds: fl
     rows = []
     for c in concurrencies:
         local = run_load(lambda: (lambda: session.run(None, feeds)), c, seconds)
+        if c == 1 and lone_session is not None:
+            local["lone"] = run_load(lambda: (lambda: lone_session.run(None, feeds)), c, seconds)
         batched = batched_load(session, c, seconds)
         runs0, rows0 = _runs_and_rows(address)
         served = run_load(server_call, c, seconds)
@@ -264,8 +269,12 @@ def main(argv=None) -> int:
     common = ["--max-queue-delay-us", str(args.max_queue_delay_us), "--device", args.device]
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(tmp)
-        session = create_session(os.path.join(repo, MODEL, "1", "model.onnx"), providers_for(args.device),
-                                 args.device, intra_op_threads=local_thread_count(args.threads))
+        path = os.path.join(repo, MODEL, "1", "model.onnx")
+        session = create_session(path, providers_for(args.device), args.device,
+                                 intra_op_threads=local_thread_count(args.threads))
+        lone_threads = machine_threading(len(os.sched_getaffinity(0)))[2]
+        lone_session = create_session(path, providers_for(args.device), args.device, intra_op_threads=lone_threads,
+                                      lone=True) if args.device == "cpu" and not args.threads else None
         local_runs = []   # in-process context rows: (rows per run, seconds)
         for rows in (1, n):
             t0 = time.perf_counter()
@@ -273,7 +282,7 @@ def main(argv=None) -> int:
             local_runs.append((rows, time.perf_counter() - t0))
 
         def batched_server(address: str, pid: int):
-            return (stateless_table(session, address, args.concurrency, args.seconds),
+            return (stateless_table(session, address, args.concurrency, args.seconds, lone_session),
                     streaming_rows(address, pid, seq_tokens, ref, args.streams, f"server, max batch {n}",
                                    many_rows=True),
                     prefix_vs_state(address, args.prefix, seed=2))

@@ -2,7 +2,7 @@
 
     python -m bench.bench_defaults [--seconds 2] [--rounds 3] [--margin 0.05]   # repo root
 
-`rnnserve-server` chooses --threads / --instances left at 0 from the cores it may use
+`rnnserve-server` chooses --threads / --instances / --lone-threads left at 0 from the cores it may use
 (serve/settings.py machine_threading, logged at start). This starts it with those defaults and
 with each alternative of a small grid (the first column), each on 127.0.0.1 port 0, and
 measures each with the same tritonclient.grpc loads as bench_server / bench_batching, on the
@@ -18,8 +18,9 @@ per-round ratios (the two measured seconds apart, so drift between rounds cancel
 "defaults >= best: met" when the median per-round ratio is >= 1 - margin and, for stateless
 loads, the defaults' p50 is <= (1 + margin) x the lowest alternative's. The row marked "(= defaults here)" runs
 the defaults' threading under explicit flags: its spread from the defaults' row is the noise.
-Spinning is not in the grid: the intra-op pool never spins (serve/engine/runtime.py) and no
-flag turns it on.
+Spinning is not in the grid: the shared intra-op pool never spins, and the lone-run session
+spins only while a run is in progress (serve/engine/runtime.py); `--lone-threads 1` (no lone
+runs) is.
 """
 from __future__ import annotations
 
@@ -43,17 +44,17 @@ DEFAULTS = "defaults"
 
 def grid(cores: int) -> list[tuple[str, list[str]]]:
     """(label, server flags): the defaults first, then the alternatives."""
-    alternatives = ["--threads 1", "--threads 2", "--instances 2", "--threads 2 --instances 2"]
+    alternatives = ["--threads 1", "--lone-threads 1", "--threads 2", "--instances 2", "--threads 2 --instances 2"]
     if cores > 2:
         alternatives.append(f"--threads {cores}")        # onnxruntime's own default: a thread per core
     return [(DEFAULTS, [])] + [(a, a.split()) for a in alternatives]
 
 
-def resolved(flags: list[str], cores: int) -> tuple[int, int]:
-    """The (intra-op threads, instances) a server started with `flags` runs with."""
+def resolved(flags: list[str], cores: int) -> tuple[int, int, int]:
+    """The (intra-op threads, instances, lone-run threads) a server started with `flags` runs with."""
     given = dict(zip(flags[::2], map(int, flags[1::2])))
-    threads, instances = machine_threading(cores)
-    return given.get("--threads", threads), given.get("--instances", instances)
+    threads, instances, lone = machine_threading(cores)
+    return given.get("--threads", threads), given.get("--instances", instances), given.get("--lone-threads", lone)
 
 
 def measure(load: str, address: str, args, tokens: np.ndarray, seq_tokens: np.ndarray, ref: np.ndarray,
@@ -102,10 +103,10 @@ def run_rounds(args, configs, repo: str, tmp: str) -> dict[str, dict[str, list[t
 
 def print_tables(args, configs, results, cores: int, load_before) -> bool:
     """One table per load; -> whether the defaults met the bar on every load."""
-    threads, instances = machine_threading(cores)
+    threads, instances, lone = machine_threading(cores)
     print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; cpu cores {cores}: defaults = "
-          f"--threads {threads} --instances {instances} here; {args.rounds} rounds, median shown; "
-          f"stateless {args.seconds:g} s per measurement; load average before "
+          f"--threads {threads} --instances {instances} --lone-threads {lone} here; {args.rounds} rounds, "
+          f"median shown; stateless {args.seconds:g} s per measurement; load average before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     loads = [(f"c{c}", f"stateless, batch 1 x seq {SEQ}, concurrency {c}", "req/s") for c in args.concurrency]
     loads.append(("stream", f"streaming, {args.sequences} sequences x {args.steps} one-token steps over "

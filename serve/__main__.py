@@ -50,6 +50,9 @@ HELP = {
     "device": "cuda fails at start-up unless CUDA is really active; auto falls back to CPU",
     "intra_op_threads": "onnxruntime threads per session (0 = chosen from the core count and logged: "
                         "1 below 4 cores)",
+    "lone_threads": "onnxruntime threads of a lone run: one the model has to itself while recent requests came "
+                    "one at a time (0 = chosen from the core count and logged: 2 from 2 cores; 1 = off). "
+                    "Its session spins while it runs and stops spinning at the end",
     "instances": "onnxruntime runs of one model in progress at once (Triton's instance count; 0 = chosen "
                  "from the core count and logged: 1 below 4 cores); each batch runs on one, the scheduler "
                  "forms the next batch meanwhile",

@@ -24,6 +24,7 @@ class ServeSettings:
     port: int = 8001                  # 0 = pick a free port
     device: str = "auto"              # auto | cpu | cuda
     intra_op_threads: int = 0         # onnxruntime threads per session (0 = chosen from the cores)
+    lone_threads: int = 0             # threads of a run the model has to itself (0 = from the cores; 1 = off)
     inter_op_threads: int = 1
     max_seq_len: int = 65536          # longest seq accepted per request
     max_top_k: int = 100              # text API
@@ -62,6 +63,11 @@ class ServeSettings:
     reflection: bool | None = None    # None = on without tokens, off with them
 
     @property
+    def lone_extra(self) -> bool:
+        """Lone runs get a session of their own: more threads than the shared one."""
+        return self.lone_threads > self.intra_op_threads
+
+    @property
     def poll_seconds(self) -> float:
         """The scan interval in poll mode."""
         return self.poll_interval or DEFAULT_POLL_INTERVAL_S
@@ -74,7 +80,7 @@ class ServeSettings:
                      "max_response_bytes"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
-        for name in ("intra_op_threads", "inter_op_threads", "instances", "max_queue_delay_us", "grace",
+        for name in ("intra_op_threads", "lone_threads", "inter_op_threads", "instances", "max_queue_delay_us", "grace",
                      "sequence_idle_timeout_s", "poll_interval", "max_streams", "max_concurrent_calls",
                      "max_run_bytes"):
             if getattr(self, name) < 0:
@@ -108,28 +114,36 @@ class ServeSettings:
             raise ValueError("; ".join(f"{name} {text}" for name, text in found))
 
 
-def machine_threading(cores: int) -> tuple[int, int]:
-    """-> (intra-op threads, instances) for a machine with `cores` CPUs. On small machines the
-    front end (gRPC, conversion, batching: Python) needs a core of its own, and a second
-    onnxruntime thread only takes it away: one intra-op thread and one instance (measured on
-    2 cores: bench_server / bench_batching, README). From 4 cores on, two runs in progress at
-    once, each with half of the other half of the cores."""
+def machine_threading(cores: int) -> tuple[int, int, int]:
+    """-> (intra-op threads, instances, lone-run threads) for a machine with `cores` CPUs. On
+    small machines the front end (gRPC, conversion, batching: Python) needs a core of its own
+    under load, and a second onnxruntime thread only takes it away: one intra-op thread and one
+    instance (measured on 2 cores: bench_server / bench_batching, README). From 4 cores on, two
+    runs in progress at once, each with half of the other half of the cores. A lone run
+    (serve/engine/batching.py: the model has nothing else to do, and recent traffic came one
+    request at a time) has the machine to itself, so it uses two threads, spinning while it runs
+    (measured on 2 cores; more threads gain little on one recurrent row and are untested)."""
+    lone = min(cores, 2)
     if cores < 4:
-        return 1, 1
-    return max(1, cores // 4), 2
+        return 1, 1, lone
+    return max(1, cores // 4), 2, lone
 
 
 def with_machine_defaults(settings: ServeSettings, cores: int | None = None) -> ServeSettings:
     """Fill the onnxruntime threading left at 0 from the core count (sched_getaffinity: the
     cores this process may use), and log what was chosen."""
-    if settings.intra_op_threads > 0 and settings.instances > 0:
+    if settings.intra_op_threads > 0 and settings.instances > 0 and settings.lone_threads > 0:
         return settings
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads, instances = machine_threading(cores)
+    threads, instances, lone = machine_threading(cores)
     chosen = dataclasses.replace(settings, intra_op_threads=settings.intra_op_threads or threads,
-                                 instances=settings.instances or instances)
+                                 instances=settings.instances or instances,
+                                 lone_threads=settings.lone_threads or lone)
     log.info("onnxruntime threading for %d cores: %d intra-op threads per session%s, %d instances%s, "
-             "spinning off", cores, chosen.intra_op_threads, "" if settings.intra_op_threads else " (chosen)",
-             chosen.instances, "" if settings.instances else " (chosen)")
+             "spinning off; lone runs: %s%s", cores, chosen.intra_op_threads,
+             "" if settings.intra_op_threads else " (chosen)", chosen.instances,
+             "" if settings.instances else " (chosen)",
+             f"{chosen.lone_threads} threads, spinning while they run" if chosen.lone_extra else "off",
+             "" if settings.lone_threads else " (chosen)")
     return chosen

@@ -45,7 +45,7 @@ from rnnserve.serve.admin.scan import (
     scan_names,
 )
 from rnnserve.serve.engine.model_engine import ModelEngine
-from rnnserve.serve.engine.runtime import DeviceError, ModelInstance, create_session
+from rnnserve.serve.engine.runtime import CPU, DeviceError, ModelInstance, create_session
 from rnnserve.serve.errors import InvalidArgument, NotFound, Unavailable, quoted
 from rnnserve.serve.settings import ServeSettings
 
@@ -130,12 +130,16 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
         config = modelconfig.read_config(_config_of(entry.path))
         session = create_session(entry.path, providers, settings.device,
                                  settings.intra_op_threads, settings.inter_op_threads)
+        # Lone runs on more threads: CPU only (a GPU run's threads only feed the device).
+        lone = create_session(entry.path, providers, settings.device, settings.lone_threads,
+                              settings.inter_op_threads, lone=True) \
+            if settings.lone_extra and session.get_providers()[0] == CPU else None
         props = session.get_modelmeta().custom_metadata_map
         meta = parse_metadata(props) if KEY_FORMAT in props else None   # a model of ours, or any other
         found = describe(graph_tensors(session.get_inputs()), graph_tensors(session.get_outputs()), meta,
                          config.proto if config is not None else None)
         instance = ModelInstance(entry.name, entry.version, entry.path, session, found.spec, meta, found.source,
-                                 allow_nonfinite=config is not None and config.allow_nonfinite)
+                                 allow_nonfinite=config is not None and config.allow_nonfinite, lone_session=lone)
         if settings.warmup:
             instance.warmup(settings.max_seq_len)
         engine = ModelEngine(instance, modelconfig.model_settings(config, settings), metrics)

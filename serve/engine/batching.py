@@ -17,6 +17,11 @@ concurrency 1 recent batches hold one row, so a request runs as soon as it
 arrives; under steady load the work that queued during a run goes the moment
 the run ends (waiting then would only leave the model idle).
 
+Lone runs: a run of one request over at least LONE_MIN_STEPS steps, with nothing queued, no
+other run in progress and recent runs of one row each (concurrency 1: the machine is idle but
+for it), goes to `run_lone` when there is one: the same model on more threads
+(ModelInstance.lone_session), which only pays on a run long enough to spread.
+
 Threads: a caller that is about to block (inline) runs its own work when the model
 is idle and the last runs held a single row each, so concurrency 1 has no hand-off.
 Otherwise the scheduler runs it; a finished run goes to the batcher's completion
@@ -47,6 +52,8 @@ from rnnserve.serve.stats import RunRecord
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# Shorter lone runs stay on the shared session: waking the extra threads costs more than they save.
+LONE_MIN_STEPS = 16
 
 
 class _Group:
@@ -76,13 +83,15 @@ class Batcher:
                  max_queue_delay_us: int = 500, max_queue_size: int = 1024,
                  max_padding_ratio: float = 2.0, instances: int = 1,
                  on_run: Callable[[RunRecord], None] | None = None,
-                 before_answer: Callable[[list[Work], list[dict[str, np.ndarray]]], None] | None = None) -> None:
+                 before_answer: Callable[[list[Work], list[dict[str, np.ndarray]]], None] | None = None,
+                 run_lone: RunFn | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if instances < 1:
             raise ValueError("instances must be >= 1")
         self.name = name
         self._run = run
+        self._run_lone = run_lone   # lone runs (see the module's docstring); None: every run is `run`
         self._io = io
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_us / 1e6
@@ -280,7 +289,7 @@ class Batcher:
             t0 = time.perf_counter_ns()
             feeds = self._io.assemble(live)
             t1 = time.perf_counter_ns()
-            out = self._run(feeds)
+            out = (self._run_lone if self._run_lone is not None and self._alone(live) else self._run)(feeds)
             times = (queue_ns, t1 - t0, time.perf_counter_ns() - t1)
         except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
             self._fail(live, e)
@@ -296,6 +305,14 @@ class Batcher:
                     self._done.put((live, out, times))
         if finish_here:
             self._finish(live, out, times)
+
+    def _alone(self, live: list[Work]) -> bool:
+        """This run is a lone run: one request long enough to spread over more threads, with nothing
+        queued, no other run in progress and recent runs of one row each. Read without the lock: a hint."""
+        if len(live) != 1 or live[0].rows != 1 or self._queue or self._running != 1:
+            return False
+        steps = self._io.time_len(live[0].inputs)
+        return steps is not None and steps >= LONE_MIN_STEPS and max(self._recent_rows, default=1) <= 1
 
     def _complete_loop(self) -> None:
         while True:

@@ -64,7 +64,8 @@ class ModelEngine:
                                max_queue_delay_us=settings.max_queue_delay_us,
                                max_queue_size=settings.max_queue_size, instances=settings.instances,
                                on_run=self.counters.record_run,
-                               before_answer=self._write_through if store and store.shared else None)
+                               before_answer=self._write_through if store and store.shared else None,
+                               run_lone=None if inst.lone_session is None else functools.partial(inst.run, lone=True))
         if inst.streamable:
             self.sequences = SequenceManager(label, self.batcher, self.io, self.zero_states,
                                              max_sequences=settings.max_sequences,

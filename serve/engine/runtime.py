@@ -73,16 +73,22 @@ def choose_providers(device: str) -> list[str]:
 
 
 def create_session(path: str, providers: Sequence[str], device: str, intra_op_threads: int = 0,
-                   inter_op_threads: int = 1) -> ort.InferenceSession:
-    """Open one session; fail (cuda) or log the fall-back (auto) if CUDA was asked for but is not active."""
+                   inter_op_threads: int = 1, lone: bool = False) -> ort.InferenceSession:
+    """Open one session; fail (cuda) or log the fall-back (auto) if CUDA was asked for but is not active.
+    lone: the session of lone runs (ModelInstance.run), whose threads spin while a run is in progress."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(intra_op_threads)
     so.inter_op_num_threads = int(inter_op_threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only; our own log says what matters
     # No busy-waiting in the intra-op pool: spinning threads starve the gRPC threads that
-    # share the cores, and the batcher feeds one run at a time anyway.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # share the cores, and the batcher feeds one run at a time anyway. A lone run has the
+    # machine to itself: its threads spin while it runs (a recurrent run is one short parallel
+    # section per step, and waking a sleeping thread for each costs more than the step), and
+    # stop spinning when it ends.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if lone else "0")
+    if lone:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     # onnxruntime's CPU arena keeps a run's buffers for the next run. Without it every run
     # allocates them afresh, and large ones come as new mappings that fault in page by page
     # (serve/memory.py), which costs more CPU than the run's arithmetic at moderate batches.
@@ -118,11 +124,13 @@ class ModelInstance:
 
     def __init__(self, name: str, version: str, path: str, session: ort.InferenceSession,
                  spec: ModelSpec, meta: ModelMeta | None = None, source: str = "metadata",
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, lone_session: ort.InferenceSession | None = None):
+        """lone_session: the same model with more threads, for lone runs (run(lone=True)); None: none."""
         self.name = name
         self.version = version
         self.path = path
         self.session = session
+        self.lone_session = lone_session
         self.spec = spec
         self.meta = meta
         self.source = source
@@ -189,14 +197,17 @@ class ModelInstance:
         return list(zip(self.state_inputs, self.state_outputs))
 
     # -- the one onnxruntime call --------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the session on validated feeds; omitted state inputs are zeros. Returns {output name: array}."""
+    def run(self, feeds: Mapping[str, np.ndarray], lone: bool = False) -> dict[str, np.ndarray]:
+        """Run the session on validated feeds; omitted state inputs are zeros. Returns {output name: array}.
+        lone: a run the model has to itself (the Batcher's call) goes to the lone session, if there is one:
+        the same graph, so the same answer, sooner."""
         if len(feeds) < len(self.input_names):    # validated feeds: only state inputs can be missing
             feeds = dict(feeds)
             for name, z in zip(self.state_inputs, self.zero_states(self.io.rows(feeds))):
                 feeds.setdefault(name, z)
+        session = self.lone_session if lone and self.lone_session is not None else self.session
         try:
-            values = self.session.run(self.output_names, feeds)
+            values = session.run(self.output_names, feeds)
         except Exception as e:  # validation ran first, so this is our fault, not the client's
             log.exception("onnxruntime failed on model %s version %s", self.name, self.version)
             raise ServeError(f"onnxruntime failed running model '{self.name}': {type(e).__name__}") from e
@@ -221,7 +232,9 @@ class ModelInstance:
         for name, z in zip(self.state_inputs, self.zero_states(1)):
             feeds[name] = z
         try:
-            self.session.run(self.output_names[:1], feeds, self._shrink)
+            for session in (self.session, self.lone_session):
+                if session is not None:
+                    session.run(self.output_names[:1], feeds, self._shrink)
         except Exception as e:  # noqa: BLE001 - memory housekeeping must never break serving
             log.info("model %s version %s: cannot shrink onnxruntime's arena (%s); not trying again",
                      self.name, self.version, e)

@@ -7,16 +7,19 @@ from rnnserve.serve.settings import ServeSettings, machine_threading, with_machi
 
 
 def test_small_machines_get_one_thread_and_one_instance():
-    assert machine_threading(1) == (1, 1) and machine_threading(2) == (1, 1) and machine_threading(3) == (1, 1)
-    assert machine_threading(4) == (1, 2) and machine_threading(16) == (4, 2)
+    """(intra-op threads, instances, lone-run threads); one core has no lone runs (1 = off)."""
+    assert machine_threading(1) == (1, 1, 1) and machine_threading(2) == (1, 1, 2)
+    assert machine_threading(3) == (1, 1, 2)
+    assert machine_threading(4) == (1, 2, 2) and machine_threading(16) == (4, 2, 2)
 
 
 def test_defaults_are_filled_and_logged_flags_win(caplog):
     with caplog.at_level(logging.INFO, logger="rnnserve.serve.settings"):
         chosen = with_machine_defaults(ServeSettings(repository="r"), cores=2)
-    assert (chosen.intra_op_threads, chosen.instances) == (1, 1)
+    assert (chosen.intra_op_threads, chosen.instances, chosen.lone_threads) == (1, 1, 2) and chosen.lone_extra
     assert "1 intra-op threads per session (chosen), 1 instances (chosen)" in caplog.text
+    assert "lone runs: 2 threads, spinning while they run (chosen)" in caplog.text
     given = with_machine_defaults(ServeSettings(repository="r", intra_op_threads=3), cores=16)
     assert (given.intra_op_threads, given.instances) == (3, 2)
-    both = ServeSettings(repository="r", intra_op_threads=2, instances=3)
-    assert with_machine_defaults(both, cores=16) is both
+    both = ServeSettings(repository="r", intra_op_threads=2, instances=3, lone_threads=1)
+    assert with_machine_defaults(both, cores=16) is both and not both.lone_extra

@@ -54,15 +54,16 @@ def test_release_memory_empties_the_arena(dataplane):
 
 
 def test_trimmer_releases_the_arena_when_the_process_has_grown(dataplane):
+    """The same run as above (which leaves over 40 MB in the arena when nothing releases it), with
+    the Trimmer watching: it may already release during the run, so only the end is checked."""
     base = resident_bytes()
     trimmer = Trimmer(release=dataplane.repo.release_memory, interval=0.05)
     try:
-        grown = _large_run(dataplane)
-        assert grown > 40 * MB
+        _large_run(dataplane)
         until = time.monotonic() + 10
-        while resident_bytes() - base >= grown / 4 and time.monotonic() < until:
+        while resident_bytes() - base >= 10 * MB and time.monotonic() < until:
             time.sleep(0.05)
         left = resident_bytes() - base
-        assert left < grown / 4, f"{left / MB:.0f} of {grown / MB:.0f} MB still resident after 10 s"
+        assert left < 10 * MB, f"{left / MB:.0f} MB still resident after 10 s"
     finally:
         trimmer.close()

@@ -1,0 +1,96 @@
+"""Lone runs: at concurrency 1, a long enough request runs on the model's lone session (more
+threads, spinning while it runs); everything else runs on the shared one. Both are the same
+graph, so the answers are bit-identical to an in-process onnxruntime session's.
+
+Real models (charlm_repo), real onnxruntime sessions, a real DataPlane. Which session ran is
+counted by wrapping each session's run() (the call still goes to onnxruntime).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from rnnserve.serve.engine.batching import LONE_MIN_STEPS
+from rnnserve.serve.wire.types import InferRequest
+from tests.fixtures import make_dataplane
+
+
+class Counted:
+    """A session whose run() calls are counted, then made as usual."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session, self.calls = session, 0
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run(*args, **kwargs)
+
+
+@pytest.fixture()
+def plane(charlm_repo):
+    dp = make_dataplane(charlm_repo, lone_threads=2, max_queue_delay_us=0)
+    inst = dp.engine("charlm").inst
+    inst.session, inst.lone_session = Counted(inst.session), Counted(inst.lone_session)
+    yield dp, inst
+    dp.close()
+
+
+def _infer(dp, tokens: np.ndarray) -> np.ndarray:
+    resp = dp.infer(InferRequest(model_name="charlm", inputs={"tokens": tokens}))
+    return dict(resp.outputs)["logits"]
+
+
+def test_lone_sessions_exist_only_with_more_threads(charlm_repo):
+    dp = make_dataplane(charlm_repo, lone_threads=1)
+    try:
+        assert dp.engine("charlm").inst.lone_session is None
+    finally:
+        dp.close()
+
+
+def test_a_long_request_alone_runs_on_the_lone_session_bit_identical(plane, charlm_repo):
+    dp, inst = plane
+    reference = ort.InferenceSession(inst.path, providers=["CPUExecutionProvider"])
+    tokens = np.random.default_rng(0).integers(0, 32, (1, LONE_MIN_STEPS * 3), dtype=np.int64)
+    got = _infer(dp, tokens)
+    assert inst.lone_session.calls == 1 and inst.session.calls == 0
+    feeds = {"tokens": tokens, **dict(zip(inst.state_inputs, inst.zero_states(1)))}
+    assert np.array_equal(got, reference.run(["logits"], feeds)[0])
+
+
+def test_short_requests_stay_on_the_shared_session(plane):
+    dp, inst = plane
+    _infer(dp, np.zeros((1, LONE_MIN_STEPS - 1), np.int64))   # too short to spread
+    _infer(dp, np.zeros((2, LONE_MIN_STEPS * 2), np.int64))   # two rows: not a lone request
+    assert inst.lone_session.calls == 0 and inst.session.calls == 2
+
+
+def test_concurrent_requests_share_runs_on_the_shared_session(plane):
+    """Under concurrency the runs merge rows, and merged runs (and the lone-looking runs right after
+    them) stay on the shared session; every answer equals the one the request gets alone."""
+    dp, inst = plane
+    rng = np.random.default_rng(1)
+    requests = [rng.integers(0, 32, (1, 40), dtype=np.int64) for _ in range(24)]
+    alone = [_infer(dp, t) for t in requests]
+    shared_before, lone_before = inst.session.calls, inst.lone_session.calls
+    answers: list = [None] * len(requests)
+    barrier = threading.Barrier(8)
+
+    def client(k: int) -> None:
+        barrier.wait()
+        for i in range(k, len(requests), 8):
+            answers[i] = _infer(dp, requests[i])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(answers, alone):
+        assert np.array_equal(got, want)
+    runs = inst.session.calls - shared_before + inst.lone_session.calls - lone_before
+    assert runs < len(requests), "concurrent requests did not share runs"
+    assert inst.session.calls - shared_before >= 1
