@@ -131,20 +131,25 @@ def infer_call(address: str, tokens: np.ndarray):
     return make
 
 
-def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tuple[dict, tuple]:
-    """bench.floor's canned-answer server: concurrency 1 unary (the gRPC + tritonclient round
-    trip with no work behind it), and the streaming client of table 2 against canned answers."""
-    proc, address = start_floor_server(Path(tempfile.mkdtemp(dir=tmp)) / "port", SEQ)
-    try:
-        unary = run_load(infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
-        _, secs, client_ms, server_ms = _timed_steps(lambda: stream_sequences(address, tokens, 1, streams),
-                                                     proc.pid, tokens.size)
-        stream = (f"gRPC floor: canned answers, stream x{streams}", secs, 0.0, float("nan"),
-                  client_ms, server_ms)
-        return unary, stream
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tuple[dict, list]:
+    """bench.floor's canned-answer servers: concurrency 1 unary on the threaded one (the gRPC +
+    tritonclient round trip with no work behind it), and the streaming client of table 2 against
+    canned answers from the threaded server and from a grpc.aio one (rnnserve-server's kind)."""
+    unary: dict = {}
+    rows = []
+    for aio in (False, True):
+        proc, address = start_floor_server(Path(tempfile.mkdtemp(dir=tmp)) / "port", SEQ, aio=aio)
+        try:
+            if not aio:
+                unary = run_load(infer_call(address, np.zeros((1, SEQ), np.int64)), 1, seconds)
+            _, secs, client_ms, server_ms = _timed_steps(lambda: stream_sequences(address, tokens, 1, streams),
+                                                         proc.pid, tokens.size)
+            kind = "grpc.aio floor" if aio else "gRPC floor"
+            rows.append((f"{kind}: canned answers, stream x{streams}", secs, 0.0, float("nan"), client_ms, server_ms))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return unary, rows
 
 
 def stateless_table(session, address: str, concurrencies: list[int], seconds: float, lone_session=None) -> list:
@@ -295,8 +300,8 @@ def main(argv=None) -> int:
             lambda address, pid: streaming_rows(address, pid, seq_tokens, ref, args.streams,
                                                 "server, max batch 1")
         ) + streaming
-        floor, floor_stream = floor_runs(tmp, args.seconds, seq_tokens, args.streams)
-        streaming.append(floor_stream)
+        floor, floor_streams = floor_runs(tmp, args.seconds, seq_tokens, args.streams)
+        streaming += floor_streams
     print_report(args, stateless, floor, streaming, local_runs, prefix, load_before)
     return 0
 

@@ -1,18 +1,20 @@
 """The cost of the gRPC front end alone: a server that answers every ModelInfer with a canned
 response, and CPU-time accounting for the benchmark tables.
 
-    python -m bench.floor --port-file PATH [--seq 64]    # serve until SIGTERM
+    python -m bench.floor --port-file PATH [--seq 64] [--aio]    # serve until SIGTERM
 
 The canned response has the shape and size of the real one (logits [1, seq, 65] as FP32 raw
 contents), so tritonclient does the same work on it as on a real answer; ModelStreamInfer
 answers every streamed request at once with a canned single-step answer. Its round trip, measured
 with the same client, is the floor under any Python gRPC server on this machine: the latency
 goal at concurrency 1 (server p50 within 0.5 ms of in-process) cannot be met where this floor
-alone exceeds 0.5 ms.
+alone exceeds 0.5 ms. With --aio the same answers come from a grpc.aio server (one event loop,
+as rnnserve-server's front end): the floor under a Python asyncio gRPC server.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import resource
 import signal
@@ -44,10 +46,24 @@ class CannedInference(pb_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(self, request_iterator, context):
         """One canned single-step answer (logits [1, 1, 65]) per request, carrying its id."""
         for request in request_iterator:
-            answer = pb.ModelInferResponse(model_name="charlm", model_version="1", id=request.id)
-            answer.outputs.add(name="logits", datatype="FP32", shape=[1, 1, VOCAB_SIZE])
-            answer.raw_output_contents.append(self._step)
-            yield pb.ModelStreamInferResponse(infer_response=answer)
+            yield self._stream_answer(request)
+
+    def _stream_answer(self, request) -> pb.ModelStreamInferResponse:
+        answer = pb.ModelInferResponse(model_name="charlm", model_version="1", id=request.id)
+        answer.outputs.add(name="logits", datatype="FP32", shape=[1, 1, VOCAB_SIZE])
+        answer.raw_output_contents.append(self._step)
+        return pb.ModelStreamInferResponse(infer_response=answer)
+
+
+class CannedInferenceAio(CannedInference):
+    """The same canned answers from coroutines, for a grpc.aio server."""
+
+    async def ModelInfer(self, request, context):  # type: ignore[override]
+        return self._response
+
+    async def ModelStreamInfer(self, request_iterator, context):  # type: ignore[override]
+        async for request in request_iterator:
+            yield self._stream_answer(request)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -61,11 +77,11 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def start_floor_server(port_file: Path, seq: int) -> tuple[subprocess.Popen, str]:
+def start_floor_server(port_file: Path, seq: int, aio: bool = False) -> tuple[subprocess.Popen, str]:
     """`python -m bench.floor` as a subprocess on 127.0.0.1; -> (process, address)."""
     proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port-file", str(port_file),
-                             "--seq", str(seq)], cwd=Path(__file__).resolve().parent.parent,
-                            stdout=subprocess.PIPE, text=True)
+                             "--seq", str(seq), *(["--aio"] if aio else [])],
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
     if not proc.stdout.readline().startswith("listening"):
         proc.kill()
         raise RuntimeError("the canned-response server did not start")
@@ -78,7 +94,11 @@ def main(argv=None) -> int:
     parser.add_argument("--port-file", required=True, help="write the bound port here")
     parser.add_argument("--seq", type=int, default=64, help="seq_len of the canned logits")
     parser.add_argument("--workers", type=int, default=32, help="gRPC handler threads")
+    parser.add_argument("--aio", action="store_true", help="a grpc.aio server (one event loop) instead")
     args = parser.parse_args(argv)
+    if args.aio:
+        asyncio.run(_serve_aio(args))
+        return 0
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(args.seq), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -90,6 +110,19 @@ def main(argv=None) -> int:
     done.wait()
     server.stop(0)
     return 0
+
+
+async def _serve_aio(args) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInferenceAio(args.seq), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    Path(args.port_file).write_text(str(port))
+    print("listening", flush=True)
+    done = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
+    await done.wait()
+    await server.stop(0)
 
 
 if __name__ == "__main__":
