@@ -5,30 +5,31 @@
 Model: the 2-layer LSTM char model (vocab 65, emb 64, hidden 256), random weights, saved with
 train.checkpoint.save_checkpoint and exported with export.onnx_export.export_checkpoint
 (bench.bench_server.build_repository). The server is `rnnserve-server` as a subprocess on
-127.0.0.1; every client is tritonclient.grpc, unchanged. Thread settings, both sides:
-onnxruntime intra-op threads 1 (`--threads 1`; with one intra-op thread there is no
-intra-op pool, so nothing spins and starves the gRPC threads), inter-op 1.
+127.0.0.1; every client is tritonclient.grpc, unchanged. Thread settings: the server's
+default flags (serve/settings.py machine_threading) unless --threads; in process, the same
+intra-op thread count as the server's shared session, inter-op 1.
 
 Table 1, stateless: batch 1, seq 64, concurrency 1, 8 and 32 for --seconds each:
   in-process          C threads calling one onnxruntime session, one request per run (no batching)
+  in-process, lone    (C = 1) the same loop on a session made like the server's lone-run session
+                      (--lone-threads, spinning while it runs), where the server runs that request
   in-process batched  one thread running batch = C rows per run (each row waits the whole run)
   server              C threads, each with its own tritonclient, calling infer() in a loop
-  Goals: at C >= 8 server >= 1.2x in-process; at C = 1 server p50 <= in-process p50 + 0.5 ms.
+  Goals (issue 12): at C >= 8 server >= 1.0x in-process; at C = 1 server p50 <= in-process
+  p50 + 0.5 ms (and the same against the lone loop, printed below it).
+  The table ends with the gRPC floor: bench.floor's server answers a canned response of the
+  same size, through the same tritonclient call, at concurrency 1: the round trip no Python
+  gRPC server on this machine can go under.
 Table 2, streaming: N sequences x S single-token steps (sequence_id/start/end), through
   the server (--max-batch-size N) and through a second server started with
-  --max-batch-size 1 (one step per onnxruntime run), with two client shapes:
-  unary   N threads, each sending its sequence's steps with infer() one after another;
-  stream  K tritonclient streams (start_stream/async_stream_infer), each carrying N/K
-          sequences, pipelined: all of a stream's sequences' next steps are sent at once.
-  Aggregate steps/s, onnxruntime rows per run (ModelStatistics), ratio (goal: >= 5x), and the
-  CPU time per step of the client process and of the server process (/proc). The "ceiling"
-  line turns those into the most batching can give here: a step's front-end CPU (client +
-  server, less the onnxruntime step) is paid per message, batched or not, and batching shrinks
-  only the onnxruntime share. In process (the table's first rows, and bench.bench_engine)
-  batching the steps is >= 10x.
-Table 1 ends with the gRPC floor: bench.floor's server answers a canned response of the same
-  size, through the same tritonclient call, at concurrency 1: the round trip no Python gRPC
-  server on this machine can go under.
+  --max-batch-size 1 (one step per onnxruntime run), with the client shapes of
+  bench/sequence_clients.py: unary (N threads, one step after another), stream (K
+  tritonclient streams, each carrying N/K sequences, pipelined), and many sequences per
+  request (every sequence a row of each request, unary and on one stream). Aggregate
+  steps/s, onnxruntime rows per run (ModelStatistics), the ratio to the max-batch-1
+  server's, and the CPU time per step of the client process and of the server process
+  (/proc). It ends with bench.floor's canned answers to the same streams, from a threaded
+  grpcio server and from a grpc.aio one (rnnserve-server's kind): the front end alone.
 Table 3, prefix: one sequence of n tokens predicted one token at a time: the naive client
   resends the whole prefix each step (stateless, O(n^2) work) vs the server keeping the
   state (sequence steps of one token, O(n)).

@@ -6,7 +6,9 @@ The model is the 2-layer LSTM char model (vocab 65, emb 64, hidden 256) with ran
 weights, exported by our export code into a temporary repository. The load is batch
 1, seq 64. For each concurrency C it measures, for the same duration:
   * in-process: C threads calling one onnxruntime session (made by
-    serve.runtime.create_session, so the options equal the server's) in a loop;
+    serve.runtime.create_session, so the options equal the server's shared session) in a
+    loop. At concurrency 1 the server runs the request on its lone-run session (more
+    threads: serve/engine/batching.py); bench_batching also times the loop on such a session;
   * server: `rnnserve-server` as a subprocess on 127.0.0.1 and C threads, each with
     its own tritonclient.grpc client, calling infer() in a loop.
 It prints p50/p99 latency, throughput, and the server/in-process throughput ratio.
