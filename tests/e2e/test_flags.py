@@ -21,6 +21,8 @@ BAD = [  # (flags, environment, words the one line must contain)
     (["--max-seq-len", "0"], {}, "--max-seq-len"),
     (["--max-batch-size", "0"], {}, "--max-batch-size"),
     (["--instances", "-1"], {}, "--instances"),
+    (["--lone-threads", "-2"], {}, "--lone-threads"),
+    ([], {"RNNSERVE_LONE_THREADS": "many"}, "RNNSERVE_LONE_THREADS"),
     (["--max-queue-size", "0"], {}, "--max-queue-size"),
     (["--grpc-workers", "0"], {}, "--grpc-workers"),
     (["--max-sequences", "-3"], {}, "--max-sequences"),
