@@ -20,7 +20,8 @@ the run ends (waiting then would only leave the model idle).
 Lone runs: a run of one request over at least LONE_MIN_STEPS steps, with nothing queued, no
 other run in progress and recent runs of one row each (concurrency 1: the machine is idle but
 for it), goes to `run_lone` when there is one: the same model on more threads
-(ModelInstance.lone_session), which only pays on a run long enough to spread.
+(ModelInstance.lone_session, taken only when no other model's run is in progress either),
+which only pays on a run long enough to spread.
 
 Threads: a caller that is about to block (inline) runs its own work when the model
 is idle and the last runs held a single row each, so concurrency 1 has no hand-off.

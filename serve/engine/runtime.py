@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -44,6 +45,29 @@ DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 WARMUP_SHAPES = ((1, 1), (1, 16), (4, 64))
 WARMUP_REPEATS = 2
 ZEROS_CACHED_BATCH = 256   # zero states up to this batch are made once and shared
+
+
+class _RunsInProgress:
+    """onnxruntime runs in progress in this process, over every model. A lone run spins its threads
+    on every core, so it is only taken when no other run is in progress: two at once (two models,
+    each at concurrency 1) would each wait for the other's threads at every step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def enter(self) -> bool:
+        """Count a run that starts; -> True when it is the only one."""
+        with self._lock:
+            self._count += 1
+            return self._count == 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+_RUNS = _RunsInProgress()
 
 
 class DeviceError(Unavailable):
@@ -199,18 +223,21 @@ class ModelInstance:
     # -- the one onnxruntime call --------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray], lone: bool = False) -> dict[str, np.ndarray]:
         """Run the session on validated feeds; omitted state inputs are zeros. Returns {output name: array}.
-        lone: a run the model has to itself (the Batcher's call) goes to the lone session, if there is one:
-        the same graph, so the same answer, sooner."""
+        lone: a run the model has to itself (the Batcher's call) goes to the lone session, if there is one
+        and no other run is in progress in the process: the same graph, so the same answer, sooner."""
         if len(feeds) < len(self.input_names):    # validated feeds: only state inputs can be missing
             feeds = dict(feeds)
             for name, z in zip(self.state_inputs, self.zero_states(self.io.rows(feeds))):
                 feeds.setdefault(name, z)
-        session = self.lone_session if lone and self.lone_session is not None else self.session
+        only = _RUNS.enter()
+        session = self.lone_session if lone and only and self.lone_session is not None else self.session
         try:
             values = session.run(self.output_names, feeds)
         except Exception as e:  # validation ran first, so this is our fault, not the client's
             log.exception("onnxruntime failed on model %s version %s", self.name, self.version)
             raise ServeError(f"onnxruntime failed running model '{self.name}': {type(e).__name__}") from e
+        finally:
+            _RUNS.leave()
         return dict(zip(self.output_names, values))
 
     def _zero_feeds(self, batch: int, seq: int) -> dict[str, np.ndarray] | None:

@@ -7,6 +7,9 @@ counted by wrapping each session's run() (the call still goes to onnxruntime).
 """
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -86,3 +89,28 @@ def test_merged_runs_and_the_runs_right_after_them_stay_on_the_shared_session(pl
     assert inst.session.calls == 1, "the held requests did not share one run"
     assert np.array_equal(_infer(dp, requests[0]), alone[0])
     assert inst.session.calls == 2 and inst.lone_session.calls == len(requests)
+
+
+def test_no_lone_run_while_another_model_runs(plane):
+    """A lone run wants every core: while another model's run is in progress, a request that would
+    run lone takes the shared session instead (two lone runs at once would halve both)."""
+    dp, inst = plane
+    other = dp.engine("chargru").inst
+    started, finished = threading.Event(), threading.Event()
+
+    def long_run() -> None:
+        started.set()
+        other.run({"tokens": np.zeros((1, 600_000), np.int64)})
+        finished.set()
+
+    worker = threading.Thread(target=long_run)
+    worker.start()
+    started.wait()
+    time.sleep(0.1)             # the other run is under way (it takes far longer than this test's request)
+    _infer(dp, np.zeros((1, LONE_MIN_STEPS * 2), np.int64))
+    busy = not finished.is_set()
+    worker.join()
+    assert busy, "the other model's run ended before the request: make it longer"
+    assert inst.session.calls == 1 and inst.lone_session.calls == 0
+    _infer(dp, np.zeros((1, LONE_MIN_STEPS * 2), np.int64))   # alone again: the lone session
+    assert inst.lone_session.calls == 1
