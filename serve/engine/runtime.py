@@ -280,6 +280,8 @@ class ModelInstance:
             try:
                 for _ in range(WARMUP_REPEATS):
                     self.run(feeds)
+                    if self.lone_session is not None:
+                        self.run(feeds, lone=True)
             except ServeError:
                 log.info("model %s version %s: warm-up at batch %d, seq %d failed; serving without it",
                          self.name, self.version, batch, min(seq, max_seq_len))
