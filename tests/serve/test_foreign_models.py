@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from types import SimpleNamespace
 
 import grpc
@@ -145,13 +146,22 @@ def test_batched_answers_equal_each_request_alone(foreign, model):
         answers[i] = error if error is not None else {o: result.as_numpy(o) for o in ref.outputs}
         done.release()
 
-    for i, feeds in enumerate(requests):
-        inputs = []
-        for name, value in feeds.items():
-            t = tc.InferInput(name, list(value.shape), "FP32" if value.dtype == np.float32 else "INT64")
-            t.set_data_from_numpy(value)
-            inputs.append(t)
-        foreign.client.async_infer(model, inputs, callback=functools.partial(callback, i))
+    # All in the queue before any runs (a busy machine could otherwise run each as it arrives).
+    batcher = foreign.server.dataplane.engine(model).batcher
+    batcher.hold()
+    try:
+        for i, feeds in enumerate(requests):
+            inputs = []
+            for name, value in feeds.items():
+                t = tc.InferInput(name, list(value.shape), "FP32" if value.dtype == np.float32 else "INT64")
+                t.set_data_from_numpy(value)
+                inputs.append(t)
+            foreign.client.async_infer(model, inputs, callback=functools.partial(callback, i))
+        until = time.monotonic() + 60
+        while batcher.queue_depth() < len(requests) and time.monotonic() < until:
+            time.sleep(0.01)
+    finally:
+        batcher.release()
     for _ in requests:
         assert done.acquire(timeout=60)
     for i, feeds in enumerate(requests):

@@ -288,17 +288,26 @@ def test_model_config_scheduling(clients, repo, model):
     assert seq.oldest.preferred_batch_size and seq.oldest.max_queue_delay_microseconds >= 0
 
 
-def test_statistics_show_batches_after_concurrent_load(clients):
+def test_statistics_show_batches_after_concurrent_load(clients, servers):
     client = clients["charlm"]
     answers: queue.Queue = queue.Queue()
     rng = np.random.default_rng(9)
-    for i in range(64):         # stateless and sequence steps, all in flight at once
-        tokens = [_tokens_input(rng.integers(0, 32, size=(1, 8)))]
-        if i % 2:
-            client.async_infer("chargru", tokens, lambda result, error: answers.put(error), sequence_id=500 + i,
-                               sequence_start=True, sequence_end=True)
-        else:
-            client.async_infer("chargru", tokens, lambda result, error: answers.put(error))
+    # All 64 in the queue before any runs (a busy machine could otherwise run each as it arrives).
+    batcher = servers["charlm"][0].dataplane.engine("chargru").batcher
+    batcher.hold()
+    try:
+        for i in range(64):         # stateless and sequence steps, all in flight at once
+            tokens = [_tokens_input(rng.integers(0, 32, size=(1, 8)))]
+            if i % 2:
+                client.async_infer("chargru", tokens, lambda result, error: answers.put(error),
+                                   sequence_id=500 + i, sequence_start=True, sequence_end=True)
+            else:
+                client.async_infer("chargru", tokens, lambda result, error: answers.put(error))
+        until = time.monotonic() + 60
+        while batcher.queue_depth() < 64 and time.monotonic() < until:
+            time.sleep(0.01)
+    finally:
+        batcher.release()
     assert [answers.get(timeout=120) for _ in range(64)] == [None] * 64
     stats = client.get_inference_statistics("chargru").model_stats[0]
     sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
