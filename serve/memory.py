@@ -2,7 +2,7 @@
 
 glibc keeps freed heap memory for reuse, and onnxruntime's CPU arena keeps the buffers of
 its largest run, so after one large request (tens of MB of tensors and protobuf buffers)
-an idle server would stay at its peak. Three measures: blocks of MMAP_THRESHOLD_BYTES and
+an idle server would stay at its peak. Two measures: blocks of MMAP_THRESHOLD_BYTES and
 more always get their own mapping, returned the moment they are freed (glibc would
 otherwise raise that threshold after the first large free and serve the next large blocks
 from the heap); and a Trimmer thread watches the process's resident size: while it is
@@ -61,7 +61,8 @@ def resident_bytes() -> int:
 
 
 class Trimmer:
-    """A daemon thread: malloc_trim(0) whenever the resident size grew by TRIM_STEP_BYTES."""
+    """A daemon thread: the arenas' release and malloc_trim(0) whenever the resident size grew by
+    TRIM_STEP_BYTES."""
 
     def __init__(self, release: Callable[[], None] | None = None, step: int = TRIM_STEP_BYTES,
                  interval: float = CHECK_S):
@@ -86,13 +87,13 @@ class Trimmer:
             t = time.monotonic()
             if t < next_at:
                 continue
-            # First the garbage: a refused request's tensors stay in a reference cycle (its
-            # exception's traceback and frames) that an idle server, allocating nothing, never collects.
             if self._release is not None:
                 try:
                     self._release()
                 except Exception:  # noqa: BLE001 - housekeeping must never take the thread down
                     log.exception("releasing the models' memory failed")
+            # Then the garbage: a refused request's tensors stay in a reference cycle (its
+            # exception's traceback and frames) that an idle server, allocating nothing, never collects.
             gc.collect()
             self._trim(0)
             after = resident_bytes()
