@@ -130,14 +130,16 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
         config = modelconfig.read_config(_config_of(entry.path))
         session = create_session(entry.path, providers, settings.device,
                                  settings.intra_op_threads, settings.inter_op_threads)
-        # Lone runs on more threads: CPU only (a GPU run's threads only feed the device).
-        lone = create_session(entry.path, providers, settings.device, settings.lone_threads,
-                              settings.inter_op_threads, lone=True) \
-            if settings.lone_extra and session.get_providers()[0] == CPU else None
         props = session.get_modelmeta().custom_metadata_map
         meta = parse_metadata(props) if KEY_FORMAT in props else None   # a model of ours, or any other
         found = describe(graph_tensors(session.get_inputs()), graph_tensors(session.get_outputs()), meta,
                          config.proto if config is not None else None)
+        # Lone runs on more threads: CPU only (a GPU run's threads only feed the device), and only for
+        # a model with a time axis (the Batcher's rule: a lone run is long enough to spread).
+        timed = any(t.time_axis is not None for t in found.spec.inputs)
+        lone = create_session(entry.path, providers, settings.device, settings.lone_threads,
+                              settings.inter_op_threads, lone=True) \
+            if settings.lone_extra and timed and session.get_providers()[0] == CPU else None
         instance = ModelInstance(entry.name, entry.version, entry.path, session, found.spec, meta, found.source,
                                  allow_nonfinite=config is not None and config.allow_nonfinite, lone_session=lone)
         if settings.warmup:
