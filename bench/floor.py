@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from rnnserve.serve.grpc_core import EXPERIMENTS_ENV, server_experiments
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
 
@@ -79,9 +80,11 @@ def own_cpu_s() -> float:
 
 def start_floor_server(port_file: Path, seq: int, aio: bool = False) -> tuple[subprocess.Popen, str]:
     """`python -m bench.floor` as a subprocess on 127.0.0.1; -> (process, address)."""
+    # The grpc.aio floor runs with the gRPC core settings rnnserve-server sets for itself.
+    env = {**os.environ, EXPERIMENTS_ENV: server_experiments(os.environ)} if aio else None
     proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port-file", str(port_file),
                              "--seq", str(seq), *(["--aio"] if aio else [])],
-                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True, env=env)
     if not proc.stdout.readline().startswith("listening"):
         proc.kill()
         raise RuntimeError("the canned-response server did not start")

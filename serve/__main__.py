@@ -31,7 +31,7 @@ from rnnserve.files import atomic_write_text
 from rnnserve.serve.engine.runtime import DEVICES
 from rnnserve.serve.engine.statestore import shared_store
 from rnnserve.serve.errors import Unavailable
-from rnnserve.serve.frontend.server import create_server
+from rnnserve.serve.grpc_core import prepare_environment
 from rnnserve.serve.memory import Trimmer
 from rnnserve.serve.settings import DEFAULT_POLL_INTERVAL_S, MODEL_CONTROL_MODES, ServeSettings
 
@@ -258,6 +258,9 @@ def main(argv=None) -> int:
     settings, args = parse_settings(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    experiments = prepare_environment(os.environ)   # before grpc loads (serve/grpc_core.py)
+    if experiments is not None:
+        logger.info("gRPC core: GRPC_EXPERIMENTS=%r", experiments)
     with tempfile.TemporaryDirectory(prefix="rnnserve-model-") as tmp:
         if args.model:
             try:
@@ -270,6 +273,9 @@ def main(argv=None) -> int:
 
 
 def _serve(settings: ServeSettings, args: argparse.Namespace) -> int:
+    # Imported here, not at the top: grpc reads GRPC_EXPERIMENTS when it loads, after main() set it.
+    from rnnserve.serve.frontend.server import create_server
+
     try:
         store = shared_store(settings.state_store)
     except ValueError as exc:

@@ -27,6 +27,7 @@ import numpy as np
 
 from rnnserve.serve.dataplane import answers, sequence_rows, validation
 from rnnserve.serve.engine.model_engine import ModelEngine, wait
+from rnnserve.serve.engine.promise import Promise
 from rnnserve.serve.engine.runtime import ModelInstance
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from rnnserve.serve.wire.types import InferRequest, InferResponse
@@ -60,7 +61,7 @@ class Pending:
 
     def response_future(self) -> Future:
         """A Future of the InferResponse, completed from the outputs' future (for infer_async)."""
-        response: Future = Future()
+        response: Future = Promise()
 
         def finish(done: Future) -> None:
             try:

@@ -25,6 +25,7 @@ from rnnserve.serve.dataplane import answers, inference, sequence_rows, textgen,
 from rnnserve.serve.dataplane.textstream import TextStream
 from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.engine.model_engine import ModelEngine
+from rnnserve.serve.engine.promise import Promise
 from rnnserve.serve.errors import InvalidArgument, ServeError, Unavailable
 from rnnserve.serve.metrics import Metrics
 from rnnserve.serve.settings import ServeSettings, with_machine_defaults
@@ -218,7 +219,7 @@ class DataPlane:
             return inference.submit(engine, req, self.settings.max_seq_len,
                                     engine.batcher.max_batch_size, params).response_future()
         except ServeError as e:
-            failed: Future = Future()
+            failed: Future = Promise()
             failed.set_exception(e)
             return failed
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnnserve.modelspec import ModelSpec, StatePair, TensorDecl
+from rnnserve.serve.engine.promise import Promise
 
 
 @dataclass(eq=False)  # identity: queued work is removed by identity
@@ -46,7 +47,7 @@ class Work:
     tag: object = None                            # the submitter's own note (a sequence's step)
     # its split outputs -> its result, before before_answer sees it (a time chunk: ChunkedRun's)
     finish: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
-    future: Future = field(default_factory=Future)
+    future: Future = field(default_factory=Promise)
     enqueued: float = field(default_factory=time.monotonic)
     # set by ModelIO.sign (Batcher.submit), read often by the scheduler:
     rows: int = 1                        # size of the batch axis
@@ -206,9 +207,6 @@ class ModelIO:
         not the whole run's output."""
         if len(batch) == 1:
             return [out]
-        # Batch axis first, once; then a row's state is one contiguous slice to copy.
-        by_row = ({s.output: np.ascontiguousarray(np.moveaxis(out[s.output], s.batch_axis, 0))
-                   for s in self.states} if any(w.need_state for w in batch) else {})
         results = []
         r = 0
         for w in batch:
@@ -222,7 +220,8 @@ class ModelIO:
                 res[t.name] = part
             if w.need_state:  # exact: need_state work is only grouped by equal shapes
                 for s in self.states:
-                    res[s.output] = np.moveaxis(by_row[s.output][r:r + w.rows], 0, s.batch_axis).copy()
+                    # a copy: the item's own C-contiguous array, holding no other row's memory
+                    res[s.output] = _take_rows(out[s.output], s.batch_axis, r, r + w.rows).copy()
             results.append(res)
             r += w.rows
         return results

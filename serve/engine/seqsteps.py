@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnnserve.serve.engine.modelio import ModelIO
+from rnnserve.serve.engine.promise import Promise
 from rnnserve.serve.engine.statestore import Write
 from rnnserve.serve.errors import FailedPrecondition, InvalidArgument, ServeError, quoted
 
@@ -95,7 +96,7 @@ class RowUnit:
     dissolved: bool = False              # its rows run as steps of their own
     states: list[States] | None = None   # each row's new state, once split (by the store's write-through)
     keep: Collection[str] | None = None  # the outputs its request reads (None: all); the states always
-    future: Future = field(default_factory=Future)   # the request's outputs
+    future: Future = field(default_factory=Promise)   # the request's outputs
 
 
 def verdict_of(seq: Seq, step: Step, shared: bool) -> str | ServeError:

@@ -26,6 +26,7 @@ import numpy as np
 
 from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.engine.modelio import ModelIO, Work
+from rnnserve.serve.engine.promise import Promise
 from rnnserve.serve.engine.seqsteps import (
     RowUnit,
     Seq,
@@ -147,7 +148,7 @@ class RowUnits:
         waiting at it (to dispatch); the caller gathers the answer."""
         unit.dissolved = True
         for step in unit.steps:
-            step.inputs, step.promise = row_inputs(self._io, unit.inputs, step.row), Future()
+            step.inputs, step.promise = row_inputs(self._io, unit.inputs, step.row), Promise()
         return [seq for seq, step in zip(unit.seqs, unit.steps) if step.arrived and seq.pending
                 and seq.pending[0] is step]
 
@@ -201,7 +202,7 @@ class RowUnits:
         else:   # some rows failed or run again: the answer row by row
             for i, (step, (requeued, error)) in enumerate(zip(unit.steps, outcomes)):
                 if not requeued:   # a requeued row got its Future (SequenceManager._apply)
-                    step.promise = Future()
+                    step.promise = Promise()
                 if error is not None:
                     step.future.set_exception(error)
                 elif not requeued and out is not None:
@@ -214,6 +215,8 @@ class RowUnits:
 
     def _fail(self, failed: list[tuple[Step, BaseException]]) -> None:
         """Fail steps that will not run; a unit that loses a row runs its other rows alone."""
+        if not failed:   # the usual case, on every finished step: no batcher hold for nothing
+            return
         units = {step.unit for step, _ in failed if step.unit is not None}
         waiting: list[Seq] = []
         if units:

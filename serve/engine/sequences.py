@@ -43,6 +43,7 @@ import numpy as np
 from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.engine.chunking import chunked
 from rnnserve.serve.engine.modelio import ModelIO, Work
+from rnnserve.serve.engine.promise import Promise
 from rnnserve.serve.engine.seqsteps import (
     RowUnit,
     Seq,
@@ -100,7 +101,7 @@ class SequenceManager(RowUnits):
                                   "sequence_start: the server keeps the state of a live sequence")
         step = Step(inputs, start, end, client_states, deadline, is_cancelled, step_id, seq_id,
                     digest([*inputs.values(), *(client_states or ())]) if step_id is not None else "",
-                    rows=self._io.rows(inputs), promise=Future(), keep=outputs)
+                    rows=self._io.rows(inputs), promise=Promise(), keep=outputs)
         with self._lock:
             refusal = self._refusal(seq_id, start, step.rows)
             if refusal is not None:
@@ -371,7 +372,7 @@ class SequenceManager(RowUnits):
             step.reloaded, step.write = False, None
             if step.unit is not None:
                 step.inputs, step.unit = row_inputs(self._io, step.unit.inputs, step.row), None
-                step.promise = Future()
+                step.promise = Promise()
             seq.pending.appendleft(step)
             return True, None, []
         dropped: list[tuple[Step, BaseException]] = []

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from rnnserve.serve.engine.promise import Promise
 from rnnserve.serve.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class StateStore:
 
     def load_async(self, model: str, seq_id: Hashable) -> Future:
         """load() off the caller's thread: a Future of the record or None."""
-        fut: Future = Future()
+        fut: Future = Promise()
         fut.set_result(self.load(model, seq_id))
         return fut
 

@@ -54,16 +54,19 @@ class LoopBridge:
             _transfer(fut, waiter)
 
 
+def outcome(fut: Future) -> Any:
+    """The result of a done `fut`; its exception raised; Cancelled when it was cancelled."""
+    if fut.cancelled():
+        raise Cancelled("the request was cancelled")
+    return fut.result()
+
+
 def _transfer(fut: Future, waiter: asyncio.Future) -> None:
     if waiter.done():   # the awaiting call was cancelled
         return
-    if fut.cancelled():
-        waiter.set_exception(Cancelled("the request was cancelled"))
-        return
-    exc = fut.exception()
-    if exc is None:
-        waiter.set_result(fut.result())
-    else:
+    try:
+        waiter.set_result(outcome(fut))
+    except BaseException as exc:  # noqa: BLE001 - handed to the awaiting call
         waiter.set_exception(exc)
 
 

@@ -16,6 +16,7 @@ a stream waiting for its next message holds no thread at all.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import threading
@@ -25,7 +26,7 @@ from concurrent.futures import Executor, Future
 
 from rnnserve.serve.errors import quoted
 from rnnserve.serve.frontend import decoding
-from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge, outputs
+from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge, outcome, outputs
 from rnnserve.serve.frontend.grpc_errors import handles_errors, release, status_for
 from rnnserve.serve.wire import convert, messages
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
@@ -142,37 +143,54 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         share runs), without waiting for earlier answers; answers go out in request order (Triton,
         non-decoupled), each as soon as it and the ones before it are done. An error is answered
         in-stream (error_message, plus the request's id in infer_response) and the stream goes on.
-        Each request's outcome is recorded with observe_stream_request (serve/frontend/observe.py)."""
+        Each request's outcome is recorded with observe_stream_request (serve/frontend/observe.py).
+        Per step this makes no asyncio future of its own: the answer loop waits (on the LoopBridge)
+        only for an answer that is not done when its turn comes, and for the reader when it has
+        caught up with it."""
         dp, bridge, coalesce, observe = self._dp, self._bridge, self._coalesce, self._observe_stream_request
+        loop = asyncio.get_running_loop()
         call = _Call(context)
-        submitted: asyncio.Queue = asyncio.Queue()
+        arrived: collections.deque = collections.deque()   # (request, Pending or its error, t0), in order
+        more: list[asyncio.Future | None] = [None]          # the answer loop waits here for the reader
+        reading = True
+
+        def wake() -> None:
+            if more[0] is not None and not more[0].done():
+                more[0].set_result(None)
 
         async def read() -> None:
+            nonlocal reading
             try:
                 async for request in requests:
                     t0 = time.perf_counter()
                     try:
-                        pending = _submit(dp, coalesce, _infer_request(decoding.check(request), context, call))
-                        waiter = bridge.wrap(pending.raw)
+                        arrived.append((request, _submit(dp, coalesce, _infer_request(decoding.check(request),
+                                                                                       context, call)), t0))
                     except Exception as exc:  # noqa: BLE001 - a bad request is answered in-stream
-                        pending, waiter = None, asyncio.get_running_loop().create_future()
-                        waiter.set_exception(exc)
-                        if isinstance(request, decoding.Undecodable):
-                            request = pb.ModelInferRequest()
-                    submitted.put_nowait((request, pending, waiter, t0))
-                    request = None   # the queue holds them; nothing here while idle
-                    del pending, waiter
+                        arrived.append((pb.ModelInferRequest() if isinstance(request, decoding.Undecodable)
+                                        else request, exc, t0))
+                    request = None   # the deque holds it; nothing here while idle
+                    wake()
             except Exception as exc:  # noqa: BLE001 - the call ended under the reader (cancel, stop)
                 logger.debug("ModelStreamInfer: reading ended: %s", exc.__class__.__name__)
             finally:
-                submitted.put_nowait(None)
+                reading = False
+                wake()
 
         reader = asyncio.ensure_future(read())
         try:
-            while (item := await submitted.get()) is not None:
-                request, pending, waiter, t0 = item
+            while arrived or reading:
+                if not arrived:
+                    more[0] = waiting = loop.create_future()
+                    await waiting
+                    more[0] = None
+                    continue
+                request, pending, t0 = arrived.popleft()
                 try:
-                    out = await waiter
+                    if isinstance(pending, Exception):
+                        raise pending
+                    raw = pending.raw
+                    out = outcome(raw) if raw.done() else await bridge.wrap(raw)
                     answer = pb.ModelStreamInferResponse()
                     convert.infer_response_to_proto(pending.respond(out), answer.infer_response)
                     failure = None
@@ -183,13 +201,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     observe(request, failure, answer.infer_response, t0)
                 yield answer
                 # Nothing of this request stays referenced while the stream waits for the next one.
-                item = request = pending = waiter = out = answer = failure = None
+                request = pending = raw = out = answer = failure = None
         finally:
             reader.cancel()
-            while not submitted.empty():   # answers nobody will read: no "never retrieved" noise
-                item = submitted.get_nowait()
-                if item is not None:
-                    item[2].cancel()
+            arrived.clear()
 
     @handles_errors
     async def RepositoryIndex(self, request, context):

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rnnserve.serve.client import RnnClient
+from rnnserve.serve.grpc_core import SERVER_EXPERIMENTS
 from tests.fixtures import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -89,3 +90,5 @@ def test_environment_values_in_any_case_start_a_server(hello_repo, tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and " INFO " in err      # the flag (any case) beat the environment
+    # gRPC core settings made before grpc loaded (serve/grpc_core.py), and grpc knew them
+    assert f"GRPC_EXPERIMENTS={SERVER_EXPERIMENTS!r}" in err and "nknown experiment" not in err, err[-2000:]
