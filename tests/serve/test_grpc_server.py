@@ -174,6 +174,24 @@ def test_stream_infer_answers_errors_in_stream(infer_stub):
     assert replies[3].infer_response.raw_output_contents == replies[0].infer_response.raw_output_contents
 
 
+def test_stream_cancelled_with_answers_pending_leaves_the_server_answering(infer_stub):
+    """A client that goes away while its answers are still queued or running: the stream's
+    answer loop and reader end, the runs finish unread, and the next streams are answered."""
+    request = _raw_request("emb-lstm", _tokens([[1, 2, 3] * 21]), outputs=["logits"])
+    expected = list(infer_stub.ModelStreamInfer(iter([request]), timeout=30))[0]
+    for _ in range(10):
+        call = infer_stub.ModelStreamInfer(iter([request] * 200), timeout=30)
+        assert next(call).infer_response.raw_output_contents == expected.infer_response.raw_output_contents
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+    replies = list(infer_stub.ModelStreamInfer(iter([request] * 4), timeout=30))
+    assert [r.error_message for r in replies] == [""] * 4
+    assert all(r.infer_response.raw_output_contents == expected.infer_response.raw_output_contents for r in replies)
+    assert infer_stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+
+
 # ---- validation over the wire --------------------------------------------------------------
 
 LSTM_STATE = (2, 1, 8)   # emb-lstm: 2 layers, hidden 8
