@@ -6,14 +6,16 @@ on the batcher's completion thread. A concurrent.futures.Future builds a threadi
 not anybody blocks. A Promise takes one plain lock, and makes an Event only for a caller that
 really blocks in result() or exception() (the text API's calls, ModelEngine.wait).
 
-It is a Future subclass, so it goes wherever a Future does, but it overrides every method and
-keeps none of Future's internals: concurrent.futures.wait(), as_completed() and asyncio's
-wrap_future(), which read those, do not take it (the server awaits it with its own LoopBridge,
-serve/frontend/bridge.py). The semantics are Future's: callbacks run once, in the completing
-thread (or at once in add_done_callback when already done), each one's error logged and not
-raised; completing it twice raises InvalidStateError; result() re-raises the exception set,
-raises CancelledError after cancel() and TimeoutError after `timeout` seconds. It has no
-"running" state: cancel() succeeds until it is done.
+It is a Future subclass that overrides every public method and keeps none of Future's
+internals: asyncio.wrap_future() takes it (it only calls those methods), but
+concurrent.futures.wait() and as_completed(), which read the internals, do not. The server
+awaits it with its own LoopBridge (serve/frontend/bridge.py).
+
+The semantics are Future's: callbacks run once, in the completing thread (or at once in
+add_done_callback when already done), each one's error logged and not raised; completing it
+twice raises InvalidStateError; result() re-raises the exception set, raises CancelledError
+after cancel() and TimeoutError after `timeout` seconds. It has no "running" state: cancel()
+succeeds until it is done.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Promise (serve/engine/promise.py) behaves as concurrent.futures.Future for what the engine uses."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -114,3 +115,17 @@ def _race_once() -> list[int]:
 def test_racing_completion_and_callbacks_lose_nothing():
     for _ in range(200):
         assert sorted(_race_once()) == list(range(20))   # each exactly once
+
+
+def test_asyncio_wrap_future_takes_it():
+    async def main():
+        p = Promise()
+        threading.Timer(0.02, p.set_result, args=("from a thread",)).start()
+        got = await asyncio.wrap_future(p)
+        failed = Promise()
+        failed.set_exception(ValueError("no"))
+        with pytest.raises(ValueError):
+            await asyncio.wrap_future(failed)
+        return got
+
+    assert asyncio.run(main()) == "from a thread"
