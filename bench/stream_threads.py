@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_server import SEQ, VOCAB, build_repository, start_server
-from bench.floor import process_cpu_s, start_floor_server
+from bench.floor import process_cpu_s, start_floor_server, stat_cpu_s
 from bench.sequence_clients import stream_sequences
 from rnnserve.serve.grpc_core import EXPERIMENTS_ENV, SERVER_EXPERIMENTS
 
@@ -41,10 +41,8 @@ def threads_of(pid: int) -> dict[str, tuple[str, float, int, int]]:
             status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
         except OSError:   # the thread ended meanwhile
             continue
-        fields = stat.rsplit(")", 1)[1].split()
         counts = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        out[tid] = (stat[stat.index("(") + 1:stat.rindex(")")],
-                    (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+        out[tid] = (stat[stat.index("(") + 1:stat.rindex(")")], stat_cpu_s(stat),
                     int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"]))
     return out
 
