@@ -47,7 +47,13 @@ def grid(cores: int) -> list[tuple[str, list[str]]]:
     alternatives = ["--threads 1", "--lone-threads 1", "--threads 2", "--instances 2", "--threads 2 --instances 2"]
     if cores > 2:
         alternatives.append(f"--threads {cores}")        # onnxruntime's own default: a thread per core
-    return [(DEFAULTS, [])] + [(a, a.split()) for a in alternatives]
+    if cores >= 8:
+        # On a big machine, more runs in progress at once: twice the instances, and four times
+        # the instances at half the threads, both against the defaults' mix.
+        threads, instances, _ = machine_threading(cores)
+        alternatives += [f"--instances {2 * instances}",
+                         f"--threads {max(1, threads // 2)} --instances {4 * instances}"]
+    return [(DEFAULTS, [])] + [(a, a.split()) for a in dict.fromkeys(alternatives)]
 
 
 def resolved(flags: list[str], cores: int) -> tuple[int, int, int]:
@@ -143,8 +149,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=2.0,
-                        help="per stateless measurement (a full run takes about 5 configurations x "
-                             "--rounds x (3 x --seconds + the streaming run + 4 x --settle + 2 s))")
+                        help="per stateless measurement (a full run takes about the grid's configurations "
+                             "(6 to 9) x --rounds x (3 x --seconds + the streaming run + 4 x --settle + 2 s))")
     parser.add_argument("--rounds", type=int, default=3, help="every configuration measured once per round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="stateless concurrencies")
     parser.add_argument("--sequences", type=int, default=64, help="streamed sequences")

@@ -53,8 +53,10 @@ def answers(address: str, calls) -> list[np.ndarray]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="the device under test, checked against a CPU server")
     parser.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| allowed")
     args = parser.parse_args(argv)
     failures = []

@@ -71,7 +71,8 @@ def load(calls: list[Callable[[], object]], seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

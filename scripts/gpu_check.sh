@@ -10,6 +10,8 @@
 # DEVICE (cuda) is the device under test; VENV (.venv-gpu) the venv it makes with
 # `make install ORT=gpu` (never the CPU .venv: one onnxruntime build per venv); SKIP_INSTALL=1
 # uses VENV as it is; SERVER_ARGS / BATCHING_ARGS go to bench_server / bench_batching.
+# On a GPU machine without network, install onnxruntime-gpu and the rest from wheels yourself,
+# then run with SKIP_INSTALL=1 and VENV set to that Python's prefix (README, Benchmarks, "GPU").
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 VENV=${VENV:-.venv-gpu}

@@ -11,7 +11,8 @@ COMMANDS = [("rnnserve.train.__main__", []), ("rnnserve.train.evaluate", []), ("
             *[("rnnserve.serve.client", [sub]) for sub in ("health", "metadata", "predict", "generate", "score",
                                                            "stream", "infer")],
             *[(f"bench.{m}", []) for m in ("bench_batching", "bench_engine", "bench_latency", "bench_server",
-                                           "floor", "quality", "stream_threads")]]
+                                           "floor", "quality", "stream_threads", "bench_defaults", "lone_runs",
+                                           "gpu_check")]]
 
 
 def _parsers(module: str, argv: list[str], monkeypatch) -> list[argparse.ArgumentParser]:

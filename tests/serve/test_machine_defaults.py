@@ -23,3 +23,11 @@ def test_defaults_are_filled_and_logged_flags_win(caplog):
     assert (given.intra_op_threads, given.instances) == (3, 2)
     both = ServeSettings(repository="r", intra_op_threads=2, instances=3, lone_threads=1)
     assert with_machine_defaults(both, cores=16) is both and not both.lone_extra
+
+
+def test_big_machines_keep_lone_runs_with_fewer_threads_than_the_shared_session(caplog):
+    """16 cores: 4 shared threads that never spin, and lone runs on 2 that spin (README)."""
+    with caplog.at_level(logging.INFO, logger="rnnserve.serve.settings"):
+        chosen = with_machine_defaults(ServeSettings(repository="r"), cores=16)
+    assert (chosen.intra_op_threads, chosen.instances, chosen.lone_threads) == (4, 2, 2) and chosen.lone_extra
+    assert "lone runs: 2 threads, spinning while they run (chosen)" in caplog.text
