@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python -m bench.bench_batching
 	$(BIN)/python -m bench.bench_defaults
 	$(BIN)/python -m bench.stream_threads
+	$(BIN)/python -m bench.dataplane_steps
 	$(BIN)/python -m bench.lone_runs
 	$(BIN)/python -m bench.bench_statestore
 

@@ -48,18 +48,20 @@ def print_report(args, stateless, floor, streaming, local_runs, prefix, load_bef
     print(f"\n2. streaming: {args.sequences} sequences x {args.steps} single-token steps = {total} steps; "
           f"ratio = steps/s / the max-batch-1 server's with the same client shape")
     print(f"| {'mode':<48} | {'seconds':>7} | {'steps/s':>8} | {'rows/run':>8} | {'ratio':>6} "
-          f"| {'max |dlogit|':>12} | {'client CPU':>10} | {'server CPU':>10} |")
-    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 12}|{'-' * 12}|")
+          f"| {'max |dlogit|':>12} | {'client CPU':>10} | {'server CPU':>10} | {'of it, ort':>10} |")
+    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
     for rows, secs in local_runs:
         label = f"in-process, {rows} row{'s' if rows > 1 else ''} per ort run"
         print(f"| {label:<48} | {secs:>7.2f} | {total / secs:>8.0f} | {rows:>8.1f} | {'':>6} "
-              f"| {'reference' if rows > 1 else '':>12} | {'':>10} | {1e3 * secs / total:>10.3f} |")
+              f"| {'reference' if rows > 1 else '':>12} | {'':>10} | {1e3 * secs / total:>10.3f} | {'':>10} |")
     one = {label.split(", ")[-1]: secs for label, secs, *_ in streaming if "max batch 1," in label}
-    for label, secs, rows_per_run, diff, client_ms, server_ms in streaming:
+    for label, secs, rows_per_run, diff, client_ms, server_ms, ort_ms in streaming:
         print(f"| {label:<48} | {secs:>7.2f} | {total / secs:>8.0f} | {rows_per_run:>8.1f} "
               f"| {one.get(label.split(', ')[-1], float('nan')) / secs:>5.2f}x | {diff:>12.2e} | {client_ms:>10.3f} "
-              f"| {server_ms:>10.3f} |")
-    print("client/server CPU: CPU ms per step (all threads of the client process / of the server process);")
+              f"| {server_ms:>10.3f} | {ort_ms:>10.3f} |")
+    print("client/server CPU: CPU ms per step (all threads of the client process / of the server process); "
+          "of it, ort: onnxruntime's CPU for the runs the server made (ModelStatistics' runs of each size, "
+          "each size timed in this process on the same model)")
     print("gRPC floor: bench.floor's server answers each streamed step at once with a canned answer "
           "(no model, no validation, no sequence state): the front end alone; grpc.aio floor: the same "
           "from a grpc.aio server, rnnserve-server's kind")
@@ -73,24 +75,26 @@ def print_report(args, stateless, floor, streaming, local_runs, prefix, load_bef
     print(f"last logits agree within {diff:.1e}")
 
 
-def goals_streaming(args, streaming, ort_ms: float) -> None:
-    """Issue 12's streaming goals, from table 2's rows (ort_ms: onnxruntime's ms per step in a
-    batch of every sequence, in process)."""
+def goals_streaming(args, streaming, best_ort_ms: float) -> None:
+    """Issue 12's streaming goals, from table 2's rows (best_ort_ms: onnxruntime's ms per step in a
+    batch of every sequence, in process: the least the steps can cost it)."""
     total = args.sequences * args.steps
     batched = [r for r in streaming if "max batch 1," not in r[0] and "floor" not in r[0]]
     aio_floor = [r[5] for r in streaming if r[0].startswith("grpc.aio floor")]
     streams = [r for r in batched if r[0].endswith(f"stream x{args.streams}")]
     if streams:
-        label, secs, _, _, _, server_ms = streams[0]
+        label, secs, _, _, _, server_ms, ort_ms = streams[0]
         rate, outside = total / secs, server_ms - ort_ms
         print(f"goal: single-sequence requests over {args.streams} streams {rate:.0f} steps/s >= 4500: "
               f"{'met' if rate >= 4500 else 'MISSED'}")
         print(f"goal: server CPU per streamed step outside onnxruntime {outside:.3f} ms "
               f"({server_ms:.3f} - {ort_ms:.3f}) <= 0.12 ms: {'met' if outside <= 0.12 else 'MISSED'}"
               + (f" (the grpc.aio canned floor alone: {aio_floor[0]:.3f} ms)" if aio_floor else ""))
+        print(f"  counting onnxruntime at {args.sequences} rows per run instead, the least it could cost: "
+              f"{server_ms - best_ort_ms:.3f} ms ({server_ms:.3f} - {best_ort_ms:.3f})")
     many = [r for r in batched if "rows/request" in r[0]]
     if many:
-        label, secs, _, diff, _, _ = min(many, key=lambda r: r[1])
+        label, secs, _, diff, *_ = min(many, key=lambda r: r[1])
         rate = total / secs
         ok = rate >= 30000 and diff <= 1e-5
         print(f"goal: many sequences per request ('{label}') {rate:.0f} steps/s >= 30000, exact "

@@ -96,10 +96,26 @@ def _feeds(session, tokens: np.ndarray) -> dict[str, np.ndarray]:
             for i in session.get_inputs()}
 
 
-def _runs_and_rows(address: str) -> tuple[int, int]:
+def _runs_and_rows(address: str) -> tuple[int, int, dict[int, int]]:
+    """-> (onnxruntime runs, rows, {rows in a run: runs}) of the model so far (ModelStatistics)."""
     with tc.InferenceServerClient(address) as client:
         s = client.get_inference_statistics(MODEL).model_stats[0]
-    return s.execution_count, s.inference_count
+    return s.execution_count, s.inference_count, {b.batch_size: b.compute_infer.count for b in s.batch_stats}
+
+
+def ort_cpu_ms(session, runs_by_rows: dict[int, int], steps: int, repeats: int = 100) -> float:
+    """onnxruntime's CPU ms per step for the server's runs of single-token steps ({rows in a run: runs}),
+    each run size timed in this process (process CPU time: every onnxruntime thread) on the same model."""
+    total = 0.0
+    for rows, runs in runs_by_rows.items():
+        feeds = _feeds(session, np.zeros((rows, 1), np.int64))
+        for _ in range(5):
+            session.run(None, feeds)
+        cpu0 = time.process_time()
+        for _ in range(repeats):
+            session.run(None, feeds)
+        total += runs * (time.process_time() - cpu0) / repeats
+    return total * 1e3 / steps
 
 
 # -- table 1: stateless --------------------------------------------------------------------------
@@ -146,7 +162,8 @@ def floor_runs(tmp: str, seconds: float, tokens: np.ndarray, streams: int) -> tu
             _, secs, client_ms, server_ms = _timed_steps(lambda: stream_sequences(address, tokens, 1, streams),
                                                          proc.pid, tokens.size)
             kind = "grpc.aio floor" if aio else "gRPC floor"
-            rows.append((f"{kind}: canned answers, stream x{streams}", secs, 0.0, float("nan"), client_ms, server_ms))
+            rows.append((f"{kind}: canned answers, stream x{streams}", secs, 0.0, float("nan"), client_ms, server_ms,
+                         0.0))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -169,9 +186,9 @@ def stateless_table(session, address: str, concurrencies: list[int], seconds: fl
         if c == 1 and lone_session is not None:
             local["lone"] = run_load(lambda: (lambda: lone_session.run(None, feeds)), c, seconds)
         batched = batched_load(session, c, seconds)
-        runs0, rows0 = _runs_and_rows(address)
+        runs0, rows0, _ = _runs_and_rows(address)
         served = run_load(server_call, c, seconds)
-        runs1, rows1 = _runs_and_rows(address)
+        runs1, rows1, _ = _runs_and_rows(address)
         served["rows_per_run"] = (rows1 - rows0) / max(1, runs1 - runs0)
         rows.append((c, local, batched, served))
     return rows
@@ -203,10 +220,11 @@ def _timed_steps(run: Callable[[], np.ndarray], pid: int, steps: int):
 
 
 def streaming_rows(address: str, pid: int, tokens: np.ndarray, ref: np.ndarray, streams: int,
-                   tag: str, many_rows: bool = False) -> list:
+                   tag: str, session, many_rows: bool = False) -> list:
     """The client shapes against one server -> [(label, seconds, rows per run, max |dlogit|,
-    client CPU ms per step, server CPU ms per step)]. many_rows: also one client sending every
-    sequence as a row of each request, unary and streamed."""
+    client CPU ms per step, server CPU ms per step, onnxruntime's share of it (ort_cpu_ms on
+    `session`))]. many_rows: also one client sending every sequence as a row of each request,
+    unary and streamed."""
     rows = []
     shapes = [("unary", lambda base: unary_sequences(address, tokens, base)),
               (f"stream x{streams}", lambda base: stream_sequences(address, tokens, base, streams))]
@@ -215,12 +233,13 @@ def streaming_rows(address: str, pid: int, tokens: np.ndarray, ref: np.ndarray, 
         shapes += [(f"{n} rows/request, unary", lambda base: row_sequences(address, tokens, base, False)),
                    (f"{n} rows/request, stream x1", lambda base: row_sequences(address, tokens, base, True))]
     for mode, fn in shapes:
-        runs0, rows0 = _runs_and_rows(address)
+        runs0, rows0, sizes0 = _runs_and_rows(address)
         base = 1_000_000 * (len(rows) + 1)
         last, secs, client_ms, server_ms = _timed_steps(lambda: fn(base), pid, tokens.size)
-        runs1, rows1 = _runs_and_rows(address)
+        runs1, rows1, sizes1 = _runs_and_rows(address)
+        sizes = {b: n - sizes0.get(b, 0) for b, n in sizes1.items() if n > sizes0.get(b, 0)}
         rows.append((f"{tag}, {mode}", secs, (rows1 - rows0) / max(1, runs1 - runs0),
-                     float(np.abs(last - ref).max()), client_ms, server_ms))
+                     float(np.abs(last - ref).max()), client_ms, server_ms, ort_cpu_ms(session, sizes, tokens.size)))
     return rows
 
 
@@ -290,7 +309,7 @@ def main(argv=None) -> int:
         def batched_server(address: str, pid: int):
             return (stateless_table(session, address, args.concurrency, args.seconds, lone_session),
                     streaming_rows(address, pid, seq_tokens, ref, args.streams, f"server, max batch {n}",
-                                   many_rows=True),
+                                   session, many_rows=True),
                     prefix_vs_state(address, args.prefix, seed=2))
 
         stateless, streaming, prefix = _with_server(
@@ -299,7 +318,7 @@ def main(argv=None) -> int:
         streaming = _with_server(
             repo, tmp, args.threads, common + ["--max-batch-size", "1"],
             lambda address, pid: streaming_rows(address, pid, seq_tokens, ref, args.streams,
-                                                "server, max batch 1")
+                                                "server, max batch 1", session)
         ) + streaming
         floor, floor_streams = floor_runs(tmp, args.seconds, seq_tokens, args.streams)
         streaming += floor_streams

@@ -86,6 +86,10 @@ HELP = {
     "server_name": "the name ServerMetadata reports",
     "max_batch_size": "most rows one onnxruntime run takes (dynamic batching; 1 = off), and one request may carry",
     "max_queue_delay_us": "longest a batch waits for more rows, and only when recent traffic says more are coming",
+    "inline_run_us": "a batch that the model's recent runs say takes at most this many microseconds of "
+                     "onnxruntime runs on the gRPC event loop itself, saving two thread hand-offs (streamed "
+                     "steps); longer ones, and any with a shared state store, go to the batcher's threads "
+                     "(0 = never)",
     "max_queue_size": "queued requests per model before new ones get UNAVAILABLE",
     "max_sequences": "live server-side sequences before a new START gets UNAVAILABLE",
     "sequence_idle_timeout_s": "seconds after which an idle sequence's state is freed",

@@ -44,6 +44,7 @@ class ServeSettings:
     max_batch_size: int = serving.MAX_BATCH_SIZE   # also the largest batch one request may carry
     instances: int = 0                # onnxruntime runs of one model in progress at once (0 = from the cores)
     max_queue_delay_us: int = serving.MAX_QUEUE_DELAY_US
+    inline_run_us: int = 200          # a batch expected to run this quickly runs on the event loop (0 = never)
     max_queue_size: int = 1024
     max_sequences: int = 4096
     sequence_idle_timeout_s: float = serving.SEQUENCE_IDLE_US / 1e6
@@ -82,9 +83,9 @@ class ServeSettings:
                      "max_response_bytes"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
-        for name in ("intra_op_threads", "lone_threads", "inter_op_threads", "instances", "max_queue_delay_us", "grace",
-                     "sequence_idle_timeout_s", "poll_interval", "max_streams", "max_concurrent_calls",
-                     "max_run_bytes"):
+        for name in ("intra_op_threads", "lone_threads", "inter_op_threads", "instances", "max_queue_delay_us",
+                     "inline_run_us", "grace", "sequence_idle_timeout_s", "poll_interval", "max_streams",
+                     "max_concurrent_calls", "max_run_bytes"):
             if getattr(self, name) < 0:
                 out.append((name, f"must be >= 0, got {getattr(self, name)}"))
         for name in ("max_message_bytes", "max_response_bytes"):

@@ -25,10 +25,14 @@ which only pays on a run long enough to spread.
 
 Threads: a caller that is about to block (inline) runs its own work when the model
 is idle and the last runs held a single row each, so concurrency 1 has no hand-off.
-Otherwise the scheduler runs it; a finished run goes to the batcher's completion
-thread, which splits the outputs, records statistics and completes the callers'
-futures while the scheduler starts the next run (waking callers first would have
-them contend for the GIL with the next batch's assembly and leave the model idle).
+The event loop, ending a hold (release(here=True)), runs the next batch itself when
+the model's recent runs say it is quick (`inline_run_us`; streamed one-token steps):
+the two hand-offs to a scheduler and back cost more CPU than such a run, and the loop
+is blocked no longer than the budget. Otherwise the scheduler runs it; a finished run
+goes to the batcher's completion thread, which splits the outputs, records statistics
+and completes the callers' futures while the scheduler starts the next run (waking
+callers first would have them contend for the GIL with the next batch's assembly and
+leave the model idle).
 The completion thread takes every run that finished meanwhile at once; a
 `before_answer` hook (the state store's write-through) is called once for all of
 them before any caller is answered: one round trip for a run, or fewer.
@@ -85,7 +89,7 @@ class Batcher:
                  max_padding_ratio: float = 2.0, instances: int = 1,
                  on_run: Callable[[RunRecord], None] | None = None,
                  before_answer: Callable[[list[Work], list[dict[str, np.ndarray]]], None] | None = None,
-                 run_lone: RunFn | None = None) -> None:
+                 run_lone: RunFn | None = None, inline_run_us: int = 0) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if instances < 1:
@@ -99,6 +103,12 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.max_padding_ratio = max_padding_ratio
         self._on_run = on_run   # each finished run's RunRecord (the model's statistics)
+        # release(here=True) runs a batch on the caller's thread when it should take at most this long
+        # (0 = never), judged from onnxruntime's ns per row x step in recent runs: their least, since a
+        # run's time also counts the wait for the GIL after it, whenever another thread holds it.
+        self._inline_ns = inline_run_us * 1000
+        self._cell_ns: collections.deque[float] = collections.deque(maxlen=8)
+        self._last_cells = 0       # rows x steps of the last run
         # finished runs' items and their outputs, before any caller sees them (the state
         # store's write-through: one call per run, or fewer: see _finish_runs)
         self._before_answer = before_answer
@@ -143,13 +153,7 @@ class Batcher:
                 if not self._held:      # a hold's release wakes the scheduler
                     self._cv.notify()
         if run_here:
-            try:
-                self._execute([work], finish_here=True)
-            finally:
-                with self._cv:
-                    self._running -= 1
-                    if self._queue:     # only queued work needs a scheduler woken
-                        self._cv.notify()
+            self._run_here([work])
         return work.future
 
     @contextlib.contextmanager
@@ -173,11 +177,27 @@ class Batcher:
         with self._cv:
             self._held += 1
 
-    def release(self) -> None:
+    def release(self, here: bool = False) -> None:
+        """End a hold. With `here` (the event loop, at the end of its turn), a next batch that recent runs
+        say is quick (inline_run_us) runs on this thread instead of waking a scheduler."""
         with self._cv:
             self._held -= 1
-            if not self._held and self._queue:
+            if self._held or not self._queue:
+                return
+            batch = self._quick_batch() if here else None
+            if batch is None:
                 self._cv.notify_all()
+                return
+        self._run_here(batch)
+
+    def quick(self) -> bool:
+        """The last run was quick enough to run on the event loop: worth holding a lone request until the
+        end of the loop's turn (Coalescer) to save the hand-offs. Read without the lock: a hint."""
+        return self._before_answer is None and self._cost_ns(self._last_cells) <= self._inline_ns
+
+    def _cost_ns(self, cells: int) -> float:
+        """The estimated onnxruntime time of a run of `cells` rows x steps; inf before any run."""
+        return min(self._cell_ns) * cells if self._cell_ns else float("inf")
 
     def cancel(self, work: Work) -> bool:
         """Remove work that has not started; True when it was still queued."""
@@ -217,7 +237,34 @@ class Batcher:
         padded = (group.rows + w.rows) * max(group.max_len, w.seq_len)
         return padded <= self.max_padding_ratio * (group.real + w.rows * w.seq_len)
 
-    def _take(self) -> list[Work]:
+    def _quick_batch(self) -> list[Work] | None:
+        """(Under the lock.) The next batch, counted as running, when it may run on the caller's thread:
+        an estimate within the budget, a free instance, and no state store write before the answers
+        (a network round trip, which must not block the event loop). Else None, the queue unchanged."""
+        if not self._cell_ns or self._before_answer is not None or self._running >= self.instances:
+            return None
+        head = self._queue[0]
+        if self._cost_ns(head.rows * max(head.seq_len, 1)) > self._inline_ns:   # the head alone is too long
+            return None
+        group = self._take()
+        if self._cost_ns(group.rows * max(group.max_len, 1)) > self._inline_ns:
+            self._queue.extendleft(reversed(group.items))
+            return None
+        self._running += 1
+        self._recent_rows.append(group.rows)
+        return group.items
+
+    def _run_here(self, batch: list[Work]) -> None:
+        """Run a batch taken for this thread (already counted in _running) and answer its callers here."""
+        try:
+            self._execute(batch, finish_here=True)
+        finally:
+            with self._cv:
+                self._running -= 1
+                if self._queue:     # only queued work needs a scheduler woken
+                    self._cv.notify()
+
+    def _take(self) -> _Group:
         """Pop the head and every queued item that can share its run (FIFO order)."""
         first = self._queue.popleft()
         group = _Group(first)
@@ -230,7 +277,7 @@ class Batcher:
                 kept.append(w)
         kept.extend(self._queue)
         self._queue = kept
-        return group.items
+        return group
 
     def _loop(self) -> None:
         while True:
@@ -241,7 +288,7 @@ class Batcher:
                 if not self._queue and self._closed:
                     return
                 self._running += 1
-                batch = self._take()
+                batch = self._take().items
                 # After an idle spell, wait for more rows, but only up to what recent runs show is
                 # coming. Work that queued up during a run goes at once: waiting then only idles.
                 target = min(self.max_batch_size, max(self._recent_rows, default=1))
@@ -255,7 +302,7 @@ class Batcher:
                             self._cv.wait(left)
                             continue
                         self._queue.extendleft(reversed(batch))
-                        batch = self._take()
+                        batch = self._take().items
                 self._recent_rows.append(sum(w.rows for w in batch))
             try:
                 self._execute(batch)
@@ -292,6 +339,8 @@ class Batcher:
             t1 = time.perf_counter_ns()
             out = (self._run_lone if self._run_lone is not None and self._alone(live) else self._run)(feeds)
             times = (queue_ns, t1 - t0, time.perf_counter_ns() - t1)
+            if self._inline_ns:
+                self._learn(live, times[2])
         except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
             self._fail(live, e)
             return
@@ -306,6 +355,14 @@ class Batcher:
                     self._done.put((live, out, times))
         if finish_here:
             self._finish(live, out, times)
+
+    def _learn(self, live: list[Work], compute_ns: int) -> None:
+        """Record a run for the run-time estimate of release(here=True)."""
+        rows = steps = 0
+        for w in live:
+            rows, steps = rows + w.rows, max(steps, w.seq_len)
+        self._last_cells = rows * max(steps, 1)   # steps: 0 for a model without a time axis
+        self._cell_ns.append(compute_ns / self._last_cells)
 
     def _alone(self, live: list[Work]) -> bool:
         """This run is a lone run: one request long enough to spread over more threads, with nothing

@@ -63,6 +63,7 @@ class ModelEngine:
         self.batcher = Batcher(label, inst.run, self.io, max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
                                max_queue_size=settings.max_queue_size, instances=settings.instances,
+                               inline_run_us=settings.inline_run_us,
                                on_run=self.counters.record_run,
                                before_answer=self._write_through if store and store.shared else None,
                                run_lone=None if inst.lone_session is None else functools.partial(inst.run, lone=True))

@@ -25,6 +25,7 @@ from rnnserve.serve.errors import Cancelled, DeadlineExceeded
 class LoopBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
+        self._loop_thread = threading.get_ident()   # made on the loop (Server)
         self._lock = threading.Lock()
         self._ready: list[tuple[Future, asyncio.Future]] = []
 
@@ -38,6 +39,9 @@ class LoopBridge:
         return waiter
 
     def _post(self, fut: Future, waiter: asyncio.Future) -> None:
+        if threading.get_ident() == self._loop_thread:   # a run on the loop itself (Batcher.release(here=True))
+            _transfer(fut, waiter)
+            return
         with self._lock:
             self._ready.append((fut, waiter))
             first = len(self._ready) == 1
@@ -102,10 +106,11 @@ class Coalescer:
 
     def hold(self, batcher) -> None:
         """(On the loop.) Hold the batcher (Batcher.hold) until the end of this turn of the loop,
-        unless its recent traffic came one request at a time (Batcher.lone): then the request
-        goes at once, as it would have run alone anyway."""
+        when the batch may then run on the loop (Batcher.release(here=True), if it is quick).
+        Unless its recent traffic came one request at a time (Batcher.lone) and its last run was
+        not quick: then the request goes to a scheduler at once, as it would have run alone anyway."""
         held = self._held
-        if id(batcher) in held or batcher.lone():
+        if id(batcher) in held or (batcher.lone() and not batcher.quick()):
             return
         batcher.hold()
         held[id(batcher)] = batcher
@@ -115,4 +120,4 @@ class Coalescer:
     def _release(self) -> None:
         held, self._held = self._held, {}
         for batcher in held.values():
-            batcher.release()
+            batcher.release(here=True)

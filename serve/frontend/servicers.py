@@ -7,11 +7,12 @@ converts the answer back. Errors
 become status codes in serve.frontend.grpc_errors (`@handles_errors`); ModelStreamInfer
 answers them in-stream as error_message, as Triton does, and the stream goes on.
 
-Nothing here blocks the loop: tensor requests are validated and queued on the loop
+Nothing here blocks the loop for long: tensor requests are validated and queued on the loop
 (DataPlane.submit, quick) and their outputs awaited through the LoopBridge while the
-Batcher's threads run onnxruntime. The text API and repository changes, which wait on
-model runs or loads inside the data plane, run on a small thread pool (`blocking`);
-a stream waiting for its next message holds no thread at all.
+Batcher's threads run onnxruntime, except a batch estimated to take at most --inline-run-us,
+which runs on the loop when the Coalescer releases it (Batcher.release(here=True)). The text
+API and repository changes, which wait on model runs or loads inside the data plane, run on a
+small thread pool (`blocking`); a stream waiting for its next message holds no thread at all.
 """
 from __future__ import annotations
 

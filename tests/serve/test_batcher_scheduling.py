@@ -1,8 +1,9 @@
 """The Batcher's scheduling and threads over a real exported model and a real onnxruntime
 session: backpressure, deadlines, cancellation, the queue delay, inline runs, instances and
-the completion thread."""
+the completion thread, and quick runs on the event loop (release(here=True))."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
+from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge
 from tests.batching_models import CountingRun, GatedRun, Runs, build_models, work
 
 
@@ -277,3 +279,90 @@ def test_hold_keeps_work_queued_until_release(models):
         assert not b.lone()                  # the last run held 3 rows: company is likely
     finally:
         b.close()
+
+
+class _Threads:
+    """The real session run, noting the thread of each run."""
+
+    def __init__(self, model):
+        self.model, self.names = model, []
+
+    def __call__(self, feeds):
+        self.names.append(threading.current_thread().name)
+        return self.model.run(feeds)
+
+
+def _held_round(b: Batcher, m, seed: int, n: int = 3):
+    """n works queued under one hold, then release(here=True) -> (their futures, their tokens)."""
+    toks = [np.full((1, 2), seed + i, np.int64) for i in range(n)]
+    b.hold()
+    futs = [b.submit(work(t, m.zero(1))) for t in toks]
+    b.release(here=True)
+    return futs, toks
+
+
+def test_release_here_runs_a_quick_batch_on_the_releasing_thread(models):
+    """The event loop's release (Coalescer): once a run has shown how long the model takes, a held
+    batch estimated within --inline-run-us runs on the releasing thread, as one run, exactly;
+    otherwise (no estimate yet, over the budget, budget 0, a state store write before answering)
+    a scheduler thread runs it."""
+    m = models["lstm"]
+    here = threading.current_thread().name
+    run = _Threads(m)
+    runs = Runs()
+    b = Batcher("lstm", run, m.io, max_batch_size=8, on_run=runs, inline_run_us=10_000_000)
+    try:
+        assert not b.quick()
+        futs, _ = _held_round(b, m, 0)           # nothing learned yet: the scheduler
+        for f in futs:
+            f.result(timeout=30)
+        assert run.names == ["batcher-lstm-0"]
+        assert b.quick()
+        futs, toks = _held_round(b, m, 5)
+        assert all(f.done() for f in futs) and run.names[1:] == [here]
+        assert runs.records[-1].rows == 3
+        for f, t in zip(futs, toks):
+            np.testing.assert_array_equal(f.result()["logits"], m.alone(t, m.zero(1))["logits"])
+    finally:
+        b.close()
+    for budget, before_answer in ((1, None), (0, None), (10_000_000, lambda items, results: None)):
+        run = _Threads(m)
+        b = Batcher("lstm", run, m.io, max_batch_size=8, inline_run_us=budget, before_answer=before_answer)
+        try:
+            for seed in (0, 5):
+                for f in _held_round(b, m, seed)[0]:
+                    f.result(timeout=30)
+            assert run.names == ["batcher-lstm-0"] * 2, (budget, run.names)
+            assert not b.quick()
+        finally:
+            b.close()
+
+
+def test_the_event_loop_runs_quick_batches_at_the_end_of_its_turn(models):
+    """What the gRPC front end does with tensor requests: requests submitted in one turn of the loop,
+    each holding the batcher through the Coalescer, run together when the turn ends, on the loop's own
+    thread once the model has shown it is quick; the LoopBridge then completes their awaiting
+    coroutines without a thread hand-off. Over the budget, batches still go to a scheduler thread."""
+    m = models["lstm"]
+
+    async def turn(b: Batcher, seed: int):
+        coalesce, bridge = Coalescer(asyncio.get_running_loop()), LoopBridge(asyncio.get_running_loop())
+        toks = [np.full((1, 2), seed + i, np.int64) for i in range(3)]
+        futs = []
+        for t in toks:
+            coalesce.hold(b)
+            futs.append(b.submit(work(t, m.zero(1))))
+        outs = await asyncio.gather(*(bridge.wrap(f) for f in futs))
+        return threading.current_thread().name, toks, outs
+
+    for budget in (10_000_000, 1):
+        run = _Threads(m)
+        b = Batcher("lstm", run, m.io, max_batch_size=8, inline_run_us=budget)
+        try:
+            asyncio.run(turn(b, 0))                   # the first run teaches the estimate
+            loop_thread, toks, outs = asyncio.run(turn(b, 5))
+            assert run.names == ["batcher-lstm-0", loop_thread if budget > 1 else "batcher-lstm-0"]
+            for t, out in zip(toks, outs):
+                np.testing.assert_array_equal(out["logits"], m.alone(t, m.zero(1))["logits"])
+        finally:
+            b.close()
