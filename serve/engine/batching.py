@@ -105,8 +105,9 @@ class Batcher:
         self._on_run = on_run   # each finished run's RunRecord (the model's statistics)
         # release(here=True) runs a batch on the caller's thread when it should take at most this long
         # (0 = never), judged from onnxruntime's ns per row x step in recent runs: their least, since a
-        # run's time also counts the wait for the GIL after it, whenever another thread holds it.
-        self._inline_ns = inline_run_us * 1000
+        # run's time also counts the wait for the GIL after it, whenever another thread holds it. Never
+        # with a state store write before the answers: a network round trip must not block the event loop.
+        self._inline_ns = inline_run_us * 1000 if before_answer is None else 0
         self._cell_ns: collections.deque[float] = collections.deque(maxlen=8)
         self._last_cells = 0       # rows x steps of the last run
         # finished runs' items and their outputs, before any caller sees them (the state
@@ -193,7 +194,7 @@ class Batcher:
     def quick(self) -> bool:
         """The last run was quick enough to run on the event loop: worth holding a lone request until the
         end of the loop's turn (Coalescer) to save the hand-offs. Read without the lock: a hint."""
-        return self._before_answer is None and self._cost_ns(self._last_cells) <= self._inline_ns
+        return self._cost_ns(self._last_cells) <= self._inline_ns
 
     def _cost_ns(self, cells: int) -> float:
         """The estimated onnxruntime time of a run of `cells` rows x steps; inf before any run."""
@@ -239,9 +240,8 @@ class Batcher:
 
     def _quick_batch(self) -> list[Work] | None:
         """(Under the lock.) The next batch, counted as running, when it may run on the caller's thread:
-        an estimate within the budget, a free instance, and no state store write before the answers
-        (a network round trip, which must not block the event loop). Else None, the queue unchanged."""
-        if not self._cell_ns or self._before_answer is not None or self._running >= self.instances:
+        an estimate within the budget and a free instance. Else None, the queue unchanged."""
+        if not self._cell_ns or self._running >= self.instances:
             return None
         head = self._queue[0]
         if self._cost_ns(head.rows * max(head.seq_len, 1)) > self._inline_ns:   # the head alone is too long
