@@ -20,7 +20,8 @@ loads, the defaults' p50 is <= (1 + margin) x the lowest alternative's. The row 
 the defaults' threading under explicit flags: its spread from the defaults' row is the noise.
 Spinning is not in the grid: the shared intra-op pool never spins, and the lone-run session
 spins only while a run is in progress (serve/engine/runtime.py); `--lone-threads 1` (no lone
-runs) is, and so is `--inline-run-us 0` (every run on the batcher's threads, none on the event loop).
+runs) is, and so are `--inline-run-us 0` (every run on the batcher's threads, none on the event loop)
+and `--event-loop asyncio` (the standard library's loop instead of uvloop).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from bench.bench_batching import infer_call, local_steps
 from bench.bench_server import MODEL, SEQ, VOCAB, build_repository, run_load, start_server
 from bench.sequence_clients import stream_sequences
 from rnnserve.serve.engine.runtime import CPU, create_session
+from rnnserve.serve.frontend.eventloop import resolve
 from rnnserve.serve.settings import ServeSettings, machine_threading
 
 DEFAULTS = "defaults"
@@ -44,8 +46,8 @@ DEFAULTS = "defaults"
 
 def grid(cores: int) -> list[tuple[str, list[str]]]:
     """(label, server flags): the defaults first, then the alternatives."""
-    alternatives = ["--threads 1", "--lone-threads 1", "--inline-run-us 0", "--threads 2", "--instances 2",
-                    "--threads 2 --instances 2"]
+    alternatives = ["--threads 1", "--lone-threads 1", "--inline-run-us 0", "--event-loop asyncio", "--threads 2",
+                    "--instances 2", "--threads 2 --instances 2"]
     if cores > 2:
         alternatives.append(f"--threads {cores}")        # onnxruntime's own default: a thread per core
     if cores >= 8:
@@ -57,12 +59,14 @@ def grid(cores: int) -> list[tuple[str, list[str]]]:
     return [(DEFAULTS, [])] + [(a, a.split()) for a in dict.fromkeys(alternatives)]
 
 
-def resolved(flags: list[str], cores: int) -> tuple[int, int, int, int]:
-    """The (intra-op threads, instances, lone-run threads, inline-run µs) a server started with `flags` runs with."""
-    given = dict(zip(flags[::2], map(int, flags[1::2])))
+def resolved(flags: list[str], cores: int) -> tuple[int, int, int, int, str]:
+    """The (intra-op threads, instances, lone-run threads, inline-run µs, event loop) a server started with
+    `flags` runs with."""
+    given = dict(zip(flags[::2], flags[1::2]))
     threads, instances, lone = machine_threading(cores)
-    return (given.get("--threads", threads), given.get("--instances", instances), given.get("--lone-threads", lone),
-            given.get("--inline-run-us", ServeSettings.inline_run_us))
+    return (int(given.get("--threads", threads)), int(given.get("--instances", instances)),
+            int(given.get("--lone-threads", lone)), int(given.get("--inline-run-us", ServeSettings.inline_run_us)),
+            resolve(given.get("--event-loop", ServeSettings.event_loop)))
 
 
 def measure(load: str, address: str, args, tokens: np.ndarray, seq_tokens: np.ndarray, ref: np.ndarray,

@@ -9,7 +9,7 @@ answers every streamed request at once with a canned single-step answer. Its rou
 with the same client, is the floor under any Python gRPC server on this machine: the latency
 goal at concurrency 1 (server p50 within 0.5 ms of in-process) cannot be met where this floor
 alone exceeds 0.5 ms. With --aio the same answers come from a grpc.aio server (one event loop,
-as rnnserve-server's front end): the floor under a Python asyncio gRPC server.
+as rnnserve-server's front end, on the same kind of loop): the floor under a Python asyncio gRPC server.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from rnnserve.serve.frontend.eventloop import new_event_loop
 from rnnserve.serve.grpc_core import EXPERIMENTS_ENV, server_experiments
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
@@ -105,7 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument("--aio", action="store_true", help="a grpc.aio server (one event loop) instead")
     args = parser.parse_args(argv)
     if args.aio:
-        asyncio.run(_serve_aio(args))
+        # on the loop rnnserve-server runs on with its defaults (serve/frontend/eventloop.py)
+        with asyncio.Runner(loop_factory=lambda: new_event_loop("auto")) as runner:
+            runner.run(_serve_aio(args))
         return 0
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(args.seq), server)

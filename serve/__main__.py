@@ -33,14 +33,14 @@ from rnnserve.serve.engine.statestore import shared_store
 from rnnserve.serve.errors import Unavailable
 from rnnserve.serve.grpc_core import prepare_environment
 from rnnserve.serve.memory import Trimmer
-from rnnserve.serve.settings import DEFAULT_POLL_INTERVAL_S, MODEL_CONTROL_MODES, ServeSettings
+from rnnserve.serve.settings import DEFAULT_POLL_INTERVAL_S, EVENT_LOOPS, MODEL_CONTROL_MODES, ServeSettings
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "RNNSERVE_"
 EXIT_CONFIG = 2   # a flag or RNNSERVE_* value is wrong (argparse's status for bad flags)
 ALIASES = {"intra_op_threads": ["--threads"]}
-CHOICES = {"device": DEVICES, "model_control_mode": MODEL_CONTROL_MODES}
+CHOICES = {"device": DEVICES, "model_control_mode": MODEL_CONTROL_MODES, "event_loop": EVENT_LOOPS}
 KINDS = {"reflection": bool}              # fields whose default (None) does not tell the type
 ENV_ONLY = {"tokens"}                     # secrets: a command line is visible to every local user
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -56,6 +56,8 @@ HELP = {
     "instances": "onnxruntime runs of one model in progress at once (Triton's instance count; 0 = chosen "
                  "from the core count and logged: 1 below 4 cores); each batch runs on one, the scheduler "
                  "forms the next batch meanwhile",
+    "event_loop": "the event loop every gRPC call runs on: uvloop (libuv, in C: less CPU per streamed message), "
+                  "asyncio (the standard library's), or auto: uvloop when it is installed",
     "grpc_workers": "threads for calls that wait inside the data plane (text API, model loads); "
                     "tensor requests and idle streams hold none",
     "max_streams": "open streams (ModelStreamInfer, TextService.Stream, Generate); past it a new stream "

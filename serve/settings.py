@@ -4,6 +4,7 @@ what is out of range (the server refuses to start on any)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from rnnserve import serving
 
 log = logging.getLogger(__name__)
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")   # Triton's --model-control-mode names
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")          # serve/frontend/eventloop.py
 DEFAULT_POLL_INTERVAL_S = 10.0                       # poll mode without --poll-interval
 MiB = 2**20
 GRPC_MAX_MESSAGE = 2**31 - 1                         # the largest message gRPC carries
@@ -32,6 +34,7 @@ class ServeSettings:
     warmup: bool = True
     grace: float = 10.0               # seconds to drain in-flight calls on SIGTERM/SIGINT
     grpc_workers: int = 32            # threads for calls that wait in the data plane (text API, loads)
+    event_loop: str = "auto"          # auto (uvloop when installed) | uvloop | asyncio
     max_streams: int = 16384          # open streams (ModelStreamInfer, TextService.Stream, Generate); 0 = no bound
     max_concurrent_calls: int = 4096  # unary calls in progress; past either bound: RESOURCE_EXHAUSTED
     handler_sched_batch: bool = True  # handler threads: SCHED_BATCH (no wake-up preemption; Linux)
@@ -101,6 +104,10 @@ class ServeSettings:
         elif self.poll_interval > 0 and self.model_control_mode != "poll":
             out.append(("poll_interval", f"applies to the poll model control mode only, but the mode is "
                                          f"{self.model_control_mode!r} (--model-control-mode poll)"))
+        if self.event_loop not in EVENT_LOOPS:
+            out.append(("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}"))
+        elif self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            out.append(("event_loop", "uvloop is not installed (pip install uvloop; auto falls back to asyncio)"))
         if bool(self.tls_cert) != bool(self.tls_key):
             out.append(("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key go together"))
         if (self.tls_client_ca or self.tls_require_client_cert) and not self.tls_cert:

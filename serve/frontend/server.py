@@ -44,6 +44,8 @@ from rnnserve.serve.dataplane.plane import DataPlane
 from rnnserve.serve.frontend import auth, tls
 from rnnserve.serve.frontend.bridge import LoopBridge
 from rnnserve.serve.frontend.decoding import add_servicer
+from rnnserve.serve.frontend.eventloop import new_event_loop
+from rnnserve.serve.frontend.eventloop import resolve as resolve_event_loop
 from rnnserve.serve.frontend.grpc_errors import status_for
 from rnnserve.serve.frontend.limits import CallLimits, set_limits
 from rnnserve.serve.frontend.observe import RequestObservation
@@ -105,7 +107,8 @@ class Server:
         self._blocking = futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rnnserve-call",
             initializer=handler_initializer(settings.handler_sched_batch, settings.handler_nice))
-        self._loop = asyncio.new_event_loop()
+        self.event_loop = resolve_event_loop(settings.event_loop)   # "uvloop" or "asyncio"
+        self._loop = new_event_loop(settings.event_loop)
         self._thread = threading.Thread(target=self._run_loop, name="rnnserve-grpc", daemon=True)
         self._thread.start()
         try:

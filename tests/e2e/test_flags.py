@@ -24,6 +24,7 @@ BAD = [  # (flags, environment, words the one line must contain)
     (["--instances", "-1"], {}, "--instances"),
     (["--lone-threads", "-2"], {}, "--lone-threads"),
     (["--inline-run-us", "-1"], {}, "--inline-run-us"),
+    ([], {"RNNSERVE_EVENT_LOOP": "trio"}, "RNNSERVE_EVENT_LOOP"),
     ([], {"RNNSERVE_LONE_THREADS": "many"}, "RNNSERVE_LONE_THREADS"),
     (["--max-queue-size", "0"], {}, "--max-queue-size"),
     (["--grpc-workers", "0"], {}, "--grpc-workers"),
@@ -72,7 +73,7 @@ def test_a_bad_token_file_exits_2(hello_repo, tmp_path):
 def test_environment_values_in_any_case_start_a_server(hello_repo, tmp_path):
     port_file = tmp_path / "port"
     env = dict(os.environ, RNNSERVE_REPOSITORY=hello_repo, RNNSERVE_LOG_LEVEL="warning", RNNSERVE_DEVICE="CPU",
-               RNNSERVE_MODEL_CONTROL_MODE="Explicit", RNNSERVE_WARMUP="no")
+               RNNSERVE_MODEL_CONTROL_MODE="Explicit", RNNSERVE_WARMUP="no", RNNSERVE_EVENT_LOOP="AsyncIO")
     proc = subprocess.Popen([sys.executable, "-m", "rnnserve.serve", "--port", "0", "--port-file", str(port_file),
                              "--threads", "1", "--log-level", "Info"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -91,5 +92,6 @@ def test_environment_values_in_any_case_start_a_server(hello_repo, tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and " INFO " in err      # the flag (any case) beat the environment
+    assert "event loop: asyncio" in err                  # RNNSERVE_EVENT_LOOP, any case (default: uvloop)
     # gRPC core settings made before grpc loaded (serve/grpc_core.py), and grpc knew them
     assert f"GRPC_EXPERIMENTS={SERVER_EXPERIMENTS!r}" in err and "nknown experiment" not in err, err[-2000:]
