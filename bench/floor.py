@@ -1,7 +1,7 @@
 """The cost of the gRPC front end alone: a server that answers every ModelInfer with a canned
 response, and CPU-time accounting for the benchmark tables.
 
-    python -m bench.floor --port-file PATH [--seq 64] [--aio]    # serve until SIGTERM
+    python -m bench.floor --port-file PATH [--seq 64] [--aio [--event-loop auto]]    # serve until SIGTERM
 
 The canned response has the shape and size of the real one (logits [1, seq, 65] as FP32 raw
 contents), so tritonclient does the same work on it as on a real answer; ModelStreamInfer
@@ -29,6 +29,7 @@ import numpy as np
 
 from rnnserve.serve.frontend.eventloop import new_event_loop
 from rnnserve.serve.grpc_core import EXPERIMENTS_ENV, server_experiments
+from rnnserve.serve.settings import EVENT_LOOPS
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
 
@@ -84,12 +85,14 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def start_floor_server(port_file: Path, seq: int, aio: bool = False) -> tuple[subprocess.Popen, str]:
-    """`python -m bench.floor` as a subprocess on 127.0.0.1; -> (process, address)."""
+def start_floor_server(port_file: Path, seq: int, aio: bool = False,
+                       event_loop: str = "auto") -> tuple[subprocess.Popen, str]:
+    """`python -m bench.floor` as a subprocess on 127.0.0.1 (aio: on an `event_loop` loop, as
+    rnnserve-server's --event-loop); -> (process, address)."""
     # The grpc.aio floor runs with the gRPC core settings rnnserve-server sets for itself.
     env = {**os.environ, EXPERIMENTS_ENV: server_experiments(os.environ)} if aio else None
     proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port-file", str(port_file),
-                             "--seq", str(seq), *(["--aio"] if aio else [])],
+                             "--seq", str(seq), *(["--aio", "--event-loop", event_loop] if aio else [])],
                             cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True, env=env)
     if not proc.stdout.readline().startswith("listening"):
         proc.kill()
@@ -104,10 +107,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=64, help="seq_len of the canned logits")
     parser.add_argument("--workers", type=int, default=32, help="gRPC handler threads")
     parser.add_argument("--aio", action="store_true", help="a grpc.aio server (one event loop) instead")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                        help="the --aio server's loop, as rnnserve-server's --event-loop")
     args = parser.parse_args(argv)
     if args.aio:
-        # on the loop rnnserve-server runs on with its defaults (serve/frontend/eventloop.py)
-        with asyncio.Runner(loop_factory=lambda: new_event_loop("auto")) as runner:
+        # on the loop rnnserve-server runs on with the same --event-loop (serve/frontend/eventloop.py)
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(args.event_loop)) as runner:
             runner.run(_serve_aio(args))
         return 0
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))

@@ -1,10 +1,11 @@
-"""Where a streamed step's server CPU goes, thread by thread, and what gRPC's listener changes.
+"""Where a streamed step's server CPU goes, thread by thread, and what gRPC's listener and the event loop change.
 
     python -m bench.stream_threads [--seconds 6] [--rounds 3]
 
 Starts `rnnserve-server` (default flags) and bench.floor's grpc.aio canned-answer server, each
-once with grpc's own defaults (GRPC_EXPERIMENTS empty) and once with the setting
-rnnserve-server makes for itself (serve/grpc_core.py), and streams 64 sequences of one-token
+with three settings: grpc's own defaults (GRPC_EXPERIMENTS empty), the setting rnnserve-server
+makes for itself (serve/grpc_core.py), and that setting on asyncio's event loop instead of
+uvloop (--event-loop asyncio; serve/frontend/eventloop.py). It streams 64 sequences of one-token
 steps over 4 tritonclient streams at each (bench.sequence_clients.stream_sequences, as in
 bench_batching's streaming table) for --seconds. It reads every server thread's CPU time and
 context switches from /proc/<pid>/task before and after, and prints per step: the process's
@@ -71,17 +72,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="streaming time per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each server and setting")
     args = parser.parse_args(argv)
-    settings = {"grpc's defaults": "", "rnnserve-server's": SERVER_EXPERIMENTS}
+    settings = {  # label: (GRPC_EXPERIMENTS, --event-loop)
+        "grpc's defaults": ("", "auto"),
+        "rnnserve-server's": (SERVER_EXPERIMENTS, "auto"),
+        "rnnserve-server's, asyncio loop": (SERVER_EXPERIMENTS, "asyncio"),
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(tmp)
         for r in range(args.rounds):
-            for label, experiments in settings.items():
+            for i, (label, (experiments, loop)) in enumerate(settings.items()):
                 os.environ[EXPERIMENTS_ENV] = experiments   # read by the servers started below
                 for kind in ("rnnserve-server", "grpc.aio floor"):
-                    port_file = Path(tmp) / f"port-{r}-{kind}-{experiments}"
-                    proc, address = (start_server(repo, 0, port_file) if kind == "rnnserve-server"
-                                     else start_floor_server(port_file, SEQ, aio=True))
+                    port_file = Path(tmp) / f"port-{r}-{kind}-{i}"
+                    proc, address = (start_server(repo, 0, port_file, ["--event-loop", loop])
+                                     if kind == "rnnserve-server"
+                                     else start_floor_server(port_file, SEQ, aio=True, event_loop=loop))
                     try:
                         rows.append((kind, label, measure(proc.pid, address, args.seconds, 1000 * (r + 1))))
                     finally:
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
                         proc.wait()
     print(f"\n{SEQUENCES} sequences x one-token steps over {STREAMS} tritonclient streams, {args.seconds:g} s "
           f"each; {len(os.sched_getaffinity(0))} CPUs; per step of the server process:")
-    print("| server | GRPC_EXPERIMENTS | steps/s | CPU ms | voluntary switches | involuntary | "
+    print("| server | settings | steps/s | CPU ms | voluntary switches | involuntary | "
           "busiest threads: CPU ms (voluntary switches) |")
     print("|---|---|---:|---:|---:|---:|---|")
     for kind, label, m in rows:
@@ -97,7 +103,7 @@ def main(argv=None) -> int:
         print(f"| {kind} | {label} | {m['steps/s']:.0f} | {m['cpu']:.3f} | {m['vol']:.2f} | {m['invol']:.2f} "
               f"| {busy} |")
     print(f"\nmedians of {args.rounds} rounds (the settings alternate within each round):")
-    print("| server | GRPC_EXPERIMENTS | steps/s | CPU ms per step | voluntary switches per step |")
+    print("| server | settings | steps/s | CPU ms per step | voluntary switches per step |")
     print("|---|---|---:|---:|---:|")
     for kind in ("rnnserve-server", "grpc.aio floor"):
         for label in settings:
