@@ -27,9 +27,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from rnnserve.serve.frontend.eventloop import new_event_loop
+from rnnserve.serve.frontend.eventloop import EVENT_LOOPS, new_event_loop
 from rnnserve.serve.grpc_core import EXPERIMENTS_ENV, server_experiments
-from rnnserve.serve.settings import EVENT_LOOPS
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
 

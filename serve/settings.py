@@ -4,16 +4,15 @@ what is out of range (the server refuses to start on any)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
 
 from rnnserve import serving
+from rnnserve.serve.frontend.eventloop import EVENT_LOOPS, uvloop_installed
 
 log = logging.getLogger(__name__)
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")   # Triton's --model-control-mode names
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")          # serve/frontend/eventloop.py
 DEFAULT_POLL_INTERVAL_S = 10.0                       # poll mode without --poll-interval
 MiB = 2**20
 GRPC_MAX_MESSAGE = 2**31 - 1                         # the largest message gRPC carries
@@ -106,7 +105,7 @@ class ServeSettings:
                                          f"{self.model_control_mode!r} (--model-control-mode poll)"))
         if self.event_loop not in EVENT_LOOPS:
             out.append(("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}"))
-        elif self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        elif self.event_loop == "uvloop" and not uvloop_installed():
             out.append(("event_loop", "uvloop is not installed (pip install uvloop; auto falls back to asyncio)"))
         if bool(self.tls_cert) != bool(self.tls_key):
             out.append(("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key go together"))

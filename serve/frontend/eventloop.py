@@ -13,9 +13,9 @@ import asyncio
 import importlib.util
 import logging
 
-from rnnserve.serve.settings import EVENT_LOOPS
-
 log = logging.getLogger(__name__)
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")   # --event-loop
 
 
 def uvloop_installed() -> bool:
