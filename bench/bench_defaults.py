@@ -38,7 +38,7 @@ from bench.bench_batching import infer_call, local_steps
 from bench.bench_server import MODEL, SEQ, VOCAB, build_repository, run_load, start_server
 from bench.sequence_clients import stream_sequences
 from rnnserve.serve.engine.runtime import CPU, create_session
-from rnnserve.serve.frontend.eventloop import resolve
+from rnnserve.serve.eventloop import resolve
 from rnnserve.serve.settings import ServeSettings, machine_threading
 
 DEFAULTS = "defaults"

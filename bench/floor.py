@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from rnnserve.serve.frontend.eventloop import EVENT_LOOPS, new_event_loop
+from rnnserve.serve.eventloop import EVENT_LOOPS, new_event_loop
 from rnnserve.serve.grpc_core import EXPERIMENTS_ENV, server_experiments
 from rnnserve.serve.wire.gen import grpc_service_pb2 as pb
 from rnnserve.serve.wire.gen import grpc_service_pb2_grpc as pb_grpc
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                         help="the --aio server's loop, as rnnserve-server's --event-loop")
     args = parser.parse_args(argv)
     if args.aio:
-        # on the loop rnnserve-server runs on with the same --event-loop (serve/frontend/eventloop.py)
+        # on the loop rnnserve-server runs on with the same --event-loop (serve/eventloop.py)
         with asyncio.Runner(loop_factory=lambda: new_event_loop(args.event_loop)) as runner:
             runner.run(_serve_aio(args))
         return 0

@@ -5,7 +5,7 @@
 Starts `rnnserve-server` (default flags) and bench.floor's grpc.aio canned-answer server, each
 with three settings: grpc's own defaults (GRPC_EXPERIMENTS empty), the setting rnnserve-server
 makes for itself (serve/grpc_core.py), and that setting on asyncio's event loop instead of
-uvloop (--event-loop asyncio; serve/frontend/eventloop.py). It streams 64 sequences of one-token
+uvloop (--event-loop asyncio; serve/eventloop.py). It streams 64 sequences of one-token
 steps over 4 tritonclient streams at each (bench.sequence_clients.stream_sequences, as in
 bench_batching's streaming table) for --seconds. It reads every server thread's CPU time and
 context switches from /proc/<pid>/task before and after, and prints per step: the process's

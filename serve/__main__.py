@@ -31,7 +31,7 @@ from rnnserve.files import atomic_write_text
 from rnnserve.serve.engine.runtime import DEVICES
 from rnnserve.serve.engine.statestore import shared_store
 from rnnserve.serve.errors import Unavailable
-from rnnserve.serve.frontend.eventloop import EVENT_LOOPS
+from rnnserve.serve.eventloop import EVENT_LOOPS
 from rnnserve.serve.grpc_core import prepare_environment
 from rnnserve.serve.memory import Trimmer
 from rnnserve.serve.settings import DEFAULT_POLL_INTERVAL_S, MODEL_CONTROL_MODES, ServeSettings

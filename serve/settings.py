@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 from rnnserve import serving
-from rnnserve.serve.frontend.eventloop import EVENT_LOOPS, uvloop_installed
+from rnnserve.serve.eventloop import EVENT_LOOPS, uvloop_installed
 
 log = logging.getLogger(__name__)
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")   # Triton's --model-control-mode names

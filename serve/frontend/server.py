@@ -41,11 +41,11 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rnnserve.serve.dataplane.plane import DataPlane
+from rnnserve.serve.eventloop import new_event_loop
+from rnnserve.serve.eventloop import resolve as resolve_event_loop
 from rnnserve.serve.frontend import auth, tls
 from rnnserve.serve.frontend.bridge import LoopBridge
 from rnnserve.serve.frontend.decoding import add_servicer
-from rnnserve.serve.frontend.eventloop import new_event_loop
-from rnnserve.serve.frontend.eventloop import resolve as resolve_event_loop
 from rnnserve.serve.frontend.grpc_errors import status_for
 from rnnserve.serve.frontend.limits import CallLimits, set_limits
 from rnnserve.serve.frontend.observe import RequestObservation

@@ -1,4 +1,4 @@
-"""The server's event loop (serve/frontend/eventloop.py): uvloop by default where it is installed
+"""The server's event loop (serve/eventloop.py): uvloop by default where it is installed
 (rnnserve depends on it off Windows), the standard library's asyncio loop on request; a real
 server on each answers unary and streamed sequence requests exactly as the other does."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as tc
 import uvloop
 
-from rnnserve.serve.frontend.eventloop import new_event_loop, resolve
+from rnnserve.serve.eventloop import new_event_loop, resolve
 from rnnserve.serve.settings import ServeSettings
 from tests.fixtures import serving
 
