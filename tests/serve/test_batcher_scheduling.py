@@ -292,6 +292,16 @@ class _Threads:
         return self.model.run(feeds)
 
 
+def _settled(b: Batcher, timeout: float = 30.0) -> None:
+    """Wait until no run is counted in progress. A scheduler thread answers its callers before it
+    counts its run as over, so a caller can get its answer while the batcher still holds no free
+    instance for a quick run."""
+    deadline = time.monotonic() + timeout
+    while b._running and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not b._running
+
+
 def _held_round(b: Batcher, m, seed: int, n: int = 3):
     """n works queued under one hold, then release(here=True) -> (their futures, their tokens)."""
     toks = [np.full((1, 2), seed + i, np.int64) for i in range(n)]
@@ -316,6 +326,7 @@ def test_release_here_runs_a_quick_batch_on_the_releasing_thread(models):
         futs, _ = _held_round(b, m, 0)           # nothing learned yet: the scheduler
         for f in futs:
             f.result(timeout=30)
+        _settled(b)
         assert run.names == ["batcher-lstm-0"]
         assert b.quick()
         futs, toks = _held_round(b, m, 5)
@@ -360,6 +371,7 @@ def test_the_event_loop_runs_quick_batches_at_the_end_of_its_turn(models):
         b = Batcher("lstm", run, m.io, max_batch_size=8, inline_run_us=budget)
         try:
             asyncio.run(turn(b, 0))                   # the first run teaches the estimate
+            _settled(b)
             loop_thread, toks, outs = asyncio.run(turn(b, 5))
             assert run.names == ["batcher-lstm-0", loop_thread if budget > 1 else "batcher-lstm-0"]
             for t, out in zip(toks, outs):
