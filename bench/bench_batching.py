@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         path = os.path.join(repo, MODEL, "1", "model.onnx")
         session = create_session(path, providers_for(args.device), args.device,
                                  intra_op_threads=local_thread_count(args.threads))
-        lone_threads = machine_threading(len(os.sched_getaffinity(0)))[2]
+        lone_threads = machine_threading(len(os.sched_getaffinity(0))).lone
         lone_session = create_session(path, providers_for(args.device), args.device, intra_op_threads=lone_threads,
                                       lone=True) if args.device == "cpu" and not args.threads else None
         local_runs = []   # in-process context rows: (rows per run, seconds)

@@ -2,12 +2,12 @@
 
     python -m bench.bench_defaults [--seconds 2] [--rounds 3] [--margin 0.05]   # repo root
 
-`rnnserve-server` chooses --threads / --instances / --lone-threads left at 0 from the cores it may use
+`rnnserve-server` chooses --threads / --instances / --lone-threads / --wide-threads left at 0 from the cores it may use
 (serve/settings.py machine_threading, logged at start). This starts it with those defaults and
 with each alternative of a small grid (the first column), each on 127.0.0.1 port 0, and
 measures each with the same tritonclient.grpc loads as bench_server / bench_batching, on the
 same 2-layer LSTM char model (bench_server.build_repository), every other flag default:
-  stateless, c=C    batch 1 x seq 64, C threads each calling infer() for --seconds: req/s, p50
+  stateless, c=C    batch 1 x seq 64, C threads each calling infer() for --seconds: req/s, p50, p99
   streaming         N sequences x S one-token steps over K pipelined streams
                     (sequence_clients.stream_sequences): steps/s; answers checked against
                     in-process onnxruntime
@@ -16,12 +16,14 @@ round to round, and the tables show the median over the rounds, so drift of the 
 hits all alike. Per load: the raw ratio of the defaults' median to the best alternative's, the
 per-round ratios (the two measured seconds apart, so drift between rounds cancels), and
 "defaults >= best: met" when the median per-round ratio is >= 1 - margin and, for stateless
-loads, the defaults' p50 is <= (1 + margin) x the lowest alternative's. The row marked "(= defaults here)" runs
-the defaults' threading under explicit flags: its spread from the defaults' row is the noise.
-Spinning is not in the grid: the shared intra-op pool never spins, and the lone-run session
-spins only while a run is in progress (serve/engine/runtime.py); `--lone-threads 1` (no lone
-runs) is, and so are `--inline-run-us 0` (every run on the batcher's threads, none on the event loop)
-and `--event-loop asyncio` (the standard library's loop instead of uvloop).
+loads, the defaults' p50 is <= (1 + margin) x the lowest alternative's (p99 is shown, not
+judged). The row marked "(= defaults here)" runs the defaults' threading under explicit flags:
+its spread from the defaults' row is the noise.
+Spinning is not in the grid: the shared and wide-run intra-op pools never spin, and the lone-run
+session spins only while a run is in progress (serve/engine/runtime.py); `--lone-threads 1` (no
+lone runs) is, and so are `--wide-threads 1` (no wide runs), `--inline-run-us 0` (every run on the
+batcher's threads, none on the event loop) and `--event-loop asyncio` (the standard library's loop
+instead of uvloop).
 """
 from __future__ import annotations
 
@@ -46,46 +48,48 @@ DEFAULTS = "defaults"
 
 def grid(cores: int) -> list[tuple[str, list[str]]]:
     """(label, server flags): the defaults first, then the alternatives."""
-    alternatives = ["--threads 1", "--lone-threads 1", "--inline-run-us 0", "--event-loop asyncio", "--threads 2",
-                    "--instances 2", "--threads 2 --instances 2"]
+    alternatives = ["--threads 1", "--lone-threads 1", "--wide-threads 1", "--inline-run-us 0", "--event-loop asyncio",
+                    "--threads 2", "--instances 2", "--threads 2 --instances 2"]
     if cores > 2:
         alternatives.append(f"--threads {cores}")        # onnxruntime's own default: a thread per core
     if cores >= 8:
         # On a big machine, more runs in progress at once: twice the instances, and four times
         # the instances at half the threads, both against the defaults' mix.
-        threads, instances, _ = machine_threading(cores)
+        threads, instances = machine_threading(cores)[:2]
         alternatives += [f"--instances {2 * instances}",
                          f"--threads {max(1, threads // 2)} --instances {4 * instances}"]
     return [(DEFAULTS, [])] + [(a, a.split()) for a in dict.fromkeys(alternatives)]
 
 
-def resolved(flags: list[str], cores: int) -> tuple[int, int, int, int, str]:
-    """The (intra-op threads, instances, lone-run threads, inline-run µs, event loop) a server started with
-    `flags` runs with."""
+def resolved(flags: list[str], cores: int) -> tuple[int, int, int, int, str, int]:
+    """The (intra-op threads, instances, lone-run threads, inline-run µs, event loop, wide-run threads;
+    1 = none) a server started with `flags` runs with."""
     given = dict(zip(flags[::2], flags[1::2]))
-    threads, instances, lone = machine_threading(cores)
-    return (int(given.get("--threads", threads)), int(given.get("--instances", instances)),
-            int(given.get("--lone-threads", lone)), int(given.get("--inline-run-us", ServeSettings.inline_run_us)),
-            resolve(given.get("--event-loop", ServeSettings.event_loop)))
+    machine = machine_threading(cores)
+    threads = int(given.get("--threads", machine.threads))
+    wide = int(given.get("--wide-threads", machine.wide))
+    return (threads, int(given.get("--instances", machine.instances)), int(given.get("--lone-threads", machine.lone)),
+            int(given.get("--inline-run-us", ServeSettings.inline_run_us)),
+            resolve(given.get("--event-loop", ServeSettings.event_loop)), wide if wide > threads else 1)
 
 
 def measure(load: str, address: str, args, tokens: np.ndarray, seq_tokens: np.ndarray, ref: np.ndarray,
-            base_id: int) -> tuple[float, float]:
-    """One load against one server -> (throughput, p50 ms; nan for the streaming load)."""
+            base_id: int) -> tuple[float, float, float]:
+    """One load against one server -> (throughput, p50 ms, p99 ms; nan for the streaming load)."""
     if load != "stream":
         r = run_load(infer_call(address, tokens), int(load[1:]), args.seconds)
-        return r["rps"], r["p50"]
+        return r["rps"], r["p50"], r["p99"]
     t0 = time.perf_counter()
     last = stream_sequences(address, seq_tokens, base_id, args.streams)
     steps_per_s = seq_tokens.size / (time.perf_counter() - t0)
     diff = float(np.abs(last - ref).max())
     assert diff < 1e-3, f"streamed answers differ from in-process onnxruntime by {diff}"
-    return steps_per_s, float("nan")
+    return steps_per_s, float("nan"), float("nan")
 
 
-def run_rounds(args, configs, repo: str, tmp: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def run_rounds(args, configs, repo: str, tmp: str) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
     """One server per configuration, all started up front (idle, they cost no CPU); per round
-    and load, every server in turn -> {config: {load: [(throughput, p50) per round]}}."""
+    and load, every server in turn -> {config: {load: [(throughput, p50, p99) per round]}}."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, len(VOCAB), size=(1, SEQ), dtype=np.int64)
     seq_tokens = rng.integers(0, len(VOCAB), size=(args.sequences, args.steps), dtype=np.int64)
@@ -115,29 +119,30 @@ def run_rounds(args, configs, repo: str, tmp: str) -> dict[str, dict[str, list[t
 
 def print_tables(args, configs, results, cores: int, load_before) -> bool:
     """One table per load; -> whether the defaults met the bar on every load."""
-    threads, instances, lone = machine_threading(cores)
+    threads, instances, lone, wide = machine_threading(cores)
     print(f"\nmodel: 2-layer LSTM, vocab {len(VOCAB)}, emb 64, hidden 256; cpu cores {cores}: defaults = "
-          f"--threads {threads} --instances {instances} --lone-threads {lone} here; {args.rounds} rounds, "
-          f"median shown; stateless {args.seconds:g} s per measurement; load average before "
+          f"--threads {threads} --instances {instances} --lone-threads {lone} --wide-threads {wide} here; "
+          f"{args.rounds} rounds, median shown; stateless {args.seconds:g} s per measurement; load average before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     loads = [(f"c{c}", f"stateless, batch 1 x seq {SEQ}, concurrency {c}", "req/s") for c in args.concurrency]
     loads.append(("stream", f"streaming, {args.sequences} sequences x {args.steps} one-token steps over "
                             f"{args.streams} streams", "steps/s"))
     all_met = True
     for load, title, unit in loads:
-        med = {label: (statistics.median(v for v, _ in results[label][load]),
-                       statistics.median(p for _, p in results[label][load])) for label, _ in configs}
+        med = {label: [statistics.median(m[i] for m in results[label][load]) for i in range(3)]
+               for label, _ in configs}
         stateless = load != "stream"
-        print(f"\n{title}\n{'configuration':<28} {unit:>9} {'p50 ms' if stateless else '':>8}  per round ({unit})")
+        heads = f"{'p50 ms':>8} {'p99 ms':>8}" if stateless else f"{'':>17}"
+        print(f"\n{title}\n{'configuration':<28} {unit:>9} {heads}  per round ({unit})")
         for label, flags in configs:
-            rounds = ", ".join(f"{v:.0f}" for v, _ in results[label][load])
-            p50 = f"{med[label][1]:>8.3f}" if stateless else f"{'':>8}"
+            rounds = ", ".join(f"{m[0]:.0f}" for m in results[label][load])
+            latency = f"{med[label][1]:>8.3f} {med[label][2]:>8.3f}" if stateless else f"{'':>17}"
             same = " (= defaults here)" if label != DEFAULTS and resolved(flags, cores) == resolved([], cores) else ""
-            print(f"{label:<28} {med[label][0]:>9.1f} {p50}  {rounds}{same}")
+            print(f"{label:<28} {med[label][0]:>9.1f} {latency}  {rounds}{same}")
         alternatives = [label for label, _ in configs if label != DEFAULTS]
         best = max(alternatives, key=lambda a: med[a][0])
         ratio = med[DEFAULTS][0] / med[best][0]
-        paired = [d / b for (d, _), (b, _) in zip(results[DEFAULTS][load], results[best][load])]
+        paired = [d[0] / b[0] for d, b in zip(results[DEFAULTS][load], results[best][load])]
         met = statistics.median(paired) >= 1 - args.margin
         line = (f"defaults / best alternative ({best}): {unit} {ratio:.3f}x of the medians, per round "
                 f"{', '.join(f'{x:.2f}' for x in paired)} (median {statistics.median(paired):.3f}x)")

@@ -94,7 +94,7 @@ def providers_for(device: str) -> list[str]:
 
 def local_thread_count(threads: int) -> int:
     """The in-process side's intra-op threads: as given, or for 0 what the server chooses here."""
-    return threads or machine_threading(len(os.sched_getaffinity(0)))[0]
+    return threads or machine_threading(len(os.sched_getaffinity(0))).threads
 
 
 def run_load(make_call, concurrency: int, seconds: float) -> dict:

@@ -28,6 +28,7 @@ from typing import Any
 
 from rnnserve.contract import MODEL_FILENAME
 from rnnserve.files import atomic_write_text
+from rnnserve.serve.engine.runkinds import LONE_MIN_STEPS, WIDE_MIN_ROWS
 from rnnserve.serve.engine.runtime import DEVICES
 from rnnserve.serve.engine.statestore import shared_store
 from rnnserve.serve.errors import Unavailable
@@ -54,6 +55,9 @@ HELP = {
     "lone_threads": "onnxruntime threads of a lone run: one the model has to itself while recent requests came "
                     "one at a time (0 = chosen from the core count and logged: 2 from 2 cores; 1 = off). "
                     "Its session spins while it runs and stops spinning at the end",
+    "wide_threads": f"onnxruntime threads of a wide run: at least {WIDE_MIN_ROWS} rows over at least "
+                    f"{LONE_MIN_STEPS} steps (0 = chosen from the core count and logged: 2 on 2 or 3 cores, "
+                    "off from 4; at most --threads = off). Its session never spins",
     "instances": "onnxruntime runs of one model in progress at once (Triton's instance count; 0 = chosen "
                  "from the core count and logged: 1 below 4 cores); each batch runs on one, the scheduler "
                  "forms the next batch meanwhile",

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from rnnserve import serving
 from rnnserve.serve.eventloop import EVENT_LOOPS, uvloop_installed
@@ -26,6 +27,7 @@ class ServeSettings:
     device: str = "auto"              # auto | cpu | cuda
     intra_op_threads: int = 0         # onnxruntime threads per session (0 = chosen from the cores)
     lone_threads: int = 0             # threads of a run the model has to itself (0 = from the cores; 1 = off)
+    wide_threads: int = 0             # threads of a big run (0 = from the cores; <= intra_op_threads = off)
     inter_op_threads: int = 1
     max_seq_len: int = 65536          # longest seq accepted per request
     max_top_k: int = 100              # text API
@@ -73,6 +75,13 @@ class ServeSettings:
         return self.lone_threads > 1
 
     @property
+    def wide_extra(self) -> bool:
+        """Big runs (serve/engine/batching.py) get a session of their own with more threads than the
+        shared one, which never spins either: a second thread halves a run of many rows, and sleeps
+        between runs so the front end keeps its core (README "Wide runs")."""
+        return self.wide_threads > self.intra_op_threads
+
+    @property
     def poll_seconds(self) -> float:
         """The scan interval in poll mode."""
         return self.poll_interval or DEFAULT_POLL_INTERVAL_S
@@ -85,9 +94,9 @@ class ServeSettings:
                      "max_response_bytes"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
-        for name in ("intra_op_threads", "lone_threads", "inter_op_threads", "instances", "max_queue_delay_us",
-                     "inline_run_us", "grace", "sequence_idle_timeout_s", "poll_interval", "max_streams",
-                     "max_concurrent_calls", "max_run_bytes"):
+        for name in ("intra_op_threads", "lone_threads", "wide_threads", "inter_op_threads", "instances",
+                     "max_queue_delay_us", "inline_run_us", "grace", "sequence_idle_timeout_s", "poll_interval",
+                     "max_streams", "max_concurrent_calls", "max_run_bytes"):
             if getattr(self, name) < 0:
                 out.append((name, f"must be >= 0, got {getattr(self, name)}"))
         for name in ("max_message_bytes", "max_response_bytes"):
@@ -123,36 +132,50 @@ class ServeSettings:
             raise ValueError("; ".join(f"{name} {text}" for name, text in found))
 
 
-def machine_threading(cores: int) -> tuple[int, int, int]:
-    """-> (intra-op threads, instances, lone-run threads) for a machine with `cores` CPUs. On
-    small machines the front end (gRPC, conversion, batching: Python) needs a core of its own
-    under load, and a second onnxruntime thread only takes it away: one intra-op thread and one
-    instance (measured on 2 cores: bench_server / bench_batching, README). From 4 cores on, two
-    runs in progress at once, each with half of the other half of the cores. A lone run
-    (serve/engine/batching.py: the model has nothing else to do, and recent traffic came one
-    request at a time) has the machine to itself, so it uses two threads, spinning while it runs
-    (measured on 2 and 16 cores; more threads gain little on one recurrent row and are untested)."""
+class Threading(NamedTuple):
+    """onnxruntime threading chosen for a machine (machine_threading)."""
+    threads: int     # intra-op threads of the shared session
+    instances: int   # runs of one model in progress at once
+    lone: int        # threads of a lone run (1 = off)
+    wide: int        # threads of a wide run (<= threads = off)
+
+
+def machine_threading(cores: int) -> Threading:
+    """The threading for a machine with `cores` CPUs. On small machines the front end (gRPC,
+    conversion, batching: Python) needs a core of its own under load, and a second onnxruntime
+    thread on every run only takes it away: one intra-op thread and one instance (measured on 2
+    cores: bench_server / bench_batching, README). A wide run (serve/engine/batching.py: many rows
+    over many steps, the load of many concurrent callers) is the exception: two threads halve it,
+    and its pool sleeps between runs (measured on 2 cores: bench_defaults, README "Wide runs").
+    From 4 cores on, two runs in progress at once, each with half of the other half of the
+    cores, and no wide runs (untested there). A lone run (the model has nothing else to do, and
+    recent traffic came one request at a time) has the machine to itself, so it uses two
+    threads, spinning while it runs (measured on 2 and 16 cores; more threads gain little on one
+    recurrent row and are untested)."""
     lone = min(cores, 2)
     if cores < 4:
-        return 1, 1, lone
-    return max(1, cores // 4), 2, lone
+        return Threading(1, 1, lone, lone)
+    return Threading(max(1, cores // 4), 2, lone, 1)
 
 
 def with_machine_defaults(settings: ServeSettings, cores: int | None = None) -> ServeSettings:
     """Fill the onnxruntime threading left at 0 from the core count (sched_getaffinity: the
     cores this process may use), and log what was chosen."""
-    if settings.intra_op_threads > 0 and settings.instances > 0 and settings.lone_threads > 0:
+    if min(settings.intra_op_threads, settings.instances, settings.lone_threads, settings.wide_threads) > 0:
         return settings
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads, instances, lone = machine_threading(cores)
-    chosen = dataclasses.replace(settings, intra_op_threads=settings.intra_op_threads or threads,
-                                 instances=settings.instances or instances,
-                                 lone_threads=settings.lone_threads or lone)
+    machine = machine_threading(cores)
+    chosen = dataclasses.replace(settings, intra_op_threads=settings.intra_op_threads or machine.threads,
+                                 instances=settings.instances or machine.instances,
+                                 lone_threads=settings.lone_threads or machine.lone,
+                                 wide_threads=settings.wide_threads or machine.wide)
     log.info("onnxruntime threading for %d cores: %d intra-op threads per session%s, %d instances%s, "
-             "spinning off; lone runs: %s%s", cores, chosen.intra_op_threads,
+             "spinning off; lone runs: %s%s; wide runs: %s%s", cores, chosen.intra_op_threads,
              "" if settings.intra_op_threads else " (chosen)", chosen.instances,
              "" if settings.instances else " (chosen)",
              f"{chosen.lone_threads} threads, spinning while they run" if chosen.lone_extra else "off",
-             "" if settings.lone_threads else " (chosen)")
+             "" if settings.lone_threads else " (chosen)",
+             f"{chosen.wide_threads} threads, not spinning" if chosen.wide_extra else "off",
+             "" if settings.wide_threads else " (chosen)")
     return chosen

@@ -84,7 +84,7 @@ def copy_repo(src: str, dst: str) -> str:
 
 def make_dataplane(repo: str, **overrides) -> DataPlane:
     """A loaded DataPlane on CPU with one onnxruntime thread (the test machine is shared)."""
-    dp = DataPlane(ServeSettings(repository=repo, device="cpu", intra_op_threads=1, **overrides))
+    dp = DataPlane(ServeSettings(repository=repo, device="cpu", **{"intra_op_threads": 1, **overrides}))
     dp.load()
     return dp
 

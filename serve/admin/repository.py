@@ -134,14 +134,16 @@ def load_entry(entry: ModelEntry, settings: ServeSettings, providers: Sequence[s
         meta = parse_metadata(props) if KEY_FORMAT in props else None   # a model of ours, or any other
         found = describe(graph_tensors(session.get_inputs()), graph_tensors(session.get_outputs()), meta,
                          config.proto if config is not None else None)
-        # Lone runs on more threads: CPU only (a GPU run's threads only feed the device), and only for
-        # a model with a time axis (the Batcher's rule: a lone run is long enough to spread).
-        timed = any(t.time_axis is not None for t in found.spec.inputs)
+        # Lone and wide runs on more threads: CPU only (a GPU run's threads only feed the device), and
+        # only for a model with a time axis (the Batcher's rules: such a run is long enough to spread).
+        extra = any(t.time_axis is not None for t in found.spec.inputs) and session.get_providers()[0] == CPU
         lone = create_session(entry.path, providers, settings.device, settings.lone_threads,
-                              settings.inter_op_threads, lone=True) \
-            if settings.lone_extra and timed and session.get_providers()[0] == CPU else None
+                              settings.inter_op_threads, lone=True) if settings.lone_extra and extra else None
+        wide = create_session(entry.path, providers, settings.device, settings.wide_threads,
+                              settings.inter_op_threads) if settings.wide_extra and extra else None
         instance = ModelInstance(entry.name, entry.version, entry.path, session, found.spec, meta, found.source,
-                                 allow_nonfinite=config is not None and config.allow_nonfinite, lone_session=lone)
+                                 allow_nonfinite=config is not None and config.allow_nonfinite, lone_session=lone,
+                                 wide_session=wide)
         if settings.warmup:
             instance.warmup(settings.max_seq_len)
         engine = ModelEngine(instance, modelconfig.model_settings(config, settings), metrics)

@@ -17,11 +17,8 @@ concurrency 1 recent batches hold one row, so a request runs as soon as it
 arrives; under steady load the work that queued during a run goes the moment
 the run ends (waiting then would only leave the model idle).
 
-Lone runs: a run of one request over at least LONE_MIN_STEPS steps, with nothing queued, no
-other run in progress and recent runs of one row each (concurrency 1: the machine is idle but
-for it), goes to `run_lone` when there is one: the same model on more threads
-(ModelInstance.lone_session, taken only when no other model's run is in progress either),
-which only pays on a run long enough to spread.
+Lone and wide runs: a batch may run on another session of the model, with more threads
+(serve/engine/runkinds.py has the rules).
 
 Threads: a caller that is about to block (inline) runs its own work when the model
 is idle and the last runs held a single row each, so concurrency 1 has no hand-off.
@@ -50,6 +47,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from rnnserve.serve.engine import runkinds
 from rnnserve.serve.engine.modelio import ModelIO, Work
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
 from rnnserve.serve.stats import RunRecord
@@ -57,9 +55,6 @@ from rnnserve.serve.stats import RunRecord
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-# Shorter lone runs stay on the shared session: waking the extra threads costs more than they save.
-LONE_MIN_STEPS = 16
-
 
 class _Group:
     """The batch being formed: its rows, lengths and whether any item needs hn/cn."""
@@ -89,14 +84,15 @@ class Batcher:
                  max_padding_ratio: float = 2.0, instances: int = 1,
                  on_run: Callable[[RunRecord], None] | None = None,
                  before_answer: Callable[[list[Work], list[dict[str, np.ndarray]]], None] | None = None,
-                 run_lone: RunFn | None = None, inline_run_us: int = 0) -> None:
+                 run_lone: RunFn | None = None, run_wide: RunFn | None = None, inline_run_us: int = 0) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if instances < 1:
             raise ValueError("instances must be >= 1")
         self.name = name
         self._run = run
-        self._run_lone = run_lone   # lone runs (see the module's docstring); None: every run is `run`
+        self._run_lone = run_lone   # lone runs (see the module's docstring); None: none
+        self._run_wide = run_wide   # wide runs (see the module's docstring); None: none
         self._io = io
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_us / 1e6
@@ -337,7 +333,7 @@ class Batcher:
             t0 = time.perf_counter_ns()
             feeds = self._io.assemble(live)
             t1 = time.perf_counter_ns()
-            out = (self._run_lone if self._run_lone is not None and self._alone(live) else self._run)(feeds)
+            out = self._run_for(live)(feeds)
             times = (queue_ns, t1 - t0, time.perf_counter_ns() - t1)
             if self._inline_ns:
                 self._learn(live, times[2])
@@ -364,13 +360,14 @@ class Batcher:
         self._last_cells = rows * max(steps, 1)   # steps: 0 for a model without a time axis
         self._cell_ns.append(compute_ns / self._last_cells)
 
-    def _alone(self, live: list[Work]) -> bool:
-        """This run is a lone run: one request long enough to spread over more threads, with nothing
-        queued, no other run in progress and recent runs of one row each. Read without the lock: a hint."""
-        if len(live) != 1 or live[0].rows != 1 or self._queue or self._running != 1:
-            return False
-        steps = self._io.time_len(live[0].inputs)
-        return steps is not None and steps >= LONE_MIN_STEPS and max(self._recent_rows, default=1) <= 1
+    def _run_for(self, live: list[Work]) -> RunFn:
+        """The run function of a batch: lone, wide or shared (serve/engine/runkinds.py)."""
+        if self._run_lone is not None and runkinds.lone(self._io, live, bool(self._queue), self._running,
+                                                        self._recent_rows):
+            return self._run_lone
+        if self._run_wide is not None and runkinds.wide(self._io, live):
+            return self._run_wide
+        return self._run
 
     def _complete_loop(self) -> None:
         while True:

@@ -66,7 +66,8 @@ class ModelEngine:
                                inline_run_us=settings.inline_run_us,
                                on_run=self.counters.record_run,
                                before_answer=self._write_through if store and store.shared else None,
-                               run_lone=None if inst.lone_session is None else functools.partial(inst.run, lone=True))
+                               run_lone=None if inst.lone_session is None else functools.partial(inst.run, lone=True),
+                               run_wide=None if inst.wide_session is None else functools.partial(inst.run, wide=True))
         if inst.streamable:
             self.sequences = SequenceManager(label, self.batcher, self.io, self.zero_states,
                                              max_sequences=settings.max_sequences,

@@ -148,13 +148,16 @@ class ModelInstance:
 
     def __init__(self, name: str, version: str, path: str, session: ort.InferenceSession,
                  spec: ModelSpec, meta: ModelMeta | None = None, source: str = "metadata",
-                 allow_nonfinite: bool = False, lone_session: ort.InferenceSession | None = None):
-        """lone_session: the same model with more threads, for lone runs (run(lone=True)); None: none."""
+                 allow_nonfinite: bool = False, lone_session: ort.InferenceSession | None = None,
+                 wide_session: ort.InferenceSession | None = None):
+        """lone_session, wide_session: the same model with more threads, for lone runs (run(lone=True))
+        and wide runs (run(wide=True)); None: none."""
         self.name = name
         self.version = version
         self.path = path
         self.session = session
         self.lone_session = lone_session
+        self.wide_session = wide_session
         self.spec = spec
         self.meta = meta
         self.source = source
@@ -221,16 +224,19 @@ class ModelInstance:
         return list(zip(self.state_inputs, self.state_outputs))
 
     # -- the one onnxruntime call --------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray], lone: bool = False) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], lone: bool = False, wide: bool = False) -> dict[str, np.ndarray]:
         """Run the session on validated feeds; omitted state inputs are zeros. Returns {output name: array}.
         lone: a run the model has to itself (the Batcher's call) goes to the lone session, if there is one
-        and no other run is in progress in the process: the same graph, so the same answer, sooner."""
+        and no other run is in progress in the process: the same graph, so the same answer, sooner.
+        wide: a run of many rows (the Batcher's call) goes to the wide session, if there is one."""
         if len(feeds) < len(self.input_names):    # validated feeds: only state inputs can be missing
             feeds = dict(feeds)
             for name, z in zip(self.state_inputs, self.zero_states(self.io.rows(feeds))):
                 feeds.setdefault(name, z)
         only = _RUNS.enter()
         session = self.lone_session if lone and only and self.lone_session is not None else self.session
+        if wide and self.wide_session is not None:
+            session = self.wide_session
         try:
             values = session.run(self.output_names, feeds)
         except Exception as e:  # validation ran first, so this is our fault, not the client's
@@ -259,7 +265,7 @@ class ModelInstance:
         for name, z in zip(self.state_inputs, self.zero_states(1)):
             feeds[name] = z
         try:
-            for session in (self.session, self.lone_session):
+            for session in (self.session, self.lone_session, self.wide_session):
                 if session is not None:
                     session.run(self.output_names[:1], feeds, self._shrink)
         except Exception as e:  # noqa: BLE001 - memory housekeeping must never break serving
@@ -282,6 +288,8 @@ class ModelInstance:
                     self.run(feeds)
                     if self.lone_session is not None:
                         self.run(feeds, lone=True)
+                    if self.wide_session is not None and batch > 1:
+                        self.run(feeds, wide=True)
             except ServeError:
                 log.info("model %s version %s: warm-up at batch %d, seq %d failed; serving without it",
                          self.name, self.version, batch, min(seq, max_seq_len))

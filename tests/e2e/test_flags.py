@@ -23,6 +23,7 @@ BAD = [  # (flags, environment, words the one line must contain)
     (["--max-batch-size", "0"], {}, "--max-batch-size"),
     (["--instances", "-1"], {}, "--instances"),
     (["--lone-threads", "-2"], {}, "--lone-threads"),
+    (["--wide-threads", "-1"], {}, "--wide-threads"),
     (["--inline-run-us", "-1"], {}, "--inline-run-us"),
     ([], {"RNNSERVE_EVENT_LOOP": "trio"}, "RNNSERVE_EVENT_LOOP"),
     ([], {"RNNSERVE_LONE_THREADS": "many"}, "RNNSERVE_LONE_THREADS"),

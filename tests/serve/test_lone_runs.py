@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from rnnserve.serve.engine.batching import LONE_MIN_STEPS
+from rnnserve.serve.engine.runkinds import LONE_MIN_STEPS
 from rnnserve.serve.wire.types import InferRequest
 from tests.fixtures import make_dataplane
 
@@ -32,7 +32,7 @@ class Counted:
 
 @pytest.fixture()
 def plane(charlm_repo):
-    dp = make_dataplane(charlm_repo, lone_threads=2, max_queue_delay_us=0)
+    dp = make_dataplane(charlm_repo, lone_threads=2, wide_threads=1, max_queue_delay_us=0)
     inst = dp.engine("charlm").inst
     inst.session, inst.lone_session = Counted(inst.session), Counted(inst.lone_session)
     yield dp, inst

@@ -7,10 +7,11 @@ from rnnserve.serve.settings import ServeSettings, machine_threading, with_machi
 
 
 def test_small_machines_get_one_thread_and_one_instance():
-    """(intra-op threads, instances, lone-run threads); one core has no lone runs (1 = off)."""
-    assert machine_threading(1) == (1, 1, 1) and machine_threading(2) == (1, 1, 2)
-    assert machine_threading(3) == (1, 1, 2)
-    assert machine_threading(4) == (1, 2, 2) and machine_threading(16) == (4, 2, 2)
+    """(intra-op threads, instances, lone-run threads, wide-run threads); one core has no lone or
+    wide runs (1 = off), and from 4 cores there are no wide runs."""
+    assert machine_threading(1) == (1, 1, 1, 1) and machine_threading(2) == (1, 1, 2, 2)
+    assert machine_threading(3) == (1, 1, 2, 2)
+    assert machine_threading(4) == (1, 2, 2, 1) and machine_threading(16) == (4, 2, 2, 1)
 
 
 def test_defaults_are_filled_and_logged_flags_win(caplog):
@@ -19,10 +20,13 @@ def test_defaults_are_filled_and_logged_flags_win(caplog):
     assert (chosen.intra_op_threads, chosen.instances, chosen.lone_threads) == (1, 1, 2) and chosen.lone_extra
     assert "1 intra-op threads per session (chosen), 1 instances (chosen)" in caplog.text
     assert "lone runs: 2 threads, spinning while they run (chosen)" in caplog.text
+    assert chosen.wide_threads == 2 and chosen.wide_extra
+    assert "wide runs: 2 threads, not spinning (chosen)" in caplog.text
     given = with_machine_defaults(ServeSettings(repository="r", intra_op_threads=3), cores=16)
     assert (given.intra_op_threads, given.instances) == (3, 2)
-    both = ServeSettings(repository="r", intra_op_threads=2, instances=3, lone_threads=1)
+    both = ServeSettings(repository="r", intra_op_threads=2, instances=3, lone_threads=1, wide_threads=2)
     assert with_machine_defaults(both, cores=16) is both and not both.lone_extra
+    assert not both.wide_extra                     # no more threads than the shared session has
 
 
 def test_big_machines_keep_lone_runs_with_fewer_threads_than_the_shared_session(caplog):
@@ -31,3 +35,4 @@ def test_big_machines_keep_lone_runs_with_fewer_threads_than_the_shared_session(
         chosen = with_machine_defaults(ServeSettings(repository="r"), cores=16)
     assert (chosen.intra_op_threads, chosen.instances, chosen.lone_threads) == (4, 2, 2) and chosen.lone_extra
     assert "lone runs: 2 threads, spinning while they run (chosen)" in caplog.text
+    assert not chosen.wide_extra and "wide runs: off (chosen)" in caplog.text
