@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python -m bench.stream_threads
 	$(BIN)/python -m bench.dataplane_steps
 	$(BIN)/python -m bench.lone_runs
+	$(BIN)/python -m bench.wide_runs
 	$(BIN)/python -m bench.bench_statestore
 
 quality: install

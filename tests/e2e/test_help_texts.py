@@ -12,7 +12,7 @@ COMMANDS = [("rnnserve.train.__main__", []), ("rnnserve.train.evaluate", []), ("
                                                            "stream", "infer")],
             *[(f"bench.{m}", []) for m in ("bench_batching", "bench_engine", "bench_latency", "bench_server",
                                            "floor", "quality", "stream_threads", "bench_defaults", "lone_runs",
-                                           "gpu_check", "dataplane_steps")]]
+                                           "wide_runs", "gpu_check", "dataplane_steps")]]
 
 
 def _parsers(module: str, argv: list[str], monkeypatch) -> list[argparse.ArgumentParser]:
