@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="per stateless measurement (a full run takes about the grid's configurations "
-                             "(6 to 9) x --rounds x (3 x --seconds + the streaming run + 4 x --settle + 2 s))")
+                             "(9 to 12) x --rounds x (3 x --seconds + the streaming run + 4 x --settle + 2 s))")
     # Fewer rounds let the best of the grid's noisy alternatives beat the defaults by chance (README).
     parser.add_argument("--rounds", type=int, default=5, help="every configuration measured once per round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="stateless concurrencies")

@@ -27,7 +27,7 @@ class ServeSettings:
     device: str = "auto"              # auto | cpu | cuda
     intra_op_threads: int = 0         # onnxruntime threads per session (0 = chosen from the cores)
     lone_threads: int = 0             # threads of a run the model has to itself (0 = from the cores; 1 = off)
-    wide_threads: int = 0             # threads of a big run (0 = from the cores; <= intra_op_threads = off)
+    wide_threads: int = 0             # threads of a wide run (0 = from the cores; <= intra_op_threads = off)
     inter_op_threads: int = 1
     max_seq_len: int = 65536          # longest seq accepted per request
     max_top_k: int = 100              # text API
@@ -76,7 +76,7 @@ class ServeSettings:
 
     @property
     def wide_extra(self) -> bool:
-        """Big runs (serve/engine/batching.py) get a session of their own with more threads than the
+        """Wide runs (serve/engine/runkinds.py) get a session of their own with more threads than the
         shared one, which never spins either: a second thread halves a run of many rows, and sleeps
         between runs so the front end keeps its core (README "Wide runs")."""
         return self.wide_threads > self.intra_op_threads
