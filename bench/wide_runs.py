@@ -17,25 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import numpy as np
 
 from bench.bench_server import MODEL, SEQ, VOCAB, build_repository
+from bench.lone_runs import load
 from rnnserve.serve.dataplane.plane import DataPlane
 from rnnserve.serve.engine.runkinds import WIDE_MIN_ROWS
 from rnnserve.serve.settings import ServeSettings
-
-
-def timed(run, seconds: float) -> tuple[float, float]:
-    """run() in a loop for `seconds` -> (p50 ms per run, process CPU ms per run)."""
-    for _ in range(3):
-        run()
-    times, cpu0, end = [], time.process_time(), time.perf_counter() + seconds
-    while (t0 := time.perf_counter()) < end:
-        run()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3, (time.process_time() - cpu0) * 1e3 / len(times)
 
 
 def main(argv=None) -> int:
@@ -57,8 +46,8 @@ def main(argv=None) -> int:
             rows = []
             for n in args.rows:
                 feeds = {"tokens": rng.integers(0, len(VOCAB), size=(n, SEQ), dtype=np.int64)}
-                shared = timed(lambda: inst.run(feeds), args.seconds)
-                wide = timed(lambda: inst.run(feeds, wide=True), args.seconds)
+                shared = load([lambda: inst.run(feeds)], args.seconds)
+                wide = load([lambda: inst.run(feeds, wide=True)], args.seconds)
                 rows.append((n, shared, wide))
         finally:
             dp.close()
@@ -68,8 +57,9 @@ def main(argv=None) -> int:
           f"load average after {os.getloadavg()[0]:.2f}")
     print("| rows | shared p50 ms | shared CPU ms | wide p50 ms | wide CPU ms | wide / shared p50 |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for n, (sp, sc), (wp, wc) in rows:
-        print(f"| {n} | {sp:.3f} | {sc:.3f} | {wp:.3f} | {wc:.3f} | {wp / sp:.2f} |")
+    for n, shared, wide in rows:
+        print(f"| {n} | {shared['p50']:.3f} | {shared['cpu']:.3f} | {wide['p50']:.3f} | {wide['cpu']:.3f} "
+              f"| {wide['p50'] / shared['p50']:.2f} |")
     return 0
 
 

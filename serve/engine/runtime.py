@@ -234,9 +234,12 @@ class ModelInstance:
             for name, z in zip(self.state_inputs, self.zero_states(self.io.rows(feeds))):
                 feeds.setdefault(name, z)
         only = _RUNS.enter()
-        session = self.lone_session if lone and only and self.lone_session is not None else self.session
         if wide and self.wide_session is not None:
             session = self.wide_session
+        elif lone and only and self.lone_session is not None:
+            session = self.lone_session
+        else:
+            session = self.session
         try:
             values = session.run(self.output_names, feeds)
         except Exception as e:  # validation ran first, so this is our fault, not the client's
