@@ -77,7 +77,7 @@ class ServeSettings:
     @property
     def wide_extra(self) -> bool:
         """Wide runs (serve/engine/runkinds.py) get a session of their own with more threads than the
-        shared one, which never spins either: a second thread halves a run of many rows, and sleeps
+        shared one, which never spins either: a second thread nearly halves a run of many rows, and sleeps
         between runs so the front end keeps its core (README "Wide runs")."""
         return self.wide_threads > self.intra_op_threads
 
