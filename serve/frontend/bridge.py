@@ -98,14 +98,20 @@ class Coalescer:
     """Requests the loop handles in one turn reach each model's Batcher together: the first
     one holds the batcher (Batcher.hold) until the end of the turn, so its scheduler
     cannot start a run with the first request alone while the rest are still being read. With
-    one event loop reading every request, that is what lets concurrent requests share runs."""
+    one event loop reading every request, that is what lets concurrent requests share runs.
+
+    The hold lasts one more pass of the loop than the turn itself: messages that grpc's poller
+    thread received while the turn ran are read in that pass and join the run. Released at the
+    end of the turn itself, the run would start just before they are read, and they would wait
+    for the next one (bench.stream_threads' 4-stream load: about twice the rows a run this way,
+    and less CPU a step). A second extra pass costs more in delay than it adds in rows."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self._held: dict[int, Any] = {}   # id(batcher) -> batcher, held until the turn ends
+        self._held: dict[int, Any] = {}   # id(batcher) -> batcher, held until the pass after the turn
 
     def hold(self, batcher) -> None:
-        """(On the loop.) Hold the batcher (Batcher.hold) until the end of this turn of the loop,
+        """(On the loop.) Hold the batcher (Batcher.hold) until the pass after this turn of the loop,
         when the batch may then run on the loop (Batcher.release(here=True), if it is quick).
         Unless its recent traffic came one request at a time (Batcher.lone) and its last run was
         not quick: then the request goes to a scheduler at once, as it would have run alone anyway."""
@@ -115,7 +121,10 @@ class Coalescer:
         batcher.hold()
         held[id(batcher)] = batcher
         if len(held) == 1:
-            self._loop.call_soon(self._release)
+            self._loop.call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        self._loop.call_soon(self._release)
 
     def _release(self) -> None:
         held, self._held = self._held, {}

@@ -12,6 +12,7 @@ import pytest
 
 from rnnserve.serve.engine.batching import Batcher
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
+from rnnserve.serve.eventloop import new_event_loop
 from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge
 from tests.batching_models import CountingRun, GatedRun, Runs, build_models, work
 
@@ -378,3 +379,50 @@ def test_the_event_loop_runs_quick_batches_at_the_end_of_its_turn(models):
                 np.testing.assert_array_equal(out["logits"], m.alone(t, m.zero(1))["logits"])
         finally:
             b.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_request_read_in_the_pass_after_the_turn_joins_its_run(models, loop_kind):
+    """The Coalescer holds the batcher one pass of the loop past the turn that first held it: a
+    request the loop reads in that next pass (grpc hands over messages that arrived meanwhile)
+    shares the run, which then runs on the loop; one read a pass later still gets a run of its own."""
+    m = models["lstm"]
+    run, rows = _Threads(m), []
+
+    def counted(feeds):
+        rows.append(int(feeds["tokens"].shape[0]))
+        return run(feeds)
+
+    b = Batcher("lstm", counted, m.io, max_batch_size=8, inline_run_us=10_000_000)
+    toks = [np.full((1, 2), 7 + i, np.int64) for i in range(3)]
+
+    async def passes(b: Batcher):
+        loop = asyncio.get_running_loop()
+        coalesce, bridge = Coalescer(loop), LoopBridge(loop)
+        futs = []
+
+        def read(t, then=None):
+            coalesce.hold(b)
+            futs.append(b.submit(work(t, m.zero(1))))
+            if then is not None:
+                loop.call_soon(*then)
+
+        read(toks[0], (read, toks[1], (read, toks[2])))   # this turn, the next pass, the one after
+        while len(futs) < 3:
+            await asyncio.sleep(0)
+        return threading.current_thread().name, await asyncio.gather(*(bridge.wrap(f) for f in futs))
+
+    loop = new_event_loop(loop_kind)
+    try:
+        loop.run_until_complete(passes(b))            # the first runs teach the estimate
+        _settled(b)
+        run.names.clear()
+        rows.clear()
+        loop_thread, outs = loop.run_until_complete(passes(b))
+    finally:
+        loop.close()
+        b.close()
+    assert run.names == [loop_thread, loop_thread]
+    assert rows == [2, 1]
+    for t, out in zip(toks, outs):
+        np.testing.assert_array_equal(out["logits"], m.alone(t, m.zero(1))["logits"])
