@@ -23,13 +23,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import NamedTuple
 
 from rnnserve.serve.wire.types import DurationStat, ModelStats
 
 
-@dataclass(frozen=True)
-class RunRecord:
+class RunRecord(NamedTuple):
     """One onnxruntime run of a batch of work items."""
     rows: int                      # rows run: the sum of the items' rows
     queue_ns: Sequence[int]        # each item's wait in the queue
@@ -38,8 +38,7 @@ class RunRecord:
     output_ns: int                 # splitting the outputs back to the items
 
 
-@dataclass(frozen=True)
-class RequestRecord:
+class RequestRecord(NamedTuple):
     """One answered inference request. `code` is the gRPC status name the client got (OK, ...);
     `model` / `version` are what the request named (version "" = the newest READY one)."""
     method: str

@@ -40,7 +40,7 @@ def _tensor_bytes(name: str, nbytes: int, rank: int) -> int:
 
 def _envelope(model: str, version: str, request_id: str, parameters: Mapping[str, object]) -> int:
     """The message's own fields, and ModelStreamInferResponse's wrapper around it in a stream."""
-    params = sum(len(str(k)) + len(str(v)) + 4 * FIELD_BYTES for k, v in parameters.items())
+    params = sum(len(str(k)) + len(str(v)) + 4 * FIELD_BYTES for k, v in parameters.items()) if parameters else 0
     return len(model) + len(version) + len(request_id) + 4 * FIELD_BYTES + params
 
 
