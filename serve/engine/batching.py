@@ -18,19 +18,17 @@ arrives; under steady load the work that queued during a run goes the moment
 the run ends (waiting then would only leave the model idle).
 
 Lone and wide runs: a batch may run on another session of the model, with more threads
-(serve/engine/runkinds.py has the rules).
+(serve/engine/runkinds.py has the rules, and the estimate of quick runs, below).
 
 Threads: a caller that is about to block (inline) runs its own work when the model
 is idle and the last runs held a single row each, so concurrency 1 has no hand-off.
 The event loop, ending a hold (release(here=True)), runs the next batch itself when
-the model's recent runs say it is quick (`inline_run_us`; streamed one-token steps):
-the two hand-offs to a scheduler and back cost more CPU than such a run, and the loop
-is blocked no longer than the budget. Otherwise the scheduler runs it; a finished run
-goes to the batcher's completion thread, which splits the outputs, records statistics
-and completes the callers' futures while the scheduler starts the next run (waking
-callers first would have them contend for the GIL with the next batch's assembly and
-leave the model idle).
-The completion thread takes every run that finished meanwhile at once; a
+it is quick (`inline_run_us`; streamed one-token steps): the hand-offs to a scheduler
+and back cost more CPU than such a run. Otherwise the scheduler runs it; a finished
+run goes to the batcher's completion thread, which splits the outputs, records
+statistics and completes the callers' futures while the scheduler starts the next run
+(waking callers first would have them contend for the GIL with the next batch's
+assembly and leave the model idle). The completion thread takes every run that finished meanwhile at once; a
 `before_answer` hook (the state store's write-through) is called once for all of
 them before any caller is answered: one round trip for a run, or fewer.
 """
@@ -100,12 +98,9 @@ class Batcher:
         self.max_padding_ratio = max_padding_ratio
         self._on_run = on_run   # each finished run's RunRecord (the model's statistics)
         # release(here=True) runs a batch on the caller's thread when it should take at most this long
-        # (0 = never), judged from onnxruntime's ns per row x step in recent runs: their least, since a
-        # run's time also counts the wait for the GIL after it, whenever another thread holds it. Never
-        # with a state store write before the answers: a network round trip must not block the event loop.
-        self._inline_ns = inline_run_us * 1000 if before_answer is None else 0
-        self._cell_ns: collections.deque[float] = collections.deque(maxlen=8)
-        self._last_cells = 0       # rows x steps of the last run
+        # (serve/engine/runkinds.py). Never with a state store write before the answers: a network
+        # round trip must not block the event loop.
+        self._quick = runkinds.QuickRuns(inline_run_us * 1000 if before_answer is None else 0)
         # finished runs' items and their outputs, before any caller sees them (the state
         # store's write-through: one call per run, or fewer: see _finish_runs)
         self._before_answer = before_answer
@@ -175,7 +170,7 @@ class Batcher:
             self._held += 1
 
     def release(self, here: bool = False) -> None:
-        """End a hold. With `here` (the event loop, at the end of its turn), a next batch that recent runs
+        """End a hold. With `here` (the event loop, when its Coalescer releases the hold), a next batch that recent runs
         say is quick (inline_run_us) runs on this thread instead of waking a scheduler."""
         with self._cv:
             self._held -= 1
@@ -189,12 +184,8 @@ class Batcher:
 
     def quick(self) -> bool:
         """The last run was quick enough to run on the event loop: worth holding a lone request until the
-        end of the loop's turn (Coalescer) to save the hand-offs. Read without the lock: a hint."""
-        return self._cost_ns(self._last_cells) <= self._inline_ns
-
-    def _cost_ns(self, cells: int) -> float:
-        """The estimated onnxruntime time of a run of `cells` rows x steps; inf before any run."""
-        return min(self._cell_ns) * cells if self._cell_ns else float("inf")
+        loop releases it (Coalescer) to save the hand-offs. Read without the lock: a hint."""
+        return self._quick.last_fits()
 
     def cancel(self, work: Work) -> bool:
         """Remove work that has not started; True when it was still queued."""
@@ -237,13 +228,13 @@ class Batcher:
     def _quick_batch(self) -> list[Work] | None:
         """(Under the lock.) The next batch, counted as running, when it may run on the caller's thread:
         an estimate within the budget and a free instance. Else None, the queue unchanged."""
-        if not self._cell_ns or self._running >= self.instances:
+        if not self._quick.known() or self._running >= self.instances:
             return None
         head = self._queue[0]
-        if self._cost_ns(head.rows * max(head.seq_len, 1)) > self._inline_ns:   # the head alone is too long
+        if not self._quick.fits(head.rows * max(head.seq_len, 1)):   # the head alone is too long
             return None
         group = self._take()
-        if self._cost_ns(group.rows * max(group.max_len, 1)) > self._inline_ns:
+        if not self._quick.fits(group.rows * max(group.max_len, 1)):
             self._queue.extendleft(reversed(group.items))
             return None
         self._running += 1
@@ -335,8 +326,8 @@ class Batcher:
             t1 = time.perf_counter_ns()
             out = self._run_for(live)(feeds)
             times = (queue_ns, t1 - t0, time.perf_counter_ns() - t1)
-            if self._inline_ns:
-                self._learn(live, times[2])
+            if self._quick.budget_ns:
+                self._quick.learn(live, times[2])
         except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
             self._fail(live, e)
             return
@@ -351,14 +342,6 @@ class Batcher:
                     self._done.put((live, out, times))
         if finish_here:
             self._finish(live, out, times)
-
-    def _learn(self, live: list[Work], compute_ns: int) -> None:
-        """Record a run for the run-time estimate of release(here=True)."""
-        rows = steps = 0
-        for w in live:
-            rows, steps = rows + w.rows, max(steps, w.seq_len)
-        self._last_cells = rows * max(steps, 1)   # steps: 0 for a model without a time axis
-        self._cell_ns.append(compute_ns / self._last_cells)
 
     def _run_for(self, live: list[Work]) -> RunFn:
         """The run function of a batch: lone, wide or shared (serve/engine/runkinds.py)."""

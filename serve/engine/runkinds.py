@@ -1,4 +1,10 @@
-"""Which onnxruntime session of a model a batch runs on: the shared one, or one with more threads.
+"""Where a batch runs: on the event loop or a scheduler thread, and on which onnxruntime session
+of the model (the shared one, or one with more threads).
+
+Quick runs: the event loop, ending a hold (Batcher.release(here=True)), runs the next batch
+itself when QuickRuns says it takes onnxruntime at most the budget (--inline-run-us): the
+least ns per row x step of the model's last runs, since a run's time also counts its wait
+for the GIL after it whenever another thread holds it, times the batch's rows x steps.
 
 Lone runs: a run of one request over at least LONE_MIN_STEPS steps, with nothing queued, no
 other run in progress and recent runs of one row each (concurrency 1: the machine is idle but
@@ -17,6 +23,7 @@ every session runs the same graph (README "Lone runs", "Wide runs").
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
 
 from rnnserve.serve.engine.modelio import ModelIO, Work
@@ -44,3 +51,34 @@ def wide(io: ModelIO, live: Sequence[Work]) -> bool:
     # seq_len is set for models whose batches may pad; in the others every item has the same length
     steps = max(w.seq_len for w in live) or io.time_len(live[0].inputs)
     return steps is not None and steps >= LONE_MIN_STEPS
+
+
+class QuickRuns:
+    """The run-time estimate of quick runs (above), from the runs it is told of (learn)."""
+
+    RECENT = 8   # runs the estimate looks back on
+
+    def __init__(self, budget_ns: int) -> None:
+        self.budget_ns = budget_ns     # 0: never quick
+        self._cell_ns: collections.deque[float] = collections.deque(maxlen=self.RECENT)
+        self._last_cells = 0           # rows x steps of the last run
+
+    def known(self) -> bool:
+        """Some run has been timed (before any, no batch is quick)."""
+        return bool(self._cell_ns)
+
+    def fits(self, cells: int) -> bool:
+        """A run of `cells` rows x steps is estimated within the budget."""
+        return bool(self._cell_ns) and min(self._cell_ns) * cells <= self.budget_ns
+
+    def last_fits(self) -> bool:
+        """The last run was quick. Read without the Batcher's lock: a hint."""
+        return self.fits(self._last_cells)
+
+    def learn(self, live: Sequence[Work], compute_ns: int) -> None:
+        """Record a run of the items `live` that took onnxruntime `compute_ns`."""
+        rows = steps = 0
+        for w in live:
+            rows, steps = rows + w.rows, max(steps, w.seq_len)
+        self._last_cells = rows * max(steps, 1)   # steps: 0 for a model without a time axis
+        self._cell_ns.append(compute_ns / self._last_cells)

@@ -96,9 +96,9 @@ async def outputs(bridge: LoopBridge, fut: Future, cancel: Callable[[], bool] | 
 
 class Coalescer:
     """Requests the loop handles in one turn reach each model's Batcher together: the first
-    one holds the batcher (Batcher.hold) until the end of the turn, so its scheduler
-    cannot start a run with the first request alone while the rest are still being read. With
-    one event loop reading every request, that is what lets concurrent requests share runs.
+    one holds the batcher (Batcher.hold) until the end of the turn (and a pass more, below), so
+    its scheduler cannot start a run with the first request alone while the rest are still being
+    read. With one event loop reading every request, that is what lets concurrent requests share runs.
 
     The hold lasts one more pass of the loop than the turn itself: messages that grpc's poller
     thread received while the turn ran are read in that pass and join the run. Released at the

@@ -61,7 +61,7 @@ def _infer_request(request: pb.ModelInferRequest, context, call: _Call):
 
 
 def _submit(dp, coalesce: Coalescer, req):
-    """DataPlane.submit, with the model's batcher held until the loop's turn ends (Coalescer)."""
+    """DataPlane.submit, with the model's batcher held until the loop releases it (Coalescer)."""
     return dp.submit(req, hold=coalesce.hold)
 
 

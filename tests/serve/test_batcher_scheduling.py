@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from rnnserve.serve.engine.batching import Batcher
+from rnnserve.serve.engine.modelio import Work
+from rnnserve.serve.engine.runkinds import QuickRuns
 from rnnserve.serve.errors import Cancelled, DeadlineExceeded, Unavailable
 from rnnserve.serve.eventloop import new_event_loop
 from rnnserve.serve.frontend.bridge import Coalescer, LoopBridge
@@ -352,8 +354,8 @@ def test_release_here_runs_a_quick_batch_on_the_releasing_thread(models):
 
 def test_the_event_loop_runs_quick_batches_at_the_end_of_its_turn(models):
     """What the gRPC front end does with tensor requests: requests submitted in one turn of the loop,
-    each holding the batcher through the Coalescer, run together when the turn ends, on the loop's own
-    thread once the model has shown it is quick; the LoopBridge then completes their awaiting
+    each holding the batcher through the Coalescer, run together when the Coalescer releases it, on
+    the loop's own thread once the model has shown it is quick; the LoopBridge then completes their awaiting
     coroutines without a thread hand-off. Over the budget, batches still go to a scheduler thread."""
     m = models["lstm"]
 
@@ -426,3 +428,21 @@ def test_a_request_read_in_the_pass_after_the_turn_joins_its_run(models, loop_ki
     assert rows == [2, 1]
     for t, out in zip(toks, outs):
         np.testing.assert_array_equal(out["logits"], m.alone(t, m.zero(1))["logits"])
+
+
+def test_the_quick_run_estimate_is_the_least_cost_per_cell_of_recent_runs():
+    """QuickRuns (serve/engine/runkinds.py): nothing is quick before a run is timed; then a batch is
+    quick when the least ns per row x step of the last RECENT runs times its cells is within the
+    budget, so one slow run (a wait for the GIL counted in) does not stop quick runs."""
+    quick = QuickRuns(budget_ns=100_000)
+    assert not quick.known() and not quick.fits(1) and not quick.last_fits()
+    one_step = [Work({}, rows=3, seq_len=0), Work({}, rows=1, seq_len=0)]   # 4 rows x 1 step
+    quick.learn(one_step, compute_ns=40_000)                              # 10 us a cell
+    assert quick.known() and quick.last_fits()
+    assert quick.fits(10) and not quick.fits(11)
+    quick.learn(one_step, compute_ns=4_000_000)                           # slow: the least stays
+    assert quick.fits(10) and quick.last_fits()                           # the last run's 4 cells: 40 us
+    for _ in range(QuickRuns.RECENT):
+        quick.learn([Work({}, rows=2, seq_len=5)], compute_ns=200_000)   # 20 us a cell, 10 cells
+    assert quick.fits(5) and not quick.fits(6) and not quick.last_fits()
+    assert not QuickRuns(budget_ns=0).fits(1)
