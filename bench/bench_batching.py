@@ -87,7 +87,7 @@ from bench.bench_server import (
 from bench.floor import own_cpu_s, process_cpu_s, start_floor_server
 from bench.sequence_clients import row_sequences, stream_sequences, tokens_input, unary_sequences
 from rnnserve.serve.engine.runtime import create_session
-from rnnserve.serve.settings import machine_threading
+from rnnserve.serve.settings import machine_cores, machine_threading
 
 
 def _feeds(session, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         path = os.path.join(repo, MODEL, "1", "model.onnx")
         session = create_session(path, providers_for(args.device), args.device,
                                  intra_op_threads=local_thread_count(args.threads))
-        lone_threads = machine_threading(len(os.sched_getaffinity(0))).lone
+        lone_threads = machine_threading(machine_cores()).lone
         lone_session = create_session(path, providers_for(args.device), args.device, intra_op_threads=lone_threads,
                                       lone=True) if args.device == "cpu" and not args.threads else None
         local_runs = []   # in-process context rows: (rows per run, seconds)

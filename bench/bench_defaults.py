@@ -41,7 +41,7 @@ from bench.bench_server import MODEL, SEQ, VOCAB, build_repository, run_load, st
 from bench.sequence_clients import stream_sequences
 from rnnserve.serve.engine.runtime import CPU, create_session
 from rnnserve.serve.eventloop import resolve
-from rnnserve.serve.settings import ServeSettings, machine_threading
+from rnnserve.serve.settings import ServeSettings, machine_cores, machine_threading
 
 DEFAULTS = "defaults"
 
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.rounds = max(1, args.rounds)
     load_before = os.getloadavg()
-    cores = len(os.sched_getaffinity(0))
+    cores = machine_cores()
     configs = grid(cores)
     with tempfile.TemporaryDirectory() as tmp:
         results = run_rounds(args, configs, build_repository(tmp), tmp)

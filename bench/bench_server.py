@@ -50,7 +50,7 @@ import tritonclient.grpc as tc
 
 from rnnserve.export.onnx_export import export_checkpoint
 from rnnserve.serve.engine.runtime import CPU, CUDA, create_session
-from rnnserve.serve.settings import machine_threading
+from rnnserve.serve.settings import machine_cores, machine_threading
 from rnnserve.train.checkpoint import save_checkpoint
 from rnnserve.train.model import CharRNN, ModelConfig
 
@@ -94,7 +94,7 @@ def providers_for(device: str) -> list[str]:
 
 def local_thread_count(threads: int) -> int:
     """The in-process side's intra-op threads: as given, or for 0 what the server chooses here."""
-    return threads or machine_threading(len(os.sched_getaffinity(0))).threads
+    return threads or machine_threading(machine_cores()).threads
 
 
 def run_load(make_call, concurrency: int, seconds: float) -> dict:

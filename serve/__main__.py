@@ -35,7 +35,13 @@ from rnnserve.serve.errors import Unavailable
 from rnnserve.serve.eventloop import EVENT_LOOPS
 from rnnserve.serve.grpc_core import prepare_environment
 from rnnserve.serve.memory import Trimmer
-from rnnserve.serve.settings import DEFAULT_POLL_INTERVAL_S, MODEL_CONTROL_MODES, ServeSettings
+from rnnserve.serve.settings import (
+    DEFAULT_POLL_INTERVAL_S,
+    MODEL_CONTROL_MODES,
+    ServeSettings,
+    machine_cores,
+    machine_threading,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +52,20 @@ CHOICES = {"device": DEVICES, "model_control_mode": MODEL_CONTROL_MODES, "event_
 KINDS = {"reflection": bool}              # fields whose default (None) does not tell the type
 ENV_ONLY = {"tokens"}                     # secrets: a command line is visible to every local user
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Left at 0, these take machine_threading's choice for the cores (serve/settings.py): field -> its name there.
+MACHINE_CHOSEN = {"intra_op_threads": "threads", "instances": "instances", "lone_threads": "lone",
+                  "wide_threads": "wide"}
 HELP = {
     "repository": "model repository: DIR/<model>/<version>/model.onnx (or give --model)",
     "port": "0 = a free port (see --port-file)",
     "device": "cuda fails at start-up unless CUDA is really active; auto falls back to CPU",
-    "intra_op_threads": "onnxruntime threads per session (0 = chosen from the core count and logged: "
-                        "1 below 4 cores)",
+    "intra_op_threads": "onnxruntime threads per session",
     "lone_threads": "onnxruntime threads of a lone run: one the model has to itself while recent requests came "
-                    "one at a time (0 = chosen from the core count and logged: 2 from 2 cores; 1 = off). "
-                    "Its session spins while it runs and stops spinning at the end",
+                    "one at a time (1 = off). Its session spins while it runs and stops spinning at the end",
     "wide_threads": f"onnxruntime threads of a wide run: at least {WIDE_MIN_ROWS} rows over at least "
-                    f"{LONE_MIN_STEPS} steps (0 = chosen from the core count and logged: 2 on 2 or 3 cores, "
-                    "off from 4; at most --threads = off). Its session never spins",
-    "instances": "onnxruntime runs of one model in progress at once (Triton's instance count; 0 = chosen "
-                 "from the core count and logged: 1 below 4 cores); each batch runs on one, the scheduler "
-                 "forms the next batch meanwhile",
+                    f"{LONE_MIN_STEPS} steps (at most --threads = off). Its session never spins",
+    "instances": "onnxruntime runs of one model in progress at once (Triton's instance count); each batch "
+                 "runs on one, the scheduler forms the next batch meanwhile",
     "event_loop": "the event loop every gRPC call runs on: uvloop (libuv, in C: less CPU per streamed message), "
                   "asyncio (the standard library's), or auto: uvloop when it is installed",
     "grpc_workers": "threads for calls that wait inside the data plane (text API, model loads); "
@@ -177,6 +182,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         prog="rnnserve-server", description=__doc__.split("\n\n")[0],
         epilog=f"environment only: {_env_name('tokens')}='ROLE:TOKEN,...' (bearer tokens; roles infer, admin)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cores = machine_cores()
+    machine = machine_threading(cores)
     for field in dataclasses.fields(ServeSettings):
         if field.name in ENV_ONLY:
             continue
@@ -189,9 +196,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         if env_name in env:
             default = _from_env(parser, env, field.name, parse)
             required = False
-        kwargs: dict[str, Any] = dict(
-            dest=field.name, default=default, required=required,
-            help=f"{HELP.get(field.name, field.name.replace('_', ' '))} [env {env_name}]")
+        text = HELP.get(field.name, field.name.replace("_", " "))
+        if field.name in MACHINE_CHOSEN:
+            text += (f"; 0 = chosen from the cores and logged: "
+                     f"{getattr(machine, MACHINE_CHOSEN[field.name])} here, on {cores} cores")
+        kwargs: dict[str, Any] = dict(dest=field.name, default=default, required=required,
+                                      help=f"{text} [env {env_name}]")
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

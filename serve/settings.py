@@ -158,13 +158,18 @@ def machine_threading(cores: int) -> Threading:
     return Threading(max(1, cores // 4), 2, lone, 1)
 
 
+def machine_cores() -> int:
+    """The cores this process may use (sched_getaffinity where there is one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def with_machine_defaults(settings: ServeSettings, cores: int | None = None) -> ServeSettings:
-    """Fill the onnxruntime threading left at 0 from the core count (sched_getaffinity: the
-    cores this process may use), and log what was chosen."""
+    """Fill the onnxruntime threading left at 0 from the core count (machine_cores), and log
+    what was chosen."""
     if min(settings.intra_op_threads, settings.instances, settings.lone_threads, settings.wide_threads) > 0:
         return settings
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = machine_cores()
     machine = machine_threading(cores)
     chosen = dataclasses.replace(settings, intra_op_threads=settings.intra_op_threads or machine.threads,
                                  instances=settings.instances or machine.instances,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from rnnserve.serve import __main__ as server_main
+from rnnserve.serve import settings as settings_module
 from rnnserve.serve.settings import ServeSettings, machine_threading, with_machine_defaults
 
 
@@ -36,3 +38,16 @@ def test_big_machines_keep_lone_runs_with_fewer_threads_than_the_shared_session(
     assert (chosen.intra_op_threads, chosen.instances, chosen.lone_threads) == (4, 2, 2) and chosen.lone_extra
     assert "lone runs: 2 threads, spinning while they run (chosen)" in caplog.text
     assert not chosen.wide_extra and "wide runs: off (chosen)" in caplog.text
+
+
+def test_the_help_shows_what_0_chooses_on_this_machine(monkeypatch):
+    """The per-core rule lives in machine_threading alone; each threading flag's help names its
+    choice for the cores this process may use."""
+    monkeypatch.setattr(settings_module, "machine_cores", lambda: 16)
+    monkeypatch.setattr(server_main, "machine_cores", lambda: 16)
+    text = " ".join(server_main.build_parser({}).format_help().split()).split("options:", 1)[1]
+    chosen = machine_threading(16)
+    for flag, value in (("--threads", chosen.threads), ("--instances", chosen.instances),
+                        ("--lone-threads", chosen.lone), ("--wide-threads", chosen.wide)):
+        own = text.split(f"{flag} ", 1)[1].split(" [env ", 1)[0]
+        assert f"0 = chosen from the cores and logged: {value} here, on 16 cores" in own, flag
