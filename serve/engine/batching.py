@@ -28,9 +28,10 @@ and back cost more CPU than such a run. Otherwise the scheduler runs it; a finis
 run goes to the batcher's completion thread, which splits the outputs, records
 statistics and completes the callers' futures while the scheduler starts the next run
 (waking callers first would have them contend for the GIL with the next batch's
-assembly and leave the model idle). The completion thread takes every run that finished meanwhile at once; a
-`before_answer` hook (the state store's write-through) is called once for all of
-them before any caller is answered: one round trip for a run, or fewer.
+assembly and leave the model idle). The completion thread takes every run that
+finished meanwhile at once; a `before_answer` hook (the state store's write-through)
+is called once for all of them before any caller is answered: one round trip for a
+run, or fewer.
 """
 from __future__ import annotations
 
@@ -170,8 +171,8 @@ class Batcher:
             self._held += 1
 
     def release(self, here: bool = False) -> None:
-        """End a hold. With `here` (the event loop, when its Coalescer releases the hold), a next batch that recent runs
-        say is quick (inline_run_us) runs on this thread instead of waking a scheduler."""
+        """End a hold. With `here` (the event loop, when its Coalescer releases the hold), a next batch
+        that recent runs say is quick (inline_run_us) runs on this thread instead of waking a scheduler."""
         with self._cv:
             self._held -= 1
             if self._held or not self._queue:
