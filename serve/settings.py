@@ -144,8 +144,8 @@ def machine_threading(cores: int) -> Threading:
     """The threading for a machine with `cores` CPUs. On small machines the front end (gRPC,
     conversion, batching: Python) needs a core of its own under load, and a second onnxruntime
     thread on every run only takes it away: one intra-op thread and one instance (measured on 2
-    cores: bench_server / bench_batching, README). A wide run (serve/engine/batching.py: many rows
-    over many steps, the load of many concurrent callers) is the exception: two threads halve it,
+    cores: bench_server / bench_batching, README). A wide run (serve/engine/runkinds.py: many rows
+    over many steps, the load of many concurrent callers) is the exception: two threads nearly halve it,
     and its pool sleeps between runs (measured on 2 cores: bench_defaults, README "Wide runs").
     From 4 cores on, two runs in progress at once, each with half of the other half of the
     cores, and no wide runs (untested there). A lone run (the model has nothing else to do, and
